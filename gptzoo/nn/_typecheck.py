@@ -1,0 +1,6 @@
+"""Runtime shape checks: jaxtyping annotations enforced by beartype at trace time (free under jit)."""
+
+from beartype import beartype
+from jaxtyping import jaxtyped
+
+typecheck = jaxtyped(typechecker=beartype)

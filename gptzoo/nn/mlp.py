@@ -1,0 +1,31 @@
+import equinox as eqx
+import jax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.linear import Linear
+
+
+class MLP(eqx.Module):
+    """GPT-2 feed-forward: Linear -> GELU (tanh approximation) -> Linear -> dropout."""
+
+    up: Linear
+    down: Linear
+    dropout: eqx.nn.Dropout
+
+    def __init__(
+        self, d_model: int, *, hidden_mult: int = 4, dropout: float = 0.0, use_bias: bool = True,
+        init_std: float = 0.02, out_init_std: float = 0.02, key: PRNGKeyArray,
+    ):
+        up_key, down_key = jax.random.split(key)
+        d_hidden = hidden_mult * d_model
+        self.up = Linear(d_model, d_hidden, use_bias=use_bias, init_std=init_std, key=up_key)
+        self.down = Linear(d_hidden, d_model, use_bias=use_bias, init_std=out_init_std, key=down_key)
+        self.dropout = eqx.nn.Dropout(dropout)
+
+    @typecheck
+    def __call__(
+        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq d_model"]:
+        h = jax.nn.gelu(self.up(x), approximate=True)
+        return self.dropout(self.down(h), key=key, inference=key is None)

@@ -1,0 +1,26 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from gptzoo.nn._typecheck import typecheck
+
+
+class LayerNorm(eqx.Module):
+    """LayerNorm over the last axis, with optional bias (nanoGPT's `bias=False` option)."""
+
+    weight: Float[Array, " d_model"]
+    bias: Float[Array, " d_model"] | None
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, d_model: int, *, use_bias: bool = True, eps: float = 1e-5):
+        self.weight = jnp.ones(d_model)
+        self.bias = jnp.zeros(d_model) if use_bias else None
+        self.eps = eps
+
+    @typecheck
+    def __call__(self, x: Float[Array, "*rows d_model"]) -> Float[Array, "*rows d_model"]:
+        mean = x.mean(axis=-1, keepdims=True)
+        var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.weight
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,239 @@
+"""Recipes: plain Python files that name a model, its data, optimizer, schedule and trainer settings.
+
+A recipe file defines `build_model(model, vocab_size, *, key)` and any of the sections `model`,
+`data`, `optimizer` and `trainer` (dataclass instances; missing ones take the defaults below).
+Every field is overridable from the command line as `--set section.field=value`.
+"""
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import sys
+import traceback
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gptzoo.data.text import SHAKESPEARE
+from gptzoo.errors import GptzooError
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    n_layers: int = 4
+    n_heads: int = 4
+    d_model: int = 128
+    block_size: int = 128
+    dropout: float = 0.0
+    use_bias: bool = True
+    tie_head: bool = True
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str = str(SHAKESPEARE)
+    val_fraction: float = 0.1
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # global-norm clipping
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    max_steps: int = 2000
+    batch_size: int = 32
+    eval_interval: int = 250
+    eval_steps: int = 20
+    checkpoint_interval: int = 500
+    log_interval: int = 10
+    steps_per_call: int = 10  # train steps fused into one jitted call with lax.scan
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+
+SECTIONS = ("model", "data", "optimizer", "trainer")
+DEFAULTS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
+            "trainer": TrainerConfig}
+# (key, predicate, what it must be) checked after overrides, so bad values fail before training.
+_CHECKS = [
+    ("trainer.max_steps", lambda v: v > 0, "a positive integer"),
+    ("trainer.batch_size", lambda v: v > 0, "a positive integer"),
+    ("trainer.eval_interval", lambda v: v > 0, "a positive integer"),
+    ("trainer.eval_steps", lambda v: v > 0, "a positive integer"),
+    ("trainer.checkpoint_interval", lambda v: v > 0, "a positive integer"),
+    ("trainer.log_interval", lambda v: v > 0, "a positive integer"),
+    ("trainer.steps_per_call", lambda v: v > 0, "a positive integer"),
+    ("trainer.keep_checkpoints", lambda v: v > 0, "a positive integer"),
+    ("optimizer.lr", lambda v: v > 0, "positive"),
+    ("model.n_layers", lambda v: v > 0, "a positive integer"),
+    ("model.n_heads", lambda v: v > 0, "a positive integer"),
+    ("model.d_model", lambda v: v > 0, "a positive integer"),
+    ("model.block_size", lambda v: v > 0, "a positive integer"),
+    ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+]
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    source: Path
+    build_model: Callable[..., Any]
+    model: Any
+    data: DataConfig
+    optimizer: OptimizerConfig
+    trainer: TrainerConfig
+
+    def build(self, vocab_size: int, *, key) -> Any:
+        """Call the recipe's `build_model` with its (overridden) model section."""
+        try:
+            return self.build_model(self.model, vocab_size, key=key)
+        except (ValueError, TypeError) as e:
+            raise GptzooError(f"recipe {self.source.name}: cannot build the model: {e}") from e
+
+    def keys(self) -> list[str]:
+        return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(self, s))]
+
+    def get(self, key: str) -> Any:
+        section, field = self._split(key)
+        return getattr(getattr(self, section), field)
+
+    def set(self, key: str, value: Any) -> None:
+        """Set `section.field` to `value`: a string from the command line, or a JSON value."""
+        section, field = self._split(key)
+        config = getattr(self, section)
+        setattr(config, field, _coerce(key, value, typing.get_type_hints(type(config))[field]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+    def validate(self) -> None:
+        for key, ok, what in _CHECKS:
+            if key in self.keys() and not ok(self.get(key)):
+                raise GptzooError(f"{key}={self.get(key)!r} must be {what}; fix it with --set {key}=...")
+
+    def _split(self, key: str) -> tuple[str, str]:
+        if key not in self.keys():
+            close = difflib.get_close_matches(key, self.keys(), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else "run `gptzoo keys RECIPE` to list them"
+            raise GptzooError(f"unknown recipe key {key!r} in {self.source.name}; {hint}")
+        section, field = key.split(".", 1)
+        return section, field
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        if type(None) in options:
+            return None
+    for kind in (o for o in options if o is not type(None)):
+        try:
+            return _parse(value, kind)
+        except (TypeError, ValueError):
+            continue
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise GptzooError(f"{key} must be {names}, got {value!r}; e.g. --set {key}={_example(options)}")
+
+
+def _parse(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if kind is str:
+        return str(value)
+    raise TypeError(f"cannot parse {kind}")
+
+
+def _example(options: tuple) -> str:
+    return {int: "8", float: "0.5", bool: "true", str: "text"}.get(options[0], "...")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise GptzooError(f"--set {pair!r} is not KEY=VALUE; write e.g. --set trainer.max_steps=100")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Execute a recipe file, apply `overrides` (`{"trainer.max_steps": "100"}`) and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise GptzooError(f"recipe {path} does not exist; pass a recipe file such as recipes/char_shakespeare.py")
+    module = _exec_recipe(path)
+    if not callable(getattr(module, "build_model", None)):
+        raise GptzooError(f"recipe {path} defines no build_model(model, vocab_size, *, key) function; add one")
+    sections = {}
+    for s in SECTIONS:
+        config = getattr(module, s, None)
+        sections[s] = DEFAULTS[s]() if config is None else config
+        if not dataclasses.is_dataclass(sections[s]):
+            raise GptzooError(f"recipe {path}: `{s}` must be a dataclass instance such as {DEFAULTS[s].__name__}()")
+    recipe = Recipe(name=path.stem, source=path, build_model=module.build_model, **sections)
+    for key, value in (overrides or {}).items():
+        recipe.set(key, value)
+    recipe.validate()
+    return recipe
+
+
+def _exec_recipe(path: Path) -> types.ModuleType:
+    name = f"gptzoo_recipe_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    # Registered so dataclasses and pickling inside the recipe can find their module.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise GptzooError(f"recipe {path} line {e.lineno}: SyntaxError: {e.msg}; fix the recipe") from e
+    except Exception as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
+        where = f" line {frames[-1].lineno}" if frames else ""
+        raise GptzooError(f"recipe {path}{where}: {type(e).__name__}: {e}; fix the recipe") from e
+    return module
+
+
+def save_recipe(recipe: Recipe, run_dir: Path) -> None:
+    """Copy the recipe source and its resolved values into the run directory."""
+    (run_dir / "recipe.py").write_text(recipe.source.read_text())
+    resolved = {"name": recipe.name, **recipe.to_dict()}
+    (run_dir / "recipe.json").write_text(json.dumps(resolved, indent=2) + "\n")
+
+
+def load_run_recipe(run_dir: Path) -> Recipe:
+    """The recipe a run directory was trained with, as `save_recipe` left it."""
+    source, resolved = run_dir / "recipe.py", run_dir / "recipe.json"
+    if not source.is_file() or not resolved.is_file():
+        raise GptzooError(f"{run_dir} holds no recipe.py/recipe.json; point --ckpt at a run directory made by gptzoo train")
+    values = json.loads(resolved.read_text())
+    recipe = load_recipe(source)
+    recipe.name = values.get("name", recipe.name)
+    for section in SECTIONS:
+        for field, value in values.get(section, {}).items():
+            recipe.set(f"{section}.{field}", value)
+    return recipe

@@ -1,0 +1,166 @@
+"""The generic training loop: recipe in, trained model and run directory out."""
+
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptzoo.data import CharTokenizer, read_text, split
+from gptzoo.errors import GptzooError
+from gptzoo.recipe import Recipe, save_recipe
+from gptzoo.trainer.checkpoint import Checkpoints, param_shapes
+from gptzoo.trainer.evaluate import evaluate
+from gptzoo.trainer.optimizer import make_optimizer, make_schedule
+from gptzoo.trainer.progress import MetricsLog, Reporter
+from gptzoo.trainer.sharding import make_mesh, replicated
+from gptzoo.trainer.step import estimate_loss, make_train_chunk
+
+
+@dataclass
+class TrainResult:
+    model: eqx.Module
+    tokenizer: CharTokenizer
+    run_dir: Path
+    step: int
+    val_loss: float | None  # over the whole validation split; None if interrupted
+    interrupted: bool
+
+
+def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
+          reporter: Reporter | None = None) -> TrainResult:
+    """Train `recipe` into `run_dir` (default `runs/<recipe name>`), or continue it with `resume`."""
+    run_dir = Path(run_dir or Path("runs") / recipe.name)
+    cfg, block_size = recipe.trainer, recipe.model.block_size
+    text = read_text(recipe.data.path)
+    tokenizer = CharTokenizer.from_text(text)
+    train_tokens, val_tokens = split(tokenizer.encode(text), recipe.data.val_fraction, block_size)
+    mesh = make_mesh(cfg.batch_size)
+    model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    model = recipe.build(tokenizer.vocab_size, key=model_key)
+    optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    meta = {"tokenizer": tokenizer.to_dict(), "recipe": {"name": recipe.name, **recipe.to_dict()},
+            "param_shapes": param_shapes(model)}
+
+    if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise GptzooError(f"{run_dir} already holds checkpoints; pass --resume to continue that run "
+                          "or --run-dir NEW_DIR to start a new one")
+    checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
+    start = 0
+    if resume:
+        start = checkpoints.latest_step()
+        if start is None:
+            raise GptzooError(f"no checkpoint in {run_dir} to resume; drop --resume to start a new run")
+        saved = checkpoints.meta(start)
+        _check_resumable(saved, meta, run_dir)
+        model, opt_state = checkpoints.restore(start, model, opt_state)
+        train_key = jnp.asarray(saved["key"], dtype=jnp.uint32)
+    save_recipe(recipe, run_dir)
+    meta["key"] = np.asarray(train_key).tolist()
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
+
+    model, opt_state = eqx.filter_shard((model, opt_state), replicated(mesh))
+    train_data = jax.device_put(train_tokens, replicated(mesh))
+    val_data = jax.device_put(val_tokens, replicated(mesh))
+    train_chunk = make_train_chunk(optimizer, mesh, cfg.batch_size, block_size)
+    schedule = make_schedule(recipe.optimizer, cfg.max_steps)
+    eval_key = jax.random.fold_in(train_key, 2**32 - 1)  # a step index never reached
+    reporter = reporter or Reporter(cfg.max_steps, start)
+    reporter.print(f"training {recipe.name}: {_count(model):,} parameters, "
+                   f"{len(jax.devices())} {jax.devices()[0].platform} device(s), run dir {run_dir}")
+
+    def due(interval: int) -> bool:
+        return step % interval == 0 or step == cfg.max_steps
+
+    step, compiled, interrupted = start, set(), False
+    with _catch_sigint() as sigint:
+        clock, timed_steps, steady = time.perf_counter(), 0, True
+        while step < cfg.max_steps and not interrupted:
+            n = _next_boundary(step, cfg) - step
+            steady &= n in compiled  # a new chunk length compiles: keep it out of tokens/s
+            compiled.add(n)
+            model, opt_state, losses = train_chunk((train_data, train_key, jnp.int32(step)),
+                                                   model, opt_state, n)
+            step, timed_steps, interrupted = step + n, timed_steps + n, sigint.caught
+            if due(cfg.log_interval) or interrupted:
+                loss = float(losses[-1])
+                elapsed = time.perf_counter() - clock
+                record = {"step": step, "train_loss": loss, "lr": float(schedule(step - 1)),
+                          "tokens_per_sec": (timed_steps * cfg.batch_size * block_size / elapsed
+                                             if steady else None)}
+                if due(cfg.eval_interval):
+                    record["val_loss"] = float(estimate_loss(
+                        model, val_data, jax.random.fold_in(eval_key, step), cfg.eval_steps,
+                        cfg.batch_size, block_size))
+                metrics.write(record)
+                reporter.log(record)
+                if not np.isfinite(loss):
+                    raise GptzooError(f"loss became {loss} at step {step}; lower optimizer.lr")
+            if due(cfg.checkpoint_interval) or interrupted:
+                checkpoints.save(step, model, opt_state, meta)
+            if due(cfg.log_interval) or due(cfg.checkpoint_interval):
+                clock, timed_steps, steady = time.perf_counter(), 0, True
+    checkpoints.close()
+    if interrupted:
+        reporter.close()
+        reporter.print(f"interrupted: saved step {step} in {run_dir}; continue with --resume")
+        return TrainResult(model, tokenizer, run_dir, step, None, True)
+    result = evaluate(model, val_tokens, block_size)
+    reporter.close()
+    reporter.print(f"final val loss {result.loss:.4f} ({result.bits_per_token:.4f} bits/token) "
+                   f"over the whole validation split ({result.n_tokens:,} tokens)")
+    return TrainResult(model, tokenizer, run_dir, step, result.loss, False)
+
+
+def _next_boundary(step: int, cfg) -> int:
+    """Chunks end at every event, at absolute steps, so a resumed run chunks like an unbroken one."""
+    intervals = (cfg.steps_per_call, cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)
+    return min([cfg.max_steps] + [(step // k + 1) * k for k in intervals])
+
+
+def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
+    if saved["tokenizer"] != current["tokenizer"]:
+        raise GptzooError(f"the data's vocabulary differs from the checkpoint's in {run_dir}; "
+                          "resume with the data.path it was trained on")
+    was, now = saved["recipe"]["model"], current["recipe"]["model"]
+    changed = [f"model.{k}={now.get(k)!r} (checkpoint: {was.get(k)!r})"
+               for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
+    if changed or saved["param_shapes"] != current["param_shapes"]:
+        what = ", ".join(changed) or "the parameter shapes"
+        raise GptzooError(f"--resume with a changed model: {what}; resume with the settings of "
+                          f"{run_dir}/recipe.json or start a new run with --run-dir")
+
+
+def _count(model) -> int:
+    return sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+
+class _SigintFlag:
+    caught = False
+
+
+@contextmanager
+def _catch_sigint():
+    """The first Ctrl-C asks the loop to save and stop after the current chunk; a second one
+    interrupts at once."""
+    flag = _SigintFlag()
+
+    def handler(signum, frame):
+        flag.caught = True
+        signal.signal(signal.SIGINT, previous)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,75 @@
+"""What a run reports: `metrics.jsonl` always; a rich progress bar on a terminal, plain lines otherwise."""
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step. Opening it for a resumed run drops the records
+    past the checkpoint's step, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def format_record(record: dict[str, Any]) -> str:
+    parts = [f"loss {record['train_loss']:.4f}"]
+    if "val_loss" in record:
+        parts.append(f"val {record['val_loss']:.4f}")
+    parts.append(f"lr {record['lr']:.2e}")
+    if record.get("tokens_per_sec"):
+        parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
+    return " | ".join(parts)
+
+
+class Reporter:
+    def __init__(self, max_steps: int, start_step: int, console: Console | None = None):
+        self.console = console or Console()
+        self.max_steps = max_steps
+        self.started = time.perf_counter()
+        self.start_step = start_step
+        self.bar = None
+        if self.console.is_terminal:
+            self.bar = Progress(
+                TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=self.console,
+            )
+            self.task = self.bar.add_task("train", total=max_steps, completed=start_step, status="")
+            self.bar.start()
+
+    def log(self, record: dict[str, Any]) -> None:
+        line = format_record(record)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=record["step"], status=line)
+            if "val_loss" in record:
+                self.bar.console.print(f"step {record['step']}: {line}")
+        else:
+            done = record["step"] - self.start_step
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / max(done, 1) * (self.max_steps - record["step"])
+            print(f"step {record['step']:>6}/{self.max_steps} | {line} | eta {eta:.0f}s", flush=True)
+
+    def print(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,76 @@
+"""The jitted train and eval functions. They know nothing of any particular model: a model is any
+module mapping `tokens (seq,)` to `logits (seq, vocab)`, with dropout keyed by an optional `key`."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from gptzoo.data import random_windows
+from gptzoo.trainer.sharding import batch_sharded
+
+
+def batch_logits(model, inputs: Int[Array, "batch seq"], key: PRNGKeyArray | None):
+    if key is None:
+        return jax.vmap(model)(inputs)
+    keys = jax.random.split(key, inputs.shape[0])
+    return jax.vmap(lambda tokens, k: model(tokens, key=k))(inputs, keys)
+
+
+def loss_fn(model, inputs, targets, key=None) -> Float[Array, ""]:
+    logits = batch_logits(model, inputs, key)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, batch_size: int,
+                     block_size: int):
+    """`train_chunk((tokens, key, start), model, opt_state, n_steps)` runs `n_steps` optimizer steps
+    in one compiled `lax.scan` and returns the updated model and state and each step's loss.
+
+    The batch and dropout randomness of step `s` come from `fold_in(key, s)`, so a run is a pure
+    function of its seed and resumes exactly from any step. Model and state buffers are donated.
+    """
+
+    @eqx.filter_jit(donate="all-except-first")
+    def train_chunk(data, model, opt_state, n_steps: int):
+        tokens, key, start = data
+        params, static = eqx.partition(model, eqx.is_array)
+
+        def step(carry, step_index):
+            params, opt_state = carry
+            batch_key, dropout_key = jax.random.split(jax.random.fold_in(key, step_index))
+            inputs, targets = random_windows(tokens, batch_key, batch_size, block_size)
+            inputs = jax.lax.with_sharding_constraint(inputs, batch_sharded(mesh))
+            targets = jax.lax.with_sharding_constraint(targets, batch_sharded(mesh))
+            loss, grads = eqx.filter_value_and_grad(
+                lambda p: loss_fn(eqx.combine(p, static), inputs, targets, dropout_key)
+            )(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (eqx.apply_updates(params, updates), opt_state), loss
+
+        steps = start + jnp.arange(n_steps)
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), steps)
+        return eqx.combine(params, static), opt_state, losses
+
+    return train_chunk
+
+
+@eqx.filter_jit
+def estimate_loss(model, tokens: Int[Array, " n"], key: PRNGKeyArray, n_batches: int,
+                  batch_size: int, block_size: int) -> Float[Array, ""]:
+    """Mean loss over `n_batches` random windows (dropout off): the in-training eval."""
+
+    def one(_, k):
+        return None, loss_fn(model, *random_windows(tokens, k, batch_size, block_size))
+
+    _, losses = jax.lax.scan(one, None, jax.random.split(key, n_batches))
+    return losses.mean()
+
+
+@eqx.filter_jit
+def masked_loss_sum(model, inputs, targets, mask):
+    logits = batch_logits(model, inputs, None)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.where(mask, losses, 0.0).sum()

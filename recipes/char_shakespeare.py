@@ -1,0 +1,20 @@
+"""Character-level GPT on tiny Shakespeare, sized to train on a 2-core CPU in under 10 minutes.
+
+    gptzoo train recipes/char_shakespeare.py
+    gptzoo train recipes/char_shakespeare.py --set trainer.max_steps=200 --set model.n_layers=2
+"""
+
+from gptzoo.models import gpt2
+from gptzoo.recipe import DataConfig, ModelConfig, OptimizerConfig, TrainerConfig
+
+model = ModelConfig(n_layers=4, n_heads=4, d_model=128, block_size=128, dropout=0.0)
+data = DataConfig()  # the tiny Shakespeare copy shipped inside the package
+optimizer = OptimizerConfig(lr=2e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1)
+trainer = TrainerConfig(max_steps=2200, batch_size=32, eval_interval=250, eval_steps=20,
+                        checkpoint_interval=500, seed=1337)
+
+
+def build_model(model: ModelConfig, vocab_size: int, *, key):
+    return gpt2(vocab_size, n_layers=model.n_layers, n_heads=model.n_heads,
+                d_model=model.d_model, block_size=model.block_size, dropout=model.dropout,
+                use_bias=model.use_bias, tie_head=model.tie_head, key=key)
