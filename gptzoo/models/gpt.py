@@ -28,13 +28,16 @@ class GPT(eqx.Module):
 
     @typecheck
     def __call__(
-        self, tokens: Int[Array, " seq"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq vocab"]:
-        """Next-token logits at every position. Dropout is active only when `key` is given."""
+        self, tokens: Int[Array, "*batch seq"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch seq vocab"]:
+        """Next-token logits at every position of one sequence or a batch of them.
+
+        Dropout is active only when `key` is given.
+        """
         keys = jax.random.split(key, len(self.blocks) + 1) if key is not None else None
         x = self.token_embedding(tokens)
         if self.position_embedding is not None:
-            x = x + self.position_embedding(jnp.arange(tokens.shape[0]))
+            x = x + self.position_embedding(jnp.arange(tokens.shape[-1]))
         x = self.embed_dropout(x, key=None if keys is None else keys[-1], inference=key is None)
         for i, block in enumerate(self.blocks):
             x = block(x, key=None if keys is None else keys[i])

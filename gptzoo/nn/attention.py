@@ -17,17 +17,25 @@ def causal_mask(n_queries: int, n_keys: int) -> Bool[Array, "q k"]:
 
 
 @typecheck
-def attend(
-    q: Float[Array, "q heads head_dim"],
-    k: Float[Array, "k heads head_dim"],
-    v: Float[Array, "k heads head_dim"],
+def attention_weights(
+    q: Float[Array, "*batch q heads head_dim"],
+    k: Float[Array, "*batch k heads head_dim"],
     mask: Bool[Array, "q k"],
-) -> tuple[Float[Array, "q heads head_dim"], Float[Array, "heads q k"]]:
-    """Scaled dot-product attention; returns the output and the attention weights (for dropout)."""
-    scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
-    scores = jnp.where(mask, scores, -jnp.inf)
-    weights = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("hqk,khd->qhd", weights, v), weights
+) -> Float[Array, "*batch heads q k"]:
+    """softmax(q k^T / sqrt(head_dim)) over the keys each query may see."""
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1])
+    return jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+
+
+@typecheck
+def attend(
+    q: Float[Array, "*batch q heads head_dim"],
+    k: Float[Array, "*batch k heads head_dim"],
+    v: Float[Array, "*batch k heads head_dim"],
+    mask: Bool[Array, "q k"],
+) -> Float[Array, "*batch q heads head_dim"]:
+    """Scaled dot-product attention."""
+    return jnp.einsum("...hqk,...khd->...qhd", attention_weights(q, k, mask), v)
 
 
 class CausalSelfAttention(eqx.Module):
@@ -60,16 +68,13 @@ class CausalSelfAttention(eqx.Module):
 
     @typecheck
     def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        seq, d_model = x.shape
+        self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch seq d_model"]:
+        *batch, seq, d_model = x.shape
         attn_key, resid_key = jax.random.split(key) if key is not None else (None, None)
-        q, k, v = jnp.split(self.qkv(x).reshape(seq, 3 * self.n_heads, -1), 3, axis=1)
-        if self.attn_dropout.p == 0 or key is None:
-            y, _ = attend(q, k, v, causal_mask(seq, seq))
-        else:
-            _, weights = attend(q, k, v, causal_mask(seq, seq))
-            weights = self.attn_dropout(weights, key=attn_key)
-            y = jnp.einsum("hqk,khd->qhd", weights, v)
-        y = self.out(y.reshape(seq, d_model))
-        return self.resid_dropout(y, key=resid_key, inference=key is None)
+        qkv = self.qkv(x).reshape(*batch, seq, 3 * self.n_heads, d_model // self.n_heads)
+        q, k, v = jnp.split(qkv, 3, axis=-2)
+        weights = attention_weights(q, k, causal_mask(seq, seq))
+        weights = self.attn_dropout(weights, key=attn_key, inference=key is None)
+        y = jnp.einsum("...hqk,...khd->...qhd", weights, v).reshape(*batch, seq, d_model)
+        return self.resid_dropout(self.out(y), key=resid_key, inference=key is None)

@@ -8,7 +8,7 @@ from gptzoo.nn._typecheck import typecheck
 class Block(eqx.Module):
     """Pre-norm residual block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`.
 
-    `attention` and `mlp` are any modules mapping `(seq, d_model) -> (seq, d_model)` with a
+    `attention` and `mlp` are any modules mapping `(*batch, seq, d_model)` to the same shape with a
     keyword-only `key` for dropout, so recipes can swap in their own.
     """
 
@@ -19,8 +19,8 @@ class Block(eqx.Module):
 
     @typecheck
     def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
+        self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch seq d_model"]:
         attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
         x = x + self.attention(self.attn_norm(x), key=attn_key)
         return x + self.mlp(self.mlp_norm(x), key=mlp_key)

@@ -14,12 +14,12 @@ class Embedding(eqx.Module):
         self.weight = init_std * jax.random.normal(key, (vocab_size, d_model))
 
     @typecheck
-    def __call__(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq d_model"]:
+    def __call__(self, tokens: Int[Array, "*batch seq"]) -> Float[Array, "*batch seq d_model"]:
         return self.weight[tokens]
 
     @typecheck
-    def unembed(self, x: Float[Array, "seq d_model"]) -> Float[Array, "seq vocab"]:
-        return x @ self.weight.T
+    def unembed(self, x: Float[Array, "*batch seq d_model"]) -> Float[Array, "*batch seq vocab"]:
+        return (x.reshape(-1, x.shape[-1]) @ self.weight.T).reshape(*x.shape[:-1], -1)
 
 
 class PositionalEmbedding(eqx.Module):

@@ -6,7 +6,12 @@ from gptzoo.nn._typecheck import typecheck
 
 
 class Linear(eqx.Module):
-    """`x @ weight + bias`, with the weight stored `(in, out)` so a batch of rows is one plain matmul."""
+    """`x @ weight + bias` over any leading dimensions.
+
+    The weight is stored `(in, out)` and the input flattened to 2-D first: on CPU one plain
+    `(rows, in) @ (in, out)` matmul is ~1.5x faster in training than the batched form that
+    `vmap` over examples produces (see bench/).
+    """
 
     weight: Float[Array, "d_in d_out"]
     bias: Float[Array, " d_out"] | None
@@ -20,5 +25,5 @@ class Linear(eqx.Module):
 
     @typecheck
     def __call__(self, x: Float[Array, "*rows d_in"]) -> Float[Array, "*rows d_out"]:
-        y = x @ self.weight
+        y = (x.reshape(-1, x.shape[-1]) @ self.weight).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias

@@ -25,7 +25,7 @@ class MLP(eqx.Module):
 
     @typecheck
     def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
+        self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch seq d_model"]:
         h = jax.nn.gelu(self.up(x), approximate=True)
         return self.dropout(self.down(h), key=key, inference=key is None)

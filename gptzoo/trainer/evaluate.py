@@ -1,9 +1,13 @@
 import math
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import numpy as np
 
-from gptzoo.data import all_windows
+from gptzoo.data import all_windows, read_text, split
+from gptzoo.recipe import load_run_recipe
+from gptzoo.trainer.checkpoint import load
 from gptzoo.trainer.step import masked_loss_sum
 
 
@@ -31,3 +35,12 @@ def evaluate(model, tokens: np.ndarray, block_size: int, batch_size: int = 64) -
     )
     n_tokens = int(mask.sum())
     return EvalResult(loss=total / n_tokens, n_tokens=n_tokens)
+
+
+def evaluate_run(run_dir: str | Path) -> EvalResult:
+    """Evaluate a run's latest checkpoint on the validation split of the data it was trained on."""
+    model, tokenizer = load(run_dir)
+    recipe = load_run_recipe(Path(run_dir))
+    text = read_text(recipe.data.path)
+    _, val = split(tokenizer.encode(text), recipe.data.val_fraction, recipe.model.block_size)
+    return evaluate(model, val, recipe.model.block_size)

@@ -1,5 +1,6 @@
 """The jitted train and eval functions. They know nothing of any particular model: a model is any
-module mapping `tokens (seq,)` to `logits (seq, vocab)`, with dropout keyed by an optional `key`."""
+module mapping `tokens (batch, seq)` to `logits (batch, seq, vocab)`, with dropout keyed by an
+optional `key`."""
 
 import equinox as eqx
 import jax
@@ -12,15 +13,9 @@ from gptzoo.data import random_windows
 from gptzoo.trainer.sharding import batch_sharded
 
 
-def batch_logits(model, inputs: Int[Array, "batch seq"], key: PRNGKeyArray | None):
-    if key is None:
-        return jax.vmap(model)(inputs)
-    keys = jax.random.split(key, inputs.shape[0])
-    return jax.vmap(lambda tokens, k: model(tokens, key=k))(inputs, keys)
-
-
-def loss_fn(model, inputs, targets, key=None) -> Float[Array, ""]:
-    logits = batch_logits(model, inputs, key)
+def loss_fn(model, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
+            key: PRNGKeyArray | None = None) -> Float[Array, ""]:
+    logits = model(inputs, key=key)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
@@ -71,6 +66,6 @@ def estimate_loss(model, tokens: Int[Array, " n"], key: PRNGKeyArray, n_batches:
 
 @eqx.filter_jit
 def masked_loss_sum(model, inputs, targets, mask):
-    logits = batch_logits(model, inputs, None)
+    logits = model(inputs)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.where(mask, losses, 0.0).sum()

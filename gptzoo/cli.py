@@ -1,0 +1,105 @@
+"""The `gptzoo` command: train, sample, eval, keys."""
+
+import functools
+import sys
+import traceback
+
+import click
+
+from gptzoo.errors import GptzooError
+
+
+def friendly_errors(command):
+    """One line on stderr and exit status 1 for any error; `--debug` shows the traceback."""
+
+    @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+    @functools.wraps(command)
+    def wrapper(*args, debug: bool, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - every error is reported, none swallowed
+            if debug:
+                traceback.print_exc()
+            message = str(e) if isinstance(e, GptzooError) else f"{type(e).__name__}: {e}"
+            hint = "" if debug else " (--debug shows the traceback)"
+            click.echo(f"error: {message.splitlines()[0] if message else type(e).__name__}{hint}",
+                       err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group()
+def main():
+    """gptzoo: decoder-only language models in Equinox."""
+
+
+@main.command()
+@click.argument("recipe_path", metavar="RECIPE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set trainer.max_steps=100 (repeatable).")
+@click.option("--run-dir", type=click.Path(), help="Where to write the run [runs/<recipe name>].")
+@click.option("--resume", is_flag=True, help="Continue from the run directory's latest checkpoint.")
+@friendly_errors
+def train(recipe_path, overrides, run_dir, resume):
+    """Train the model a RECIPE file describes."""
+    from gptzoo.recipe import load_recipe, parse_overrides
+    from gptzoo.trainer import train as run_training
+
+    recipe = load_recipe(recipe_path, parse_overrides(list(overrides)))
+    result = run_training(recipe, run_dir=run_dir, resume=resume)
+    if result.interrupted:
+        sys.exit(130)
+
+
+@main.command()
+@click.option("--ckpt", "run_dir", required=True, type=click.Path(), help="A run directory.")
+@click.option("--prompt", default="", help="Text to continue (characters of the training text).")
+@click.option("--max-new-tokens", default=500, show_default=True, type=int)
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="0 is greedy.")
+@click.option("--top-k", default=None, type=int, help="Sample only from the k most likely tokens.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--num-samples", default=1, show_default=True, type=int)
+@friendly_errors
+def sample(run_dir, prompt, max_new_tokens, temperature, top_k, seed, num_samples):
+    """Generate text from a trained run, printing it as it is produced."""
+    from gptzoo.sample import check_sampling_args, stream
+    from gptzoo.trainer import load
+
+    check_sampling_args(max_new_tokens, temperature, top_k)
+    if num_samples < 1:
+        raise GptzooError(f"--num-samples={num_samples} must be at least 1")
+    model, tokenizer = load(run_dir)
+    tokenizer.encode(prompt)  # fail on unknown characters before printing anything
+    for i in range(num_samples):
+        if i:
+            click.echo("\n---------------")
+        click.echo(prompt, nl=False)
+        for piece in stream(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, seed=seed + i):
+            click.echo(piece, nl=False)
+        click.echo()
+
+
+@main.command(name="eval")
+@click.option("--ckpt", "run_dir", required=True, type=click.Path(), help="A run directory.")
+@friendly_errors
+def evaluate(run_dir):
+    """Loss and bits per character on the whole validation split."""
+    from gptzoo.trainer import evaluate_run
+
+    result = evaluate_run(run_dir)
+    click.echo(f"val loss {result.loss:.4f} | {result.bits_per_token:.4f} bits per character "
+               f"| {result.n_tokens:,} tokens")
+
+
+@main.command()
+@click.argument("recipe_path", metavar="RECIPE")
+@friendly_errors
+def keys(recipe_path):
+    """List the keys a RECIPE accepts with --set, and their values."""
+    from gptzoo.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    for key in recipe.keys():
+        click.echo(f"{key}={recipe.get(key)!r}")
