@@ -15,6 +15,4 @@ trainer = TrainerConfig(max_steps=2200, batch_size=32, eval_interval=250, eval_s
 
 
 def build_model(model: ModelConfig, vocab_size: int, *, key):
-    return gpt2(vocab_size, n_layers=model.n_layers, n_heads=model.n_heads,
-                d_model=model.d_model, block_size=model.block_size, dropout=model.dropout,
-                use_bias=model.use_bias, tie_head=model.tie_head, key=key)
+    return gpt2(vocab_size, **vars(model), key=key)  # ModelConfig's fields are gpt2's arguments

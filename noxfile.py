@@ -1,0 +1,31 @@
+"""`nox -s tests` (CI), `nox -s lint`, `nox -s slow` (full trainings), `nox -s bench`, `nox -s docs`."""
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session):
+    session.install("-e", ".[test]")
+    session.run("pytest", "-q", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
+
+
+@nox.session
+def lint(session):
+    session.install("ruff")
+    session.run("ruff", "check", "gptzoo", "recipes", "tests", "bench", "noxfile.py")
+
+
+@nox.session
+def slow(session):
+    """The full default recipe, with its validation-loss bar (about 10 minutes on 2 cores)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-q", "-m", "slow", "-s", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
+
+
+@nox.session
+def bench(session):
+    session.install("-e", ".")
+    session.run("python", "bench/bench_train.py", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
