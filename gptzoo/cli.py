@@ -54,31 +54,55 @@ def train(recipe_path, overrides, run_dir, resume):
 
 @main.command()
 @click.option("--ckpt", "run_dir", required=True, type=click.Path(), help="A run directory.")
-@click.option("--prompt", default="", help="Text to continue (characters of the training text).")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Text to continue (repeatable: the prompts are generated as one batch).")
+@click.option("--prompt-file", type=click.Path(), help="A file with one prompt per line.")
 @click.option("--max-new-tokens", default=500, show_default=True, type=int)
 @click.option("--temperature", default=1.0, show_default=True, type=float, help="0 is greedy.")
 @click.option("--top-k", default=None, type=int, help="Sample only from the k most likely tokens.")
+@click.option("--top-p", default=None, type=float, help="Sample only from the smallest nucleus "
+              "of tokens whose probability reaches p.")
+@click.option("--stop", default=None, help="Stop a sample once it has produced this text.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--num-samples", default=1, show_default=True, type=int)
+@click.option("--num-samples", default=1, show_default=True, type=int,
+              help="Samples per prompt, with seeds seed, seed+1, ...")
+@click.option("--no-cache", is_flag=True, help="Recompute the context every token (slow).")
 @friendly_errors
-def sample(run_dir, prompt, max_new_tokens, temperature, top_k, seed, num_samples):
+def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, top_p, stop, seed,
+           num_samples, no_cache):
     """Generate text from a trained run, printing it as it is produced."""
-    from gptzoo.sample import check_sampling_args, stream
+    from pathlib import Path
+
+    from gptzoo.sample import check_sampling_args, stream_batch
     from gptzoo.trainer import load
 
-    check_sampling_args(max_new_tokens, temperature, top_k)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if num_samples < 1:
         raise GptzooError(f"--num-samples={num_samples} must be at least 1")
+    prompts = list(prompts)
+    if prompt_file:
+        if not Path(prompt_file).is_file():
+            raise GptzooError(f"--prompt-file {prompt_file} does not exist; pass a text file "
+                              "with one prompt per line")
+        prompts += Path(prompt_file).read_text(encoding="utf-8").splitlines()
+    prompts = prompts or [""]
     model, tokenizer = load(run_dir)
-    tokenizer.encode(prompt)  # fail on unknown characters before printing anything
-    for i in range(num_samples):
-        if i:
-            click.echo("\n---------------")
-        click.echo(prompt, nl=False)
-        for piece in stream(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_k=top_k, seed=seed + i):
+    for p in prompts:
+        tokenizer.encode(p)  # fail on unknown characters before printing anything
+    rows = [(p, seed + i) for p in prompts for i in range(num_samples)]
+    pieces = stream_batch(model, tokenizer, [p for p, _ in rows], seeds=[s for _, s in rows],
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, stop=stop, use_cache=not no_cache)
+    if len(rows) == 1:  # one sample streams as it is produced
+        click.echo(prompts[0], nl=False)
+        for (piece,) in pieces:
             click.echo(piece, nl=False)
         click.echo()
+        return
+    texts = [p for p, _ in rows]
+    for chunk in pieces:
+        texts = [t + c for t, c in zip(texts, chunk)]
+    click.echo("\n---------------\n".join(texts))
 
 
 @main.command(name="eval")

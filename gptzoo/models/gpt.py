@@ -15,7 +15,8 @@ class GPT(eqx.Module):
     """A decoder-only language model: embeddings, a stack of blocks, a final norm and a head.
 
     It composes whatever parts it is given; `gpt2(...)` below builds the classic layout.
-    `head=None` ties the output head to the token embedding.
+    `head=None` ties the output head to the token embedding. `head_qk` (e.g. `nn.HeadQK`), when
+    given, maps the final-norm output and the tokens to extra logits added to the head's.
     """
 
     token_embedding: Embedding
@@ -25,6 +26,7 @@ class GPT(eqx.Module):
     head: Linear | None
     embed_dropout: eqx.nn.Dropout
     block_size: int = eqx.field(static=True)
+    head_qk: eqx.Module | None = None
 
     @typecheck
     def __call__(
@@ -42,36 +44,65 @@ class GPT(eqx.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, key=None if keys is None else keys[i])
         x = self.final_norm(x)
-        return self.token_embedding.unembed(x) if self.head is None else self.head(x)
+        logits = self.token_embedding.unembed(x) if self.head is None else self.head(x)
+        return logits if self.head_qk is None else logits + self.head_qk(x, tokens)
 
 
 def gpt2(
     vocab_size: int, *, n_layers: int, n_heads: int, d_model: int, block_size: int,
-    dropout: float = 0.0, use_bias: bool = True, tie_head: bool = True, key: PRNGKeyArray,
+    dropout: float = 0.0, use_bias: bool = True, tie_head: bool = True, init: str = "gpt2",
+    key: PRNGKeyArray,
 ) -> GPT:
-    """GPT-2: learned positions, LayerNorm, GELU MLP, pre-norm blocks, scaled residual init."""
+    """GPT-2: learned positions, LayerNorm, GELU MLP, pre-norm blocks.
+
+    `init="gpt2"`: weights and embeddings N(0, 0.02), residual-stream outputs (attention and MLP
+    output projections) N(0, 0.02 / sqrt(2 * n_layers)).
+    `init="small"`: every weight matrix, residual outputs and an untied head included,
+    N(0, sqrt(2 / (5 d_model))) (small init, Nguyen & Salazar 2019), and token and position
+    embeddings uniform(-1e-4, 1e-4) (BlinkDL's small embedding init). Biases start at zero and norms
+    at one either way.
+    """
     tok_key, pos_key, head_key, *block_keys = jax.random.split(key, n_layers + 3)
-    # GPT-2 scales the init of each residual-stream output by 1/sqrt(2 * n_layers).
-    out_std = 0.02 / math.sqrt(2 * n_layers)
+    if init == "gpt2":
+        # GPT-2 scales the init of each residual-stream output by 1/sqrt(2 * n_layers).
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * n_layers)
+    elif init == "small":
+        std = out_std = math.sqrt(2 / (5 * d_model))
+    else:
+        raise ValueError(f"init={init!r} is not an initialisation gpt2 knows; "
+                         "choose 'gpt2' or 'small'")
 
     def block(k: PRNGKeyArray) -> Block:
         attn_key, mlp_key = jax.random.split(k)
         return Block(
             attn_norm=LayerNorm(d_model, use_bias=use_bias),
             attention=CausalSelfAttention(
-                d_model, n_heads, dropout=dropout, use_bias=use_bias, out_init_std=out_std,
-                key=attn_key,
+                d_model, n_heads, dropout=dropout, use_bias=use_bias, init_std=std,
+                out_init_std=out_std, key=attn_key,
             ),
             mlp_norm=LayerNorm(d_model, use_bias=use_bias),
-            mlp=MLP(d_model, dropout=dropout, use_bias=use_bias, out_init_std=out_std, key=mlp_key),
+            mlp=MLP(d_model, dropout=dropout, use_bias=use_bias, init_std=std, out_init_std=out_std,
+                    key=mlp_key),
         )
 
+    token_embedding = Embedding(vocab_size, d_model, init_std=std, key=tok_key)
+    position_embedding = PositionalEmbedding(block_size, d_model, init_std=std, key=pos_key)
+    if init == "small":
+        token_embedding = _small_embedding(token_embedding, tok_key)
+        position_embedding = _small_embedding(position_embedding, pos_key)
     return GPT(
-        token_embedding=Embedding(vocab_size, d_model, key=tok_key),
-        position_embedding=PositionalEmbedding(block_size, d_model, key=pos_key),
+        token_embedding=token_embedding,
+        position_embedding=position_embedding,
         blocks=tuple(block(k) for k in block_keys),
         final_norm=LayerNorm(d_model, use_bias=use_bias),
-        head=None if tie_head else Linear(d_model, vocab_size, use_bias=False, key=head_key),
+        head=None if tie_head else Linear(d_model, vocab_size, use_bias=False, init_std=std,
+                                          key=head_key),
         embed_dropout=eqx.nn.Dropout(dropout),
         block_size=block_size,
     )
+
+
+def _small_embedding(embedding: eqx.Module, key: PRNGKeyArray) -> eqx.Module:
+    """The same table redrawn from uniform(-1e-4, 1e-4)."""
+    weight = jax.random.uniform(key, embedding.weight.shape, minval=-1e-4, maxval=1e-4)
+    return eqx.tree_at(lambda e: e.weight, embedding, weight)

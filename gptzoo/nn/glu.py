@@ -1,0 +1,62 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.linear import Linear
+
+# GELU in its tanh approximation, as GPT-2's MLP and T5 v1.1's GEGLU use it.
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+def llama_hidden_dim(d_model: int, hidden_mult: float = 4, multiple_of: int = 256) -> int:
+    """LLaMA's gated hidden width: 2/3 of `hidden_mult * d_model` (so the three matrices of a GLU
+    hold as many parameters as a plain MLP's two), rounded up to a multiple of `multiple_of`."""
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of={multiple_of} must be a positive integer; pass e.g. 32")
+    hidden = int(2 * hidden_mult * d_model / 3)
+    return multiple_of * -(-hidden // multiple_of)
+
+
+class GLUMLP(eqx.Module):
+    """Gated feed-forward (Shazeer 2020): `down(act(gate(x)) * up(x))`, then dropout.
+
+    `activation="silu"` is SwiGLU (LLaMA), `"gelu"` is GEGLU. The hidden width is
+    `llama_hidden_dim(d_model, hidden_mult, multiple_of)`. `gate` and `up` are one fused matmul
+    (`gate_up`, gate in the first half of its outputs), split afterwards.
+    """
+
+    gate_up: Linear
+    down: Linear
+    dropout: eqx.nn.Dropout
+    activation: str = eqx.field(static=True)
+
+    def __init__(
+        self, d_model: int, *, activation: str = "silu", hidden_mult: float = 4,
+        multiple_of: int = 256, dropout: float = 0.0, use_bias: bool = True,
+        init_std: float = 0.02, out_init_std: float = 0.02, key: PRNGKeyArray,
+    ):
+        gate_up_key, down_key = jax.random.split(key)
+        d_hidden = llama_hidden_dim(d_model, hidden_mult, multiple_of)
+        self.activation = activation
+        self.gate_up = Linear(d_model, 2 * d_hidden, use_bias=use_bias, init_std=init_std,
+                              key=gate_up_key)
+        self.down = Linear(d_hidden, d_model, use_bias=use_bias, init_std=out_init_std,
+                           key=down_key)
+        self.dropout = eqx.nn.Dropout(dropout)
+
+    def __check_init__(self):
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"GLUMLP activation={self.activation!r} is unknown; choose 'silu' (SwiGLU) or "
+                "'gelu' (GEGLU)"
+            )
+
+    @typecheck
+    def __call__(
+        self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch seq d_model"]:
+        gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
+        h = _ACTIVATIONS[self.activation](gate) * up
+        return self.dropout(self.down(h), key=key, inference=key is None)

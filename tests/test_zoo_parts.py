@@ -1,0 +1,413 @@
+"""The zoo's extra parts: RMSNorm, SwiGLU/GEGLU, parallel blocks, the causal SGU, the head-QK trick
+and gpt2's initialisations, each against NumPy float64 or its formula written out, then composed
+into GPTs by recipe files that live outside the package and trained a few steps."""
+
+import dataclasses
+import json
+import math
+import textwrap
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+import gptzoo
+from gptzoo import nn
+from gptzoo.data import SHAKESPEARE
+from gptzoo.models import GPT, gpt2
+
+
+def f64(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def randomize(module, key, scale=0.5):
+    """Every array of `module` redrawn from N(0, scale^2), so biases, scales and zero-init
+    weights take part in the comparisons."""
+    params, static = eqx.partition(module, eqx.is_array)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [scale * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves, strict=True)]
+    return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
+
+
+def np_layernorm(x, weight, bias, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * weight + bias
+
+
+X = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 16))
+
+
+# RMSNorm
+
+
+@pytest.mark.parametrize("use_scale", [True, False])
+def test_rmsnorm_matches_numpy(use_scale):
+    norm = nn.RMSNorm(16, use_scale=use_scale)
+    assert (norm.scale is None) == (not use_scale)
+    if use_scale:
+        norm = randomize(norm, jax.random.PRNGKey(1))
+    x = f64(X)
+    expected = x / np.sqrt((x * x).sum(-1, keepdims=True) / 16 + 1e-6)
+    if use_scale:
+        expected = expected * f64(norm.scale)
+    np.testing.assert_allclose(norm(X), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rmsnorm_output_has_unit_rms_and_rejects_bad_eps():
+    y = f64(nn.RMSNorm(16, use_scale=False)(3.0 * X))
+    np.testing.assert_allclose(np.sqrt((y**2).mean(-1)), 1.0, rtol=1e-4)
+    with pytest.raises(ValueError, match="eps"):
+        nn.RMSNorm(16, eps=0.0)
+
+
+# SwiGLU / GEGLU
+
+
+def np_silu(g):
+    return g / (1 + np.exp(-g))
+
+
+def np_gelu_tanh(g):
+    return 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+
+
+@pytest.mark.parametrize("activation, np_act", [("silu", np_silu), ("gelu", np_gelu_tanh)])
+def test_glu_mlp_matches_numpy(activation, np_act):
+    mlp = nn.GLUMLP(16, activation=activation, multiple_of=8, key=jax.random.PRNGKey(2))
+    mlp = randomize(mlp, jax.random.PRNGKey(3), scale=0.3)
+    hidden = 48  # int(2 * 4 * 16 / 3) = 42, rounded up to a multiple of 8
+    assert mlp.gate_up.weight.shape == (16, 2 * hidden) and mlp.down.weight.shape == (hidden, 16)
+    w, b = f64(mlp.gate_up.weight), f64(mlp.gate_up.bias)
+    x = f64(X)
+    gate = x @ w[:, :hidden] + b[:hidden]
+    up = x @ w[:, hidden:] + b[hidden:]
+    expected = (np_act(gate) * up) @ f64(mlp.down.weight) + f64(mlp.down.bias)
+    np.testing.assert_allclose(mlp(X), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_glu_mlp_without_bias_and_bad_activation():
+    mlp = nn.GLUMLP(16, use_bias=False, multiple_of=32, key=jax.random.PRNGKey(2))
+    assert mlp.gate_up.bias is None and mlp.down.bias is None
+    assert mlp(X[0]).shape == (6, 16)  # no batch dimension
+    with pytest.raises(ValueError, match="'silu' .* 'gelu'"):
+        nn.GLUMLP(16, activation="relu", key=jax.random.PRNGKey(2))
+
+
+def test_llama_hidden_dim_matches_llama():
+    # LLaMA-7B, 13B, 33B and 65B feed-forward widths.
+    assert nn.llama_hidden_dim(4096, hidden_mult=4, multiple_of=256) == 11008
+    assert nn.llama_hidden_dim(4096) == 11008
+    assert nn.llama_hidden_dim(5120) == 13824
+    assert nn.llama_hidden_dim(6656) == 17920
+    assert nn.llama_hidden_dim(8192) == 22016
+    assert nn.llama_hidden_dim(128, multiple_of=32) == 352  # int(341.3) -> 352
+    with pytest.raises(ValueError, match="multiple_of"):
+        nn.llama_hidden_dim(128, multiple_of=0)
+
+
+# Parallel residual blocks
+
+
+def parallel_parts():
+    keys = jax.random.split(jax.random.PRNGKey(4), 4)
+    # Weights large enough that attention's output visibly changes the MLP's input.
+    attention = randomize(nn.CausalSelfAttention(16, 4, key=keys[0]), keys[0], scale=0.3)
+    mlp = randomize(nn.MLP(16, key=keys[1]), keys[1], scale=0.3)
+    norm1 = randomize(nn.LayerNorm(16), keys[2])
+    norm2 = randomize(nn.LayerNorm(16), keys[3])
+    return attention, mlp, norm1, norm2
+
+
+def test_parallel_block_gpt_j_shares_one_norm():
+    attention, mlp, norm1, norm2 = parallel_parts()
+    block = nn.ParallelBlock(attn_norm=norm1, attention=attention, mlp=mlp)
+    assert block.mlp_norm is None
+    h = norm1(X)
+    np.testing.assert_allclose(block(X), X + attention(h) + mlp(h), rtol=1e-5, atol=1e-6)
+    # The MLP really reads norm1's output: another norm would give another result.
+    assert not np.allclose(block(X), X + attention(h) + mlp(norm2(X)), atol=1e-4)
+
+
+def test_parallel_block_gpt_neox_has_two_norms():
+    attention, mlp, norm1, norm2 = parallel_parts()
+    block = nn.ParallelBlock(attn_norm=norm1, attention=attention, mlp=mlp, mlp_norm=norm2)
+    expected = X + attention(norm1(X)) + mlp(norm2(X))
+    np.testing.assert_allclose(block(X), expected, rtol=1e-5, atol=1e-6)
+    # Unlike the sequential Block, the MLP does not see the attention's output.
+    sequential = nn.Block(attn_norm=norm1, attention=attention, mlp_norm=norm2, mlp=mlp)
+    assert not np.allclose(block(X), sequential(X), atol=1e-4)
+
+
+# Spatial gating unit
+
+
+def np_sgu(sgu, x):
+    """`u * (W v + b)` as explicit sums over the positions j <= i."""
+    x = f64(x)
+    half = x.shape[-1] // 2
+    u, v = x[..., :half], np_layernorm(x[..., half:], f64(sgu.norm.weight), f64(sgu.norm.bias))
+    w, b = f64(sgu.weight), f64(sgu.bias)
+    gate = np.zeros_like(v)
+    for i in range(x.shape[-2]):
+        gate[..., i, :] = b[i] + sum(w[i, j] * v[..., j, :] for j in range(i + 1))
+    return u * gate
+
+
+def test_sgu_matches_numpy_at_full_and_shorter_lengths():
+    sgu = randomize(nn.SpatialGatingUnit(8, 6, key=jax.random.PRNGKey(5)), jax.random.PRNGKey(6))
+    np.testing.assert_allclose(sgu(X), np_sgu(sgu, X), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sgu(X[:, :4]), np_sgu(sgu, X[:, :4]), rtol=1e-4, atol=1e-5)
+
+
+def test_sgu_starts_as_pass_through_of_u():
+    sgu = nn.SpatialGatingUnit(8, 6, key=jax.random.PRNGKey(5))
+    np.testing.assert_allclose(sgu(X), X[..., :8], atol=1e-3)
+
+
+def test_sgu_mlp_is_causal():
+    mlp = nn.SGUMLP(16, 6, key=jax.random.PRNGKey(7))
+    # A random upper triangle would leak the future if the mask were missing.
+    mlp = eqx.tree_at(lambda m: m.sgu.weight, mlp, jax.random.normal(jax.random.PRNGKey(8), (6, 6)))
+    changed = X.at[:, 3].set(jax.random.normal(jax.random.PRNGKey(9), (2, 16)))
+    before, after = mlp(X), mlp(changed)
+    np.testing.assert_array_equal(before[:, :3], after[:, :3])
+    assert not np.allclose(before[:, 3:], after[:, 3:])
+    # A shorter sequence sees the same top-left corner of W.
+    np.testing.assert_allclose(mlp(X[:, :4]), before[:, :4], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exceeds block_size=4"):
+        nn.SGUMLP(16, 4, key=jax.random.PRNGKey(7))(X)
+
+
+# Head-QK
+
+
+def np_head_qk(head, x, tokens, vocab):
+    x, tokens = f64(x), np.asarray(tokens)
+    q, k = x @ f64(head.q.weight), x @ f64(head.k.weight)
+    out = np.zeros((*tokens.shape, vocab))
+    for b in range(tokens.shape[0]):
+        for i in range(tokens.shape[1]):
+            for j in range(i + 1):
+                out[b, i, tokens[b, j]] += q[b, i] @ k[b, j] / q.shape[-1]
+    return out
+
+
+TOKENS = jax.random.randint(jax.random.PRNGKey(10), (2, 6), 0, 5)
+
+
+def test_head_qk_matches_numpy():
+    head = nn.HeadQK(16, 5, d_qk=8, key=jax.random.PRNGKey(11))
+    np.testing.assert_array_equal(head(X, TOKENS), 0.0)  # q starts at zero
+    head = randomize(head, jax.random.PRNGKey(12))
+    np.testing.assert_allclose(head(X, TOKENS), np_head_qk(head, X, TOKENS, 5), rtol=1e-4,
+                               atol=1e-5)
+
+
+def gpt_by_hand(model: GPT, tokens):
+    """The final-norm output and head logits, composed from the model's parts."""
+    x = model.token_embedding.weight[tokens] + model.position_embedding.weight[: tokens.shape[-1]]
+    for block in model.blocks:
+        x = block(x)
+    x = model.final_norm(x)
+    return x, x @ model.token_embedding.weight.T
+
+
+def small_gpt(**kwargs):
+    return gpt2(5, n_layers=2, n_heads=2, d_model=16, block_size=8, key=jax.random.PRNGKey(13),
+                **kwargs)
+
+
+def wide_gpt(**kwargs):
+    """Wide enough for each weight's sample std to lie within a few percent of its init std."""
+    return gpt2(65, n_layers=2, n_heads=4, d_model=64, block_size=32, tie_head=False,
+                key=jax.random.PRNGKey(16), **kwargs)
+
+
+def test_gpt_without_head_qk_is_unchanged():
+    model = small_gpt()
+    assert model.head_qk is None
+    np.testing.assert_allclose(model(TOKENS), gpt_by_hand(model, TOKENS)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_gpt_adds_head_qk_logits_and_stays_causal():
+    head = randomize(nn.HeadQK(16, 5, d_qk=8, key=jax.random.PRNGKey(14)), jax.random.PRNGKey(15))
+    model = dataclasses.replace(small_gpt(), head_qk=head)
+    x, logits = gpt_by_hand(model, TOKENS)
+    np.testing.assert_allclose(model(TOKENS), logits + head(x, TOKENS), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(model(TOKENS), logits, atol=1e-3)
+    np.testing.assert_allclose(model(TOKENS[0]), model(TOKENS)[0], rtol=1e-5, atol=1e-6)
+    changed = TOKENS.at[:, 4].set((TOKENS[:, 4] + 1) % 5)
+    np.testing.assert_array_equal(model(TOKENS)[:, :4], model(changed)[:, :4])
+    assert not np.allclose(model(TOKENS)[:, 4:], model(changed)[:, 4:])
+
+
+# gpt2's initialisations
+
+
+def linear_weights(model):
+    return {jax.tree_util.keystr(path): f64(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(model)
+            if jax.tree_util.keystr(path).endswith(".weight") and leaf.ndim == 2
+            and "embedding" not in jax.tree_util.keystr(path)}
+
+
+def test_gpt2_init_is_the_default_and_scales_residual_outputs():
+    default, explicit = wide_gpt(), wide_gpt(init="gpt2")
+    for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(explicit), strict=True):
+        np.testing.assert_array_equal(a, b)
+    weights = linear_weights(default)
+    assert len(weights) == 2 * 4 + 1  # qkv, out, up, down per block, and the head
+    for name, w in weights.items():
+        std = 0.02 / 2 if name.endswith(("out.weight", "down.weight")) else 0.02  # 1/sqrt(2 * 2)
+        assert abs(w.std() - std) < 0.1 * std, name
+    for table in (default.token_embedding.weight, default.position_embedding.weight):
+        assert abs(f64(table).std() - 0.02) < 0.1 * 0.02
+
+
+def test_small_init_has_the_documented_stds():
+    model = wide_gpt(init="small")
+    std = math.sqrt(2 / (5 * 64))
+    weights = linear_weights(model)
+    assert len(weights) == 2 * 4 + 1  # qkv, out, up, down per block, and the head
+    for name, w in weights.items():
+        assert abs(w.std() - std) < 0.1 * std, name
+    for table in (model.token_embedding.weight, model.position_embedding.weight):
+        assert np.abs(table).max() <= 1e-4
+        assert abs(f64(table).std() - 1e-4 / math.sqrt(3)) < 0.1 * 1e-4 / math.sqrt(3)
+
+
+def test_unknown_init_names_the_choices():
+    with pytest.raises(ValueError, match="'gpt2' or 'small'"):
+        small_gpt(init="xavier")
+
+
+# Composed into GPTs by recipes outside the package, and trained
+
+
+ZOO_RECIPE = '''
+import dataclasses
+
+import equinox as eqx
+import jax
+
+from gptzoo import nn
+from gptzoo.models import GPT
+from gptzoo.recipe import ModelConfig
+
+
+@dataclasses.dataclass
+class ZooConfig(ModelConfig):
+    norm: str = "rms"  # rms | layer
+    mlp: str = "swiglu"  # swiglu | geglu | sgu
+    block: str = "parallel"  # parallel (one norm) | parallel2 (two norms) | sequential
+    head_qk: bool = False
+
+
+model = ZooConfig()
+
+
+def build_model(model, vocab_size, *, key):
+    d = model.d_model
+    emb_key, pos_key, qk_key, *block_keys = jax.random.split(key, model.n_layers + 3)
+
+    def norm():
+        return nn.RMSNorm(d) if model.norm == "rms" else nn.LayerNorm(d)
+
+    def mlp(k):
+        if model.mlp == "sgu":
+            return nn.SGUMLP(d, model.block_size, key=k)
+        act = {"swiglu": "silu", "geglu": "gelu"}[model.mlp]
+        return nn.GLUMLP(d, activation=act, multiple_of=32, key=k)
+
+    def block(k):
+        attn_key, mlp_key = jax.random.split(k)
+        attention = nn.CausalSelfAttention(d, model.n_heads, key=attn_key)
+        if model.block == "sequential":
+            return nn.Block(attn_norm=norm(), attention=attention, mlp_norm=norm(),
+                            mlp=mlp(mlp_key))
+        return nn.ParallelBlock(attn_norm=norm(), attention=attention, mlp=mlp(mlp_key),
+                                mlp_norm=norm() if model.block == "parallel2" else None)
+
+    return GPT(
+        token_embedding=nn.Embedding(vocab_size, d, key=emb_key),
+        position_embedding=nn.PositionalEmbedding(model.block_size, d, key=pos_key),
+        blocks=tuple(block(k) for k in block_keys),
+        final_norm=norm(),
+        head=None,
+        embed_dropout=eqx.nn.Dropout(model.dropout),
+        block_size=model.block_size,
+        head_qk=nn.HeadQK(d, vocab_size, d_qk=16, key=qk_key) if model.head_qk else None,
+    )
+'''
+
+INIT_RECIPE = '''
+import dataclasses
+
+from gptzoo.models import gpt2
+from gptzoo.recipe import ModelConfig
+
+
+@dataclasses.dataclass
+class InitConfig(ModelConfig):
+    init: str = "gpt2"
+
+
+model = InitConfig()
+
+
+def build_model(model, vocab_size, *, key):
+    return gpt2(vocab_size, **vars(model), key=key)
+'''
+
+TINY = {"model.n_layers": "1", "model.n_heads": "2", "model.d_model": "32",
+        "model.block_size": "32", "trainer.max_steps": "30", "trainer.batch_size": "8",
+        "trainer.log_interval": "5", "trainer.steps_per_call": "5", "trainer.eval_interval": "30",
+        "trainer.eval_steps": "2", "optimizer.lr": "3e-3", "optimizer.warmup_steps": "5"}
+
+
+def train_losses(tmp_path, source, overrides):
+    data = tmp_path / "data.txt"
+    data.write_text(SHAKESPEARE.read_text()[:20_000])
+    path = tmp_path / "recipe.py"
+    path.write_text(textwrap.dedent(source))
+    recipe = gptzoo.load_recipe(path, {**TINY, "data.path": str(data), **overrides})
+    result = gptzoo.train(recipe, run_dir=tmp_path / "run")
+    assert np.isfinite(result.val_loss)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    return recipe, result.model, [r["train_loss"] for r in records]
+
+
+def module_types(tree) -> set[type]:
+    found = set()
+
+    def visit(node) -> bool:  # called on every node of the tree, so it sees nested modules too
+        if isinstance(node, eqx.Module):
+            found.add(type(node))
+        return False
+
+    jax.tree.leaves(tree, is_leaf=visit)
+    return found
+
+
+@pytest.mark.parametrize("parts, kinds", [
+    ({"model.norm": "rms", "model.mlp": "swiglu", "model.block": "parallel",
+      "model.head_qk": "true"}, (nn.RMSNorm, nn.GLUMLP, nn.ParallelBlock, nn.HeadQK)),
+    ({"model.norm": "layer", "model.mlp": "geglu", "model.block": "parallel2"},
+     (nn.LayerNorm, nn.GLUMLP, nn.ParallelBlock)),
+    ({"model.norm": "rms", "model.mlp": "sgu", "model.block": "sequential"},
+     (nn.RMSNorm, nn.SGUMLP, nn.Block)),
+], ids=["rms-swiglu-gptj-headqk", "layernorm-geglu-neox", "rms-sgu-sequential"])
+def test_recipe_composes_zoo_parts_and_trains(tmp_path, parts, kinds):
+    _, model, losses = train_losses(tmp_path, ZOO_RECIPE, parts)
+    assert set(kinds) <= module_types(model)
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_recipe_trains_with_small_init(tmp_path):
+    recipe, _, losses = train_losses(tmp_path, INIT_RECIPE, {"model.init": "small"})
+    initial = recipe.build(65, key=jax.random.PRNGKey(0))
+    assert np.abs(initial.token_embedding.weight).max() <= 1e-4
+    assert losses[-1] < losses[0] - 0.3, losses
