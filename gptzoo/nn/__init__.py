@@ -3,11 +3,18 @@
 from gptzoo.nn.attention import CausalSelfAttention, attend, causal_mask
 from gptzoo.nn.block import Block
 from gptzoo.nn.embedding import Embedding, PositionalEmbedding
+from gptzoo.nn.glu import GLUMLP, llama_hidden_dim
+from gptzoo.nn.head_qk import HeadQK
 from gptzoo.nn.linear import Linear
 from gptzoo.nn.mlp import MLP
 from gptzoo.nn.norm import LayerNorm
+from gptzoo.nn.parallel_block import ParallelBlock
+from gptzoo.nn.rmsnorm import RMSNorm
+from gptzoo.nn.sgu import SGUMLP, SpatialGatingUnit
 
 __all__ = [
     "MLP", "Block", "CausalSelfAttention", "Embedding", "LayerNorm", "Linear",
     "PositionalEmbedding", "attend", "causal_mask",
+    "GLUMLP", "HeadQK", "ParallelBlock", "RMSNorm", "SGUMLP", "SpatialGatingUnit",
+    "llama_hidden_dim",
 ]
