@@ -9,8 +9,8 @@ from gptzoo.recipe import DataConfig, ModelConfig, OptimizerConfig, TrainerConfi
 
 model = ModelConfig(n_layers=4, n_heads=4, d_model=128, block_size=128, dropout=0.0)
 data = DataConfig()  # the tiny Shakespeare copy shipped inside the package
-optimizer = OptimizerConfig(lr=2e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1)
-trainer = TrainerConfig(max_steps=2200, batch_size=32, eval_interval=250, eval_steps=20,
+optimizer = OptimizerConfig(lr=3e-3, min_lr_ratio=0.05, warmup_steps=100, weight_decay=0.1)
+trainer = TrainerConfig(max_steps=2400, batch_size=32, eval_interval=250, eval_steps=20,
                         checkpoint_interval=500, seed=1337)
 
 

@@ -2,6 +2,7 @@
 
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from gptzoo.data import CharTokenizer, read_text, split
 from gptzoo.errors import GptzooError
@@ -32,10 +34,22 @@ class TrainResult:
     interrupted: bool
 
 
-def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
-          reporter: Reporter | None = None) -> TrainResult:
-    """Train `recipe` into `run_dir` (default `runs/<recipe name>`), or continue it with `resume`."""
-    run_dir = Path(run_dir or Path("runs") / recipe.name)
+@dataclass
+class Prepared:
+    """Everything a run needs before its first step, built from the recipe alone."""
+
+    tokenizer: CharTokenizer
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    mesh: jax.sharding.Mesh
+    model: eqx.Module
+    optimizer: optax.GradientTransformation
+    opt_state: optax.OptState
+    train_key: jax.Array
+    train_chunk: Callable
+
+
+def prepare(recipe: Recipe) -> Prepared:
     cfg, block_size = recipe.trainer, recipe.model.block_size
     text = read_text(recipe.data.path)
     tokenizer = CharTokenizer.from_text(text)
@@ -45,18 +59,33 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     model = recipe.build(tokenizer.vocab_size, key=model_key)
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    train_chunk = make_train_chunk(optimizer, mesh, cfg.batch_size, block_size)
+    return Prepared(tokenizer, train_tokens, val_tokens, mesh, model, optimizer, opt_state,
+                    train_key, train_chunk)
+
+
+def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
+          reporter: Reporter | None = None) -> TrainResult:
+    """Train `recipe` into `run_dir` (default `runs/<recipe name>`); `resume` continues it."""
+    run_dir = Path(run_dir or Path("runs") / recipe.name)
+    cfg, block_size = recipe.trainer, recipe.model.block_size
+    p = prepare(recipe)
+    tokenizer, mesh, model, opt_state = p.tokenizer, p.mesh, p.model, p.opt_state
+    train_key = p.train_key
     meta = {"tokenizer": tokenizer.to_dict(), "recipe": {"name": recipe.name, **recipe.to_dict()},
             "param_shapes": param_shapes(model)}
 
-    if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise GptzooError(f"{run_dir} already holds checkpoints; pass --resume to continue that run "
-                          "or --run-dir NEW_DIR to start a new one")
+    saved_steps = run_dir / "checkpoints"
+    if not resume and saved_steps.is_dir() and any(saved_steps.iterdir()):
+        raise GptzooError(f"{run_dir} already holds checkpoints; pass --resume to continue that "
+                          "run or --run-dir NEW_DIR to start a new one")
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
     start = 0
     if resume:
         start = checkpoints.latest_step()
         if start is None:
-            raise GptzooError(f"no checkpoint in {run_dir} to resume; drop --resume to start a new run")
+            raise GptzooError(f"no checkpoint in {run_dir} to resume; drop --resume to start a "
+                              "new run")
         saved = checkpoints.meta(start)
         _check_resumable(saved, meta, run_dir)
         model, opt_state = checkpoints.restore(start, model, opt_state)
@@ -66,9 +95,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
 
     model, opt_state = eqx.filter_shard((model, opt_state), replicated(mesh))
-    train_data = jax.device_put(train_tokens, replicated(mesh))
-    val_data = jax.device_put(val_tokens, replicated(mesh))
-    train_chunk = make_train_chunk(optimizer, mesh, cfg.batch_size, block_size)
+    train_data = jax.device_put(p.train_tokens, replicated(mesh))
+    val_data = jax.device_put(p.val_tokens, replicated(mesh))
     schedule = make_schedule(recipe.optimizer, cfg.max_steps)
     eval_key = jax.random.fold_in(train_key, 2**32 - 1)  # a step index never reached
     reporter = reporter or Reporter(cfg.max_steps, start)
@@ -85,7 +113,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             n = _next_boundary(step, cfg) - step
             steady &= n in compiled  # a new chunk length compiles: keep it out of tokens/s
             compiled.add(n)
-            model, opt_state, losses = train_chunk((train_data, train_key, jnp.int32(step)),
+            model, opt_state, losses = p.train_chunk((train_data, train_key, jnp.int32(step)),
                                                    model, opt_state, n)
             step, timed_steps, interrupted = step + n, timed_steps + n, sigint.caught
             if due(cfg.log_interval) or interrupted:
@@ -111,7 +139,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         reporter.close()
         reporter.print(f"interrupted: saved step {step} in {run_dir}; continue with --resume")
         return TrainResult(model, tokenizer, run_dir, step, None, True)
-    result = evaluate(model, val_tokens, block_size)
+    result = evaluate(model, p.val_tokens, block_size)
     reporter.close()
     reporter.print(f"final val loss {result.loss:.4f} ({result.bits_per_token:.4f} bits/token) "
                    f"over the whole validation split ({result.n_tokens:,} tokens)")
@@ -119,7 +147,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
 
 
 def _next_boundary(step: int, cfg) -> int:
-    """Chunks end at every event, at absolute steps, so a resumed run chunks like an unbroken one."""
+    """Chunks end at every event, at absolute steps: a resumed run chunks like an unbroken one."""
     intervals = (cfg.steps_per_call, cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)
     return min([cfg.max_steps] + [(step // k + 1) * k for k in intervals])
 
