@@ -1,5 +1,6 @@
 """Components: one idea per module, each an `eqx.Module` over a single example."""
 
+from gptzoo.nn.alibi import ALiBi, alibi_slopes
 from gptzoo.nn.attention import CausalSelfAttention, attend, causal_mask
 from gptzoo.nn.block import Block
 from gptzoo.nn.embedding import Embedding, PositionalEmbedding
@@ -10,6 +11,7 @@ from gptzoo.nn.mlp import MLP
 from gptzoo.nn.norm import LayerNorm
 from gptzoo.nn.parallel_block import ParallelBlock
 from gptzoo.nn.rmsnorm import RMSNorm
+from gptzoo.nn.rotary import Rotary
 from gptzoo.nn.sgu import SGUMLP, SpatialGatingUnit
 
 __all__ = [
@@ -17,4 +19,5 @@ __all__ = [
     "PositionalEmbedding", "attend", "causal_mask",
     "GLUMLP", "HeadQK", "ParallelBlock", "RMSNorm", "SGUMLP", "SpatialGatingUnit",
     "llama_hidden_dim",
+    "ALiBi", "Rotary", "alibi_slopes",
 ]
