@@ -1,6 +1,6 @@
 """Text generation: prefill the prompt in one pass, then a compiled decode loop over a KV cache.
 
-A model opts into the cache by providing, per example,
+A model opts into the cache with `cacheable = True` and, per example,
   `init_cache() -> cache` (a PyTree preallocated to `block_size` positions),
   `decode(tokens[seq], positions[seq], cache) -> (logits[seq, vocab], cache)`, and
   `slides_window: bool` (True: past `block_size` the oldest positions drop out of the cache, as
@@ -56,7 +56,7 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
 
 
 def has_cache(model) -> bool:
-    return all(hasattr(model, a) for a in ("init_cache", "decode", "slides_window"))
+    return getattr(model, "cacheable", False)
 
 
 def _last_window_logits(model, history: Int[Array, " n"], position: Int[Array, ""]):

@@ -9,6 +9,7 @@ from gptzoo.nn import (
     MLP, Block, CausalSelfAttention, Embedding, LayerNorm, Linear, PositionalEmbedding,
 )
 from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.kv_cache import KVCache
 
 
 class GPT(eqx.Module):
@@ -37,16 +38,53 @@ class GPT(eqx.Module):
         Dropout is active only when `key` is given.
         """
         keys = jax.random.split(key, len(self.blocks) + 1) if key is not None else None
-        x = self.token_embedding(tokens)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(jnp.arange(tokens.shape[-1]))
+        x = self._embed(tokens, jnp.arange(tokens.shape[-1]))
         x = self.embed_dropout(x, key=None if keys is None else keys[-1], inference=key is None)
         for i, block in enumerate(self.blocks):
             x = block(x, key=None if keys is None else keys[i])
-        x = self.final_norm(x)
+        return self._logits(self.final_norm(x), tokens)
+
+    # The KV-cache protocol of gptzoo.sample: per example, positions below block_size.
+    @property
+    def cacheable(self) -> bool:
+        """Whether `decode` applies: every block has one, and no part mixes positions outside
+        attention (a spatial gating unit, head-QK), which a per-token step could not."""
+        parts = jax.tree.leaves(self, is_leaf=_mixes_positions)
+        return (not any(_mixes_positions(p) for p in parts)
+                and all(hasattr(b, "decode") for b in self.blocks))
+
+    @property
+    def slides_window(self) -> bool:
+        """Without learned positions the cache slides past block_size; with them, the sampler
+        crops the context and recomputes, as nanoGPT does."""
+        return self.position_embedding is None
+
+    def init_cache(self) -> tuple[KVCache, ...]:
+        return tuple(b.attention.init_cache(self.block_size) for b in self.blocks)
+
+    @typecheck
+    def decode(
+        self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"], cache: tuple
+    ) -> tuple[Float[Array, "seq vocab"], tuple]:
+        """Logits for one example's new tokens at `positions`, and the cache extended by them."""
+        x = self._embed(tokens, positions)
+        new_cache = []
+        for block, block_cache in zip(self.blocks, cache):
+            x, block_cache = block.decode(x, positions, block_cache)
+            new_cache.append(block_cache)
+        return self._logits(self.final_norm(x), tokens), tuple(new_cache)
+
+    def _embed(self, tokens, positions):
+        x = self.token_embedding(tokens)
+        return x if self.position_embedding is None else x + self.position_embedding(positions)
+
+    def _logits(self, x, tokens):
         logits = self.token_embedding.unembed(x) if self.head is None else self.head(x)
         return logits if self.head_qk is None else logits + self.head_qk(x, tokens)
 
+
+def _mixes_positions(part) -> bool:
+    return getattr(part, "mixes_positions", False)
 
 def gpt2(
     vocab_size: int, *, n_layers: int, n_heads: int, d_model: int, block_size: int,

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.kv_cache import KVCache
 from gptzoo.nn.linear import Linear
 
 
@@ -89,23 +90,51 @@ class CausalSelfAttention(eqx.Module):
                 "divisor of n_heads (1 is multi-query attention, n_heads or None plain multi-head)"
             )
 
+    @property
+    def head_dim(self) -> int:
+        return self.out.weight.shape[0] // self.n_heads
+
     @typecheck
     def __call__(
         self, x: Float[Array, "*batch seq d_model"], *,
         positions: Int[Array, " seq"] | None = None, key: PRNGKeyArray | None = None,
     ) -> Float[Array, "*batch seq d_model"]:
-        *batch, seq, d_model = x.shape
+        seq = x.shape[-2]
+        positions = jnp.arange(seq) if positions is None else positions
+        q, k, v = self._heads(x)
+        return self._attend(q, k, v, positions, positions, causal_mask(seq, seq), key)
+
+    def init_cache(self, size: int) -> KVCache:
+        return KVCache.empty(size, self.n_kv_heads, self.head_dim, self.out.weight.dtype)
+
+    @typecheck
+    def decode(
+        self, x: Float[Array, "seq d_model"], positions: Int[Array, " seq"], cache: KVCache
+    ) -> tuple[Float[Array, "seq d_model"], KVCache]:
+        """Attention for one example's new positions over its cache, which they are added to.
+
+        Keys are cached before the position hook and go through it with the queries, exactly as
+        in `__call__`, so cached decoding equals the full forward.
+        """
+        q, k, v = self._heads(x)
+        cache = cache.update(k, v, positions)
+        return self._attend(q, cache.k, cache.v, positions, cache.positions,
+                            cache.mask(positions), None), cache
+
+    def _heads(self, x):
+        qkv = self.qkv(x).reshape(*x.shape[:-1], self.n_heads + 2 * self.n_kv_heads, -1)
+        return jnp.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=-2)
+
+    def _attend(self, q, k, v, q_positions, k_positions, mask, key):
+        *batch, seq, _, _ = q.shape
         attn_key, resid_key = jax.random.split(key) if key is not None else (None, None)
-        qkv = self.qkv(x).reshape(*batch, seq, self.n_heads + 2 * self.n_kv_heads, -1)
-        q, k, v = jnp.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=-2)
         bias = None
         if self.positional is not None:
-            positions = jnp.arange(seq) if positions is None else positions
-            q, k, bias = self.positional(q, k, positions, positions)
+            q, k, bias = self.positional(q, k, q_positions, k_positions)
         # Repeating the shared k/v heads measured faster on CPU than a grouped einsum that avoids
         # the copy, and is a no-op for plain multi-head attention.
         k, v = (jnp.repeat(a, self.n_heads // self.n_kv_heads, axis=-2) for a in (k, v))
-        weights = attention_weights(q, k, causal_mask(seq, seq), bias)
+        weights = attention_weights(q, k, mask, bias)
         weights = self.attn_dropout(weights, key=attn_key, inference=key is None)
-        y = jnp.einsum("...hqk,...khd->...qhd", weights, v).reshape(*batch, seq, d_model)
+        y = jnp.einsum("...hqk,...khd->...qhd", weights, v).reshape(*batch, seq, -1)
         return self.resid_dropout(self.out(y), key=resid_key, inference=key is None)

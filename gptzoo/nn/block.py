@@ -24,3 +24,9 @@ class Block(eqx.Module):
         attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
         x = x + self.attention(self.attn_norm(x), key=attn_key)
         return x + self.mlp(self.mlp_norm(x), key=mlp_key)
+
+    def decode(self, x: Float[Array, "seq d_model"], positions, cache):
+        """`__call__` for one example's new positions, reading and extending its KV cache."""
+        y, cache = self.attention.decode(self.attn_norm(x), positions, cache)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), cache

@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,8 @@ class HeadQK(eqx.Module):
     `c[i, j]` to the logit of the token seen at each position j <= i. Added to the head's logits
     on the final-norm output. `q` starts at zero (as in RWKV-4), so the extra logits start at zero.
     """
+
+    mixes_positions: ClassVar[bool] = True  # reads every earlier token: no KV-cache decoding
 
     q: Linear
     k: Linear

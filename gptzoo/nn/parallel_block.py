@@ -26,3 +26,10 @@ class ParallelBlock(eqx.Module):
         attn_in = self.attn_norm(x)
         mlp_in = attn_in if self.mlp_norm is None else self.mlp_norm(x)
         return x + self.attention(attn_in, key=attn_key) + self.mlp(mlp_in, key=mlp_key)
+
+    def decode(self, x: Float[Array, "seq d_model"], positions, cache):
+        """`__call__` for one example's new positions, reading and extending its KV cache."""
+        attn_in = self.attn_norm(x)
+        mlp_in = attn_in if self.mlp_norm is None else self.mlp_norm(x)
+        y, cache = self.attention.decode(attn_in, positions, cache)
+        return x + y + self.mlp(mlp_in), cache

@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -55,6 +57,8 @@ class SGUMLP(eqx.Module):
     `up` widens to `2 * hidden_mult * d_model` channels, which the SGU halves; the default
     `hidden_mult=3` is gMLP's `d_ffn = 6 d_model`.
     """
+
+    mixes_positions: ClassVar[bool] = True  # not a per-token map: no KV-cache decoding
 
     up: Linear
     sgu: SpatialGatingUnit

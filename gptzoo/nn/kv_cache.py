@@ -1,0 +1,47 @@
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from gptzoo.nn._typecheck import typecheck
+
+
+class KVCache(eqx.Module):
+    """One example's past keys and values for one attention layer, preallocated to `size` slots.
+
+    Position p lives in slot `p % size`, so past `size` positions the cache is a ring holding the
+    last `size` of them: a sliding window. `positions` records the position each slot holds (-1:
+    empty), and `mask` lets a query see exactly the slots at or before it and inside the window,
+    so stale slots (prompt padding, overwritten positions) are never read.
+    """
+
+    k: Float[Array, "size kv_heads head_dim"]
+    v: Float[Array, "size kv_heads head_dim"]
+    positions: Int[Array, " size"]
+
+    @classmethod
+    def empty(cls, size: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        zeros = jnp.zeros((size, kv_heads, head_dim), dtype)
+        return cls(zeros, zeros, jnp.full(size, -1, dtype=jnp.int32))
+
+    @property
+    def size(self) -> int:
+        return self.positions.shape[0]
+
+    @typecheck
+    def update(
+        self, k: Float[Array, "seq kv_heads head_dim"], v: Float[Array, "seq kv_heads head_dim"],
+        positions: Int[Array, " seq"],
+    ) -> "KVCache":
+        if k.shape[0] > self.size:
+            raise ValueError(f"{k.shape[0]} new positions do not fit a KV cache of {self.size}; "
+                             "feed at most block_size tokens at once")
+        slots = positions % self.size
+        return KVCache(self.k.at[slots].set(k.astype(self.k.dtype)),
+                       self.v.at[slots].set(v.astype(self.v.dtype)),
+                       self.positions.at[slots].set(positions))
+
+    @typecheck
+    def mask(self, q_positions: Int[Array, " q"]) -> Bool[Array, "q size"]:
+        key_positions, query_positions = self.positions[None, :], q_positions[:, None]
+        return ((key_positions >= 0) & (key_positions <= query_positions)
+                & (key_positions > query_positions - self.size))
