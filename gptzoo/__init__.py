@@ -12,4 +12,6 @@ from gptzoo.recipe import Recipe, load_recipe
 from gptzoo.sample import generate, stream
 from gptzoo.trainer import evaluate, load, train
 
-__all__ = ["GptzooError", "Recipe", "evaluate", "generate", "load", "load_recipe", "stream", "train"]
+__all__ = [
+    "GptzooError", "Recipe", "evaluate", "generate", "load", "load_recipe", "stream", "train",
+]

@@ -1,4 +1,4 @@
-"""Recipes: plain Python files that name a model, its data, optimizer, schedule and trainer settings.
+"""Recipes: plain Python files naming a model, its data, optimizer, schedule and trainer settings.
 
 A recipe file defines `build_model(model, vocab_size, *, key)` and any of the sections `model`,
 `data`, `optimizer` and `trainer` (dataclass instances; missing ones take the defaults below).
@@ -121,7 +121,8 @@ class Recipe:
     def validate(self) -> None:
         for key, ok, what in _CHECKS:
             if key in self.keys() and not ok(self.get(key)):
-                raise GptzooError(f"{key}={self.get(key)!r} must be {what}; fix it with --set {key}=...")
+                raise GptzooError(f"{key}={self.get(key)!r} must be {what}; "
+                                  f"fix it with --set {key}=...")
 
     def _split(self, key: str) -> tuple[str, str]:
         if key not in self.keys():
@@ -133,7 +134,8 @@ class Recipe:
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    union = isinstance(annotation, types.UnionType)
+    options = typing.get_args(annotation) if union else (annotation,)
     if value is None or (isinstance(value, str) and value.lower() == "none"):
         if type(None) in options:
             return None
@@ -175,7 +177,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise GptzooError(f"--set {pair!r} is not KEY=VALUE; write e.g. --set trainer.max_steps=100")
+            raise GptzooError(f"--set {pair!r} is not KEY=VALUE; "
+                              "write e.g. --set trainer.max_steps=100")
         overrides[key.strip()] = value.strip()
     return overrides
 
@@ -184,16 +187,19 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     """Execute a recipe file, apply `overrides` (`{"trainer.max_steps": "100"}`) and validate."""
     path = Path(path)
     if not path.is_file():
-        raise GptzooError(f"recipe {path} does not exist; pass a recipe file such as recipes/char_shakespeare.py")
+        raise GptzooError(f"recipe {path} does not exist; "
+                          "pass a recipe file such as recipes/char_shakespeare.py")
     module = _exec_recipe(path)
     if not callable(getattr(module, "build_model", None)):
-        raise GptzooError(f"recipe {path} defines no build_model(model, vocab_size, *, key) function; add one")
+        raise GptzooError(f"recipe {path} defines no build_model(model, vocab_size, *, key) "
+                          "function; add one")
     sections = {}
     for s in SECTIONS:
         config = getattr(module, s, None)
         sections[s] = DEFAULTS[s]() if config is None else config
         if not dataclasses.is_dataclass(sections[s]):
-            raise GptzooError(f"recipe {path}: `{s}` must be a dataclass instance such as {DEFAULTS[s].__name__}()")
+            raise GptzooError(f"recipe {path}: `{s}` must be a dataclass instance such as "
+                              f"{DEFAULTS[s].__name__}()")
     recipe = Recipe(name=path.stem, source=path, build_model=module.build_model, **sections)
     for key, value in (overrides or {}).items():
         recipe.set(key, value)
@@ -210,7 +216,8 @@ def _exec_recipe(path: Path) -> types.ModuleType:
     try:
         spec.loader.exec_module(module)
     except SyntaxError as e:
-        raise GptzooError(f"recipe {path} line {e.lineno}: SyntaxError: {e.msg}; fix the recipe") from e
+        raise GptzooError(f"recipe {path} line {e.lineno}: SyntaxError: {e.msg}; "
+                          "fix the recipe") from e
     except Exception as e:
         frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
         where = f" line {frames[-1].lineno}" if frames else ""
@@ -229,7 +236,8 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     """The recipe a run directory was trained with, as `save_recipe` left it."""
     source, resolved = run_dir / "recipe.py", run_dir / "recipe.json"
     if not source.is_file() or not resolved.is_file():
-        raise GptzooError(f"{run_dir} holds no recipe.py/recipe.json; point --ckpt at a run directory made by gptzoo train")
+        raise GptzooError(f"{run_dir} holds no recipe.py/recipe.json; point --ckpt at a run "
+                          "directory made by gptzoo train")
     values = json.loads(resolved.read_text())
     recipe = load_recipe(source)
     recipe.name = values.get("name", recipe.name)

@@ -98,7 +98,8 @@ def _decode_chunk(model, state, n_steps: int, temperature: float, top_k: int | N
         history = jax.vmap(lambda h, p, tok: h.at[p].set(tok))(history, positions, tokens)
 
         def recompute(cache):
-            return cache, jax.vmap(lambda h, p: _last_window_logits(model, h, p))(history, positions)
+            window_logits = jax.vmap(lambda h, p: _last_window_logits(model, h, p))
+            return cache, window_logits(history, positions)
 
         def cached(cache):
             def one(c, tok, p):
@@ -166,7 +167,7 @@ def stream_batch(model, tokenizer: CharTokenizer, prompts: list[str], *,
     for tokens in generate_tokens(model, [_encode_prompt(tokenizer, p) for p in prompts],
                                   max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seeds=seeds, use_cache=use_cache):
-        pieces = [_until_stop(text, tokenizer.decode(row), stop) for text, row in zip(texts, tokens)]
+        pieces = [_until_stop(t, tokenizer.decode(row), stop) for t, row in zip(texts, tokens)]
         texts = [t + p for t, p in zip(texts, pieces)]
         yield pieces
         if stop is not None and all(stop in t for t in texts):

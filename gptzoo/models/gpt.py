@@ -6,7 +6,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gptzoo.nn import (
-    MLP, Block, CausalSelfAttention, Embedding, LayerNorm, Linear, PositionalEmbedding,
+    MLP,
+    Block,
+    CausalSelfAttention,
+    Embedding,
+    LayerNorm,
+    Linear,
+    PositionalEmbedding,
 )
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.kv_cache import KVCache

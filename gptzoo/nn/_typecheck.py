@@ -1,4 +1,4 @@
-"""Runtime shape checks: jaxtyping annotations enforced by beartype at trace time (free under jit)."""
+"""Runtime shape checks: jaxtyping annotations enforced by beartype at trace time (free in jit)."""
 
 from beartype import beartype
 from jaxtyping import jaxtyped

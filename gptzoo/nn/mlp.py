@@ -20,7 +20,8 @@ class MLP(eqx.Module):
         up_key, down_key = jax.random.split(key)
         d_hidden = hidden_mult * d_model
         self.up = Linear(d_model, d_hidden, use_bias=use_bias, init_std=init_std, key=up_key)
-        self.down = Linear(d_hidden, d_model, use_bias=use_bias, init_std=out_init_std, key=down_key)
+        self.down = Linear(d_hidden, d_model, use_bias=use_bias, init_std=out_init_std,
+                           key=down_key)
         self.dropout = eqx.nn.Dropout(dropout)
 
     @typecheck

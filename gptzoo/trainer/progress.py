@@ -1,4 +1,4 @@
-"""What a run reports: `metrics.jsonl` always; a rich progress bar on a terminal, plain lines otherwise."""
+"""What a run reports: `metrics.jsonl` always; a rich progress bar on a terminal, else plain lines."""
 
 import json
 import time
@@ -62,7 +62,8 @@ class Reporter:
             done = record["step"] - self.start_step
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(done, 1) * (self.max_steps - record["step"])
-            print(f"step {record['step']:>6}/{self.max_steps} | {line} | eta {eta:.0f}s", flush=True)
+            step = f"step {record['step']:>6}/{self.max_steps}"
+            print(f"{step} | {line} | eta {eta:.0f}s", flush=True)
 
     def print(self, message: str) -> None:
         if self.bar is not None:
