@@ -1,4 +1,4 @@
-"""What a run reports: `metrics.jsonl` always; a rich progress bar on a terminal, else plain lines."""
+"""What a run reports: metrics.jsonl always; a rich progress bar on a terminal, else plain lines."""
 
 import json
 import time
