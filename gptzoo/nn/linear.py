@@ -23,7 +23,15 @@ class Linear(eqx.Module):
         self.weight = init_std * jax.random.normal(key, (d_in, d_out))
         self.bias = jax.numpy.zeros(d_out) if use_bias else None
 
-    @typecheck
     def __call__(self, x: Float[Array, "*rows d_in"]) -> Float[Array, "*rows d_out"]:
-        y = (x.reshape(-1, x.shape[-1]) @ self.weight).reshape(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return affine(x, self.weight, self.bias)
+
+
+@typecheck
+def affine(
+    x: Float[Array, "*rows d_in"], weight: Float[Array, "d_in d_out"],
+    bias: Float[Array, " d_out"] | None,
+) -> Float[Array, "*rows d_out"]:
+    # A function of the weights too, so a mismatched input names the dimension d_in.
+    y = (x.reshape(-1, x.shape[-1]) @ weight).reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias

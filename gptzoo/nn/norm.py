@@ -18,9 +18,17 @@ class LayerNorm(eqx.Module):
         self.bias = jnp.zeros(d_model) if use_bias else None
         self.eps = eps
 
-    @typecheck
     def __call__(self, x: Float[Array, "*rows d_model"]) -> Float[Array, "*rows d_model"]:
-        mean = x.mean(axis=-1, keepdims=True)
-        var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.weight
-        return y if self.bias is None else y + self.bias
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+@typecheck
+def layer_norm(
+    x: Float[Array, "*rows d_model"], weight: Float[Array, " d_model"],
+    bias: Float[Array, " d_model"] | None, eps: float,
+) -> Float[Array, "*rows d_model"]:
+    # A function of the weights too, so a mismatched input names the dimension d_model.
+    mean = x.mean(axis=-1, keepdims=True)
+    var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps) * weight
+    return y if bias is None else y + bias
