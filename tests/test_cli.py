@@ -1,0 +1,125 @@
+"""The command line end to end, and a one-line error for each kind of bad input."""
+
+import re
+import shutil
+
+import pytest
+
+from conftest import RECIPE, TINY, gptzoo_cli, set_args
+from gptzoo.trainer import evaluate_run
+
+
+def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
+    args = ("sample", "--ckpt", trained_run, "--prompt", "ROMEO:", "--max-new-tokens", "40")
+    first = gptzoo_cli(*args, "--seed", "3", check=True).stdout
+    assert first.startswith("ROMEO:") and len(first) >= len("ROMEO:") + 40
+    assert gptzoo_cli(*args, "--seed", "3", check=True).stdout == first
+    assert gptzoo_cli(*args, "--seed", "4", check=True).stdout != first
+    greedy = [gptzoo_cli(*args, "--temperature", "0", "--seed", s, check=True).stdout
+              for s in ("1", "2")]
+    assert greedy[0] == greedy[1]
+    two = gptzoo_cli(*args, "--num-samples", "2", "--top-k", "5", check=True).stdout
+    assert two.count("ROMEO:") == 2 and "---------------" in two
+
+
+def test_eval_reports_the_whole_validation_split(trained_run):
+    out = gptzoo_cli("eval", "--ckpt", trained_run, check=True).stdout
+    loss, bits = map(float, re.search(r"val loss ([0-9.]+) \| ([0-9.]+) bits", out).groups())
+    result = evaluate_run(trained_run)
+    assert loss == pytest.approx(result.loss, abs=1e-4)
+    assert bits == pytest.approx(loss / 0.6931471805599453, abs=1e-3)
+    assert result.n_tokens == 2_000 - 1  # the last 10% of 20,000 characters, all but the first
+
+
+def test_keys_lists_every_required_key():
+    out = gptzoo_cli("keys", RECIPE, check=True).stdout
+    for key in ("trainer.max_steps", "trainer.batch_size", "trainer.eval_interval",
+                "trainer.eval_steps", "trainer.checkpoint_interval", "trainer.seed", "optimizer.lr",
+                "model.n_layers", "model.n_heads", "model.d_model", "model.block_size",
+                "model.dropout", "data.path"):
+        assert f"{key}=" in out
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def train(*args, overrides=None):
+    return gptzoo_cli("train", RECIPE, *set_args({**TINY, **(overrides or {})}), *args)
+
+
+def test_recipe_errors(tmp_path):
+    assert_one_line_error(gptzoo_cli("train", tmp_path / "nope.py"), "does not exist")
+    broken = tmp_path / "broken.py"
+    broken.write_text("from gptzoo.recipe import ModelConfig\n\nmodel = ModelConfig(\n"
+                      "    n_layers=undefined_name)\n")
+    assert_one_line_error(gptzoo_cli("train", broken), "broken.py line 4", "NameError")
+    broken.write_text("model = (\n")
+    assert_one_line_error(gptzoo_cli("train", broken), "SyntaxError")
+    assert_one_line_error(train(overrides={"trainer.max_stepz": "3"}),
+                          "trainer.max_stepz", "did you mean trainer.max_steps?")
+    assert_one_line_error(train(overrides={"trainer.max_steps": "abc"}),
+                          "trainer.max_steps must be int")
+    assert_one_line_error(gptzoo_cli("train", RECIPE, "--set", "trainer.max_steps"), "KEY=VALUE")
+    assert_one_line_error(train(overrides={"model.n_heads": "3"}),
+                          "d_model=32 is not divisible by n_heads=3")
+    assert_one_line_error(train(overrides={"model.dropout": "1.5"}), "model.dropout")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = gptzoo_cli("train", tmp_path / "nope.py", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_data_errors(tmp_path):
+    missing = tmp_path / "missing.txt"
+    assert_one_line_error(train(overrides={"data.path": str(missing)}), "does not exist")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_one_line_error(train(overrides={"data.path": str(empty)}), "is empty")
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    assert_one_line_error(train(overrides={"data.path": str(short)}), "block_size + 1")
+
+
+def test_checkpoint_errors(tmp_path, trained_run):
+    assert_one_line_error(gptzoo_cli("sample", "--ckpt", tmp_path / "nope"), "does not exist")
+    (tmp_path / "empty_run").mkdir()
+    assert_one_line_error(gptzoo_cli("eval", "--ckpt", tmp_path / "empty_run"), "no checkpoints")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(trained_run, corrupt)
+    latest = max((corrupt / "checkpoints").iterdir(), key=lambda p: int(p.name))
+    for path in (latest / "model").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\0garbage")
+    assert_one_line_error(gptzoo_cli("sample", "--ckpt", corrupt), "corrupt")
+
+
+def test_existing_work_is_never_lost(tmp_path, small_text):
+    run_dir = tmp_path / "run"
+    data = {"data.path": str(small_text), "trainer.max_steps": "10"}
+    assert train("--run-dir", run_dir, overrides=data).returncode == 0
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert_one_line_error(train("--run-dir", run_dir, overrides=data), "--resume")
+    assert_one_line_error(train("--run-dir", run_dir, "--resume",
+                                overrides={**data, "model.d_model": "64"}),
+                          "changed model", "model.d_model=64")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == saved
+    assert gptzoo_cli("sample", "--ckpt", run_dir, "--max-new-tokens", "5").returncode == 0
+    assert_one_line_error(train("--run-dir", tmp_path / "fresh", "--resume", overrides=data),
+                          "no checkpoint")
+
+
+def test_sampling_errors(trained_run):
+    def sample(*args):
+        return gptzoo_cli("sample", "--ckpt", trained_run, *args)
+
+    assert_one_line_error(sample("--prompt", "ROMEO: \u263a"), "outside the model's vocabulary")
+    assert_one_line_error(sample("--max-new-tokens", "-1"), "--max-new-tokens")
+    assert_one_line_error(sample("--temperature", "-0.5"), "--temperature")
+    assert_one_line_error(sample("--top-k", "0"), "--top-k")
