@@ -29,3 +29,11 @@ def slow(session):
 def bench(session):
     session.install("-e", ".")
     session.run("python", "bench/bench_train.py", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
+
+
+@nox.session
+def docs(session):
+    """The documentation site, into site/; strict, so any warning fails the build."""
+    # ruff formats the rendered signatures (mkdocstrings skips that without ruff or black).
+    session.install("-e", ".", "mkdocs-material", "mkdocstrings[python]", "ruff")
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
