@@ -65,11 +65,13 @@ def _last_window_logits(model, history: Int[Array, " n"], position: Int[Array, "
     The window is padded on the right; causality hides the padding from the position we read.
     """
     block_size = model.block_size
-    start = jnp.maximum(position + 1 - block_size, 0)
-    window = jax.lax.dynamic_slice(history, (start,), (block_size,))
-    logits = model(window)
-    # Models may predict only the last positions (Perceiver-AR): align rows to the window's end.
-    return logits[position - start - (block_size - logits.shape[-2])]
+    # Models may predict only the window's last n positions (Perceiver AR), which must include
+    # `position`: a shorter history starts the window before it, left-padded with token 0.
+    n = eqx.filter_eval_shape(model, history[:block_size]).shape[-2]
+    start = jnp.minimum(jnp.maximum(position + 1 - block_size, 0), position + n - block_size)
+    history = jnp.pad(history, (block_size - n, 0))
+    window = jax.lax.dynamic_slice(history, (start + block_size - n,), (block_size,))
+    return model(window)[position - start - (block_size - n)]
 
 
 @eqx.filter_jit

@@ -46,16 +46,24 @@ def random_windows(
     return windows[:, :-1], windows[:, 1:]
 
 
-def all_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Non-overlapping windows that predict every token after the first exactly once.
+def all_windows(
+    tokens: np.ndarray, block_size: int, stride: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows `stride` apart (default `block_size`: non-overlapping) whose last `stride` positions
+    predict every token after the first exactly once.
 
-    Returns inputs, targets and a mask (the last window is padded to full length).
+    The positions before those are context only: the first window starts `block_size - stride`
+    tokens before the text, left-padded with token 0. Returns inputs, targets and a mask of the
+    positions to score (the last window is padded to full length).
     """
-    n_windows = -(-(len(tokens) - 1) // block_size)
-    padded = np.zeros(n_windows * block_size + 1, dtype=tokens.dtype)
-    padded[: len(tokens)] = tokens
-    mask = np.zeros(n_windows * block_size, dtype=bool)
-    mask[: len(tokens) - 1] = True
-    inputs = padded[:-1].reshape(n_windows, block_size)
-    targets = padded[1:].reshape(n_windows, block_size)
-    return inputs, targets, mask.reshape(n_windows, block_size)
+    stride = block_size if stride is None else stride
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride={stride} must lie in [1, block_size={block_size}]; pass the "
+                         "number of positions the model predicts per window")
+    context = block_size - stride
+    n_windows = -(-(len(tokens) - 1) // stride)
+    padded = np.zeros(context + n_windows * stride + 1, dtype=tokens.dtype)
+    padded[context: context + len(tokens)] = tokens
+    index = stride * np.arange(n_windows)[:, None] + np.arange(block_size)[None, :]
+    mask = (np.arange(block_size) >= context) & (index - context < len(tokens) - 1)
+    return padded[index], padded[index + 1], mask

@@ -3,6 +3,7 @@
 from gptzoo.nn.alibi import ALiBi, alibi_slopes
 from gptzoo.nn.attention import CausalSelfAttention, attend, causal_mask
 from gptzoo.nn.block import Block
+from gptzoo.nn.cross_attention import CausalCrossAttention
 from gptzoo.nn.embedding import Embedding, PositionalEmbedding
 from gptzoo.nn.glu import GLUMLP, llama_hidden_dim
 from gptzoo.nn.head_qk import HeadQK
@@ -20,4 +21,5 @@ __all__ = [
     "GLUMLP", "HeadQK", "ParallelBlock", "RMSNorm", "SGUMLP", "SpatialGatingUnit",
     "llama_hidden_dim",
     "ALiBi", "Rotary", "alibi_slopes",
+    "CausalCrossAttention",
 ]

@@ -1,8 +1,9 @@
 import math
 from dataclasses import dataclass
-
 from pathlib import Path
 
+import equinox as eqx
+import jax.numpy as jnp
 import numpy as np
 
 from gptzoo.data import all_windows, read_text, split
@@ -22,8 +23,13 @@ class EvalResult:
 
 
 def evaluate(model, tokens: np.ndarray, block_size: int, batch_size: int = 64) -> EvalResult:
-    """Loss over a whole split: every token after the first predicted exactly once."""
-    inputs, targets, mask = all_windows(tokens, block_size)
+    """Loss over a whole split: every token after the first predicted exactly once.
+
+    Windows step by the number of positions the model predicts, all of `block_size` for a GPT,
+    the latents for Perceiver AR, so each token is predicted with up to `block_size` of context.
+    """
+    n_predicted = eqx.filter_eval_shape(model, jnp.zeros((1, block_size), jnp.int32)).shape[-2]
+    inputs, targets, mask = all_windows(tokens, block_size, stride=n_predicted)
     pad = -len(inputs) % batch_size
     # Padding to whole batches keeps one compiled shape; padded windows are masked out.
     inputs, targets, mask = (np.concatenate([a, np.zeros((pad, block_size), a.dtype)])

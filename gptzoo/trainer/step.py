@@ -1,6 +1,6 @@
 """The jitted train and eval functions. They know nothing of any particular model: a model is any
 module mapping `tokens (batch, seq)` to `logits (batch, seq, vocab)`, with dropout keyed by an
-optional `key`."""
+optional `key`; a model may instead predict only the last `n` positions, `(batch, n, vocab)`."""
 
 import equinox as eqx
 import jax
@@ -16,7 +16,14 @@ from gptzoo.trainer.sharding import batch_sharded
 def loss_fn(model, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
             key: PRNGKeyArray | None = None) -> Float[Array, ""]:
     logits = model(inputs, key=key)
+    targets = predicted(targets, logits)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def predicted(a: Array, logits: Array) -> Array:
+    """The last `logits.shape[-2]` positions of `a` (all of them unless the model predicts only
+    its input's last positions, as Perceiver AR's latents do)."""
+    return a[..., a.shape[-1] - logits.shape[-2]:]
 
 
 def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, batch_size: int,
@@ -67,5 +74,5 @@ def estimate_loss(model, tokens: Int[Array, " n"], key: PRNGKeyArray, n_batches:
 @eqx.filter_jit
 def masked_loss_sum(model, inputs, targets, mask):
     logits = model(inputs)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return jnp.where(mask, losses, 0.0).sum()
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, predicted(targets, logits))
+    return jnp.where(predicted(mask, logits), losses, 0.0).sum()

@@ -1,0 +1,111 @@
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from gptzoo.nn import (
+    MLP,
+    Block,
+    CausalCrossAttention,
+    CausalSelfAttention,
+    Embedding,
+    LayerNorm,
+    Linear,
+    PositionalEmbedding,
+)
+from gptzoo.nn._typecheck import typecheck
+
+
+class PerceiverAR(eqx.Module):
+    """Perceiver AR (Hawthorne et al. 2022): a long causal context read into a few latents.
+
+    The `seq <= block_size` tokens are embedded with learned positions; the last
+    `min(n_latents, seq)` positions become the latents, which one causal cross-attention layer
+    (`z = z + xattn(z, x)`, then `z = z + mlp(norm(z))`) lets see every context position up to
+    their own. A stack of causal self-attention blocks then runs over the latents alone, so its
+    cost does not grow with the context. Logits come only for the latents' positions: the model
+    predicts the tokens after the last `n_latents` positions of its input.
+    """
+
+    token_embedding: Embedding
+    position_embedding: PositionalEmbedding
+    embed_dropout: eqx.nn.Dropout
+    cross_attention: CausalCrossAttention
+    cross_mlp_norm: eqx.Module
+    cross_mlp: eqx.Module
+    blocks: tuple[eqx.Module, ...]
+    final_norm: eqx.Module
+    head: Linear | None
+    block_size: int = eqx.field(static=True)
+    n_latents: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        if not 1 <= self.n_latents <= self.block_size:
+            raise ValueError(f"n_latents={self.n_latents} must lie in [1, block_size="
+                             f"{self.block_size}]: the latents are the context's last positions")
+
+    @typecheck
+    def __call__(
+        self, tokens: Int[Array, "*batch seq"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch latents vocab"]:
+        """Next-token logits at the last `min(n_latents, seq)` positions; dropout with `key`."""
+        n_keys = len(self.blocks) + 3
+        keys = jax.random.split(key, n_keys) if key is not None else [None] * n_keys
+        embed_key, cross_key, mlp_key, *block_keys = keys
+        seq = tokens.shape[-1]
+        x = self.token_embedding(tokens) + self.position_embedding(jnp.arange(seq))
+        x = self.embed_dropout(x, key=embed_key, inference=key is None)
+        z = x[..., seq - min(self.n_latents, seq):, :]
+        z = z + self.cross_attention(z, x, key=cross_key)
+        z = z + self.cross_mlp(self.cross_mlp_norm(z), key=mlp_key)
+        for block, block_key in zip(self.blocks, block_keys):
+            z = block(z, key=block_key)
+        z = self.final_norm(z)
+        return self.token_embedding.unembed(z) if self.head is None else self.head(z)
+
+
+def perceiver_ar(
+    vocab_size: int, *, n_layers: int, n_heads: int, d_model: int, block_size: int,
+    n_latents: int, dropout: float = 0.0, use_bias: bool = True, tie_head: bool = True,
+    key: PRNGKeyArray,
+) -> PerceiverAR:
+    """Perceiver AR with GPT-2 parts: LayerNorm, GELU MLPs, `n_layers` pre-norm latent blocks.
+
+    GPT-2's init: N(0, 0.02), and residual-stream outputs N(0, 0.02 / sqrt(2 (n_layers + 1))),
+    the cross-attention layer counted as one more layer.
+    """
+    tok_key, pos_key, head_key, cross_key, mlp_key, *block_keys = jax.random.split(
+        key, n_layers + 5)
+    std, out_std = 0.02, 0.02 / math.sqrt(2 * (n_layers + 1))
+
+    def mlp(k: PRNGKeyArray) -> MLP:
+        return MLP(d_model, dropout=dropout, use_bias=use_bias, init_std=std,
+                   out_init_std=out_std, key=k)
+
+    def block(k: PRNGKeyArray) -> Block:
+        attn_key, block_mlp_key = jax.random.split(k)
+        return Block(
+            attn_norm=LayerNorm(d_model, use_bias=use_bias),
+            attention=CausalSelfAttention(d_model, n_heads, dropout=dropout, use_bias=use_bias,
+                                          init_std=std, out_init_std=out_std, key=attn_key),
+            mlp_norm=LayerNorm(d_model, use_bias=use_bias),
+            mlp=mlp(block_mlp_key),
+        )
+
+    return PerceiverAR(
+        token_embedding=Embedding(vocab_size, d_model, init_std=std, key=tok_key),
+        position_embedding=PositionalEmbedding(block_size, d_model, init_std=std, key=pos_key),
+        embed_dropout=eqx.nn.Dropout(dropout),
+        cross_attention=CausalCrossAttention(d_model, n_heads, dropout=dropout, use_bias=use_bias,
+                                             init_std=std, out_init_std=out_std, key=cross_key),
+        cross_mlp_norm=LayerNorm(d_model, use_bias=use_bias),
+        cross_mlp=mlp(mlp_key),
+        blocks=tuple(block(k) for k in block_keys),
+        final_norm=LayerNorm(d_model, use_bias=use_bias),
+        head=None if tie_head else Linear(d_model, vocab_size, use_bias=False, init_std=std,
+                                          key=head_key),
+        block_size=block_size,
+        n_latents=n_latents,
+    )
