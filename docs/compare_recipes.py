@@ -1,7 +1,7 @@
 """Train every recipe in recipes/ (but the *_gpu.py ones) on tiny Shakespeare for the same
 wall-clock budget, and write a Markdown table of the results.
 
-    python docs/compare_recipes.py                              # 120 s each -> docs/recipes_table.md
+    python docs/compare_recipes.py           # 120 s per recipe, written to docs/recipes_table.md
     python docs/compare_recipes.py --seconds 10 --out /tmp/smoke.md
 
 A recipe first trains a short timing run to measure its milliseconds per step, then trains from
@@ -11,7 +11,6 @@ is evaluated on the whole validation split. Run it on an otherwise idle machine.
 
 import argparse
 import datetime
-import io
 import json
 import os
 import platform
@@ -24,11 +23,9 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
-from rich.console import Console
 
 from gptzoo import load_recipe, train
 from gptzoo.recipe import DataConfig
-from gptzoo.trainer.progress import Reporter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "recipes_table.md"
@@ -48,8 +45,7 @@ def run(path: Path, max_steps: int, run_dir: Path) -> dict:
         "data.path": DataConfig().path, "data.val_fraction": DataConfig().val_fraction,
     })
     clock = time.perf_counter()
-    result = train(recipe, run_dir=run_dir,
-                   reporter=Reporter(max_steps, 0, console=Console(file=io.StringIO())))
+    result = train(recipe, run_dir=run_dir)
     seconds = time.perf_counter() - clock
     tokens_per_step = recipe.trainer.batch_size * recipe.model.block_size
     # Chunks that compiled log no speed; the rest give the steady-state time of a step.

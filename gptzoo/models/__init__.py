@@ -1,5 +1,7 @@
 """Assembled architectures."""
 
+from gptzoo.models.decoder import decoder
 from gptzoo.models.gpt import GPT, gpt2
+from gptzoo.models.perceiver_ar import PerceiverAR, perceiver_ar
 
-__all__ = ["GPT", "gpt2"]
+__all__ = ["GPT", "PerceiverAR", "decoder", "gpt2", "perceiver_ar"]
