@@ -1,7 +1,6 @@
 """Assembled architectures."""
 
-from gptzoo.models.decoder import decoder
-from gptzoo.models.gpt import GPT, gpt2
+from gptzoo.models.gpt import GPT, decoder, gpt2
 from gptzoo.models.perceiver_ar import PerceiverAR, perceiver_ar
 
 __all__ = ["GPT", "PerceiverAR", "decoder", "gpt2", "perceiver_ar"]

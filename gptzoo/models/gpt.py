@@ -1,4 +1,5 @@
 import math
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -92,6 +93,38 @@ class GPT(eqx.Module):
 def _mixes_positions(part) -> bool:
     return getattr(part, "mixes_positions", False)
 
+def decoder(
+    vocab_size: int, *, block: Callable[[PRNGKeyArray], eqx.Module], n_layers: int, d_model: int,
+    block_size: int, final_norm: eqx.Module, positions: str | None = "learned",
+    tie_head: bool = True, dropout: float = 0.0, init_std: float = 0.02,
+    head_qk: eqx.Module | None = None, key: PRNGKeyArray,
+) -> GPT:
+    """A GPT around `n_layers` blocks made by `block(key)`: how recipes assemble zoo models.
+
+    Token embedding, learned positions (`positions="learned"`; None when the blocks' attention
+    carries positions itself, e.g. `Rotary` or `ALiBi`), the blocks, `final_norm` and an output
+    head tied to the token embedding (`tie_head`) or its own. Embeddings and an untied head start
+    at N(0, init_std); `head_qk` is passed on to `GPT`.
+    """
+    if positions not in ("learned", None):
+        raise ValueError(f"positions={positions!r} is not a position scheme decoder knows; pass "
+                         "'learned' for a learned embedding or None when attention adds positions")
+    # Split as gpt2 does, so a gpt2 block factory rebuilds gpt2's model exactly.
+    tok_key, pos_key, head_key, *block_keys = jax.random.split(key, n_layers + 3)
+    return GPT(
+        token_embedding=Embedding(vocab_size, d_model, init_std=init_std, key=tok_key),
+        position_embedding=(PositionalEmbedding(block_size, d_model, init_std=init_std,
+                                                key=pos_key) if positions == "learned" else None),
+        blocks=tuple(block(k) for k in block_keys),
+        final_norm=final_norm,
+        head=None if tie_head else Linear(d_model, vocab_size, use_bias=False,
+                                          init_std=init_std, key=head_key),
+        embed_dropout=eqx.nn.Dropout(dropout),
+        block_size=block_size,
+        head_qk=head_qk,
+    )
+
+
 def gpt2(
     vocab_size: int, *, n_layers: int, n_heads: int, d_model: int, block_size: int,
     dropout: float = 0.0, use_bias: bool = True, tie_head: bool = True, init: str = "gpt2",
@@ -106,7 +139,6 @@ def gpt2(
     embeddings uniform(-1e-4, 1e-4) (BlinkDL's small embedding init). Biases start at zero and norms
     at one either way.
     """
-    tok_key, pos_key, head_key, *block_keys = jax.random.split(key, n_layers + 3)
     if init == "gpt2":
         # GPT-2 scales the init of each residual-stream output by 1/sqrt(2 * n_layers).
         std, out_std = 0.02, 0.02 / math.sqrt(2 * n_layers)
@@ -129,24 +161,16 @@ def gpt2(
                     key=mlp_key),
         )
 
-    token_embedding = Embedding(vocab_size, d_model, init_std=std, key=tok_key)
-    position_embedding = PositionalEmbedding(block_size, d_model, init_std=std, key=pos_key)
-    if init == "small":
-        token_embedding = _small_embedding(token_embedding, tok_key)
-        position_embedding = _small_embedding(position_embedding, pos_key)
-    return GPT(
-        token_embedding=token_embedding,
-        position_embedding=position_embedding,
-        blocks=tuple(block(k) for k in block_keys),
-        final_norm=LayerNorm(d_model, use_bias=use_bias),
-        head=None if tie_head else Linear(d_model, vocab_size, use_bias=False, init_std=std,
-                                          key=head_key),
-        embed_dropout=eqx.nn.Dropout(dropout),
-        block_size=block_size,
-    )
+    model = decoder(vocab_size, block=block, n_layers=n_layers, d_model=d_model,
+                    block_size=block_size, final_norm=LayerNorm(d_model, use_bias=use_bias),
+                    tie_head=tie_head, dropout=dropout, init_std=std, key=key)
+    if init == "small":  # BlinkDL's small embeddings, drawn from the keys decoder used
+        tok_key, pos_key = jax.random.split(key, n_layers + 3)[:2]
+        model = eqx.tree_at(lambda m: (m.token_embedding.weight, m.position_embedding.weight),
+                            model, (_small_table(tok_key, model.token_embedding.weight.shape),
+                                    _small_table(pos_key, model.position_embedding.weight.shape)))
+    return model
 
 
-def _small_embedding(embedding: eqx.Module, key: PRNGKeyArray) -> eqx.Module:
-    """The same table redrawn from uniform(-1e-4, 1e-4)."""
-    weight = jax.random.uniform(key, embedding.weight.shape, minval=-1e-4, maxval=1e-4)
-    return eqx.tree_at(lambda e: e.weight, embedding, weight)
+def _small_table(key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:
+    return jax.random.uniform(key, shape, minval=-1e-4, maxval=1e-4)
