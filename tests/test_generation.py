@@ -1,0 +1,382 @@
+"""KV-cached generation: for every architecture of the zoo, cached decoding against the full
+forward, greedy cached sampling against uncached sampling and against greedy loops written here,
+batching, seeds; the sampling rules (top-k, top-p, temperature) against NumPy; the uncached
+fallback for models that cannot cache; and that prompt lengths in one bucket share a compilation."""
+
+import functools
+import importlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptzoo import nn
+from gptzoo.models import GPT, gpt2
+from gptzoo.sample import _decode_chunk, _prefill, generate_tokens, sample_logits
+
+V, D_MODEL, N_HEADS, BLOCK_SIZE = 29, 32, 4, 16
+HEAD_DIM = D_MODEL // N_HEADS
+N_NEW = 40  # past block_size: prompts of 5 tokens end at position 44, almost 3 windows
+
+
+def randomize(model, seed, scale=0.5):
+    """Every array redrawn from N(0, scale^2) (NumPy's draws: each new shape jax.random compiles
+    costs ~1 s), so attention, biases and norm scales all move the logits."""
+    params, static = eqx.partition(model, eqx.is_array)
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(seed)
+    leaves = [jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype) for a in leaves]
+    return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
+
+
+def compose(positional=None, *, n_kv_heads=None, learned=False, parallel=None, llama=False,
+            mlp=None, head_qk=False, n_layers=2, seed=0) -> GPT:
+    """A GPT assembled by hand from the zoo's parts, with random weights."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 2 * n_layers + 3)
+
+    def norm():
+        return nn.RMSNorm(D_MODEL) if llama else nn.LayerNorm(D_MODEL)
+
+    def block(attn_key, mlp_key):
+        attention = nn.CausalSelfAttention(D_MODEL, N_HEADS, n_kv_heads=n_kv_heads,
+                                           positional=positional, key=attn_key)
+        if mlp is not None:
+            ff = mlp(mlp_key)
+        elif llama:
+            ff = nn.GLUMLP(D_MODEL, multiple_of=16, key=mlp_key)
+        else:
+            ff = nn.MLP(D_MODEL, key=mlp_key)
+        if parallel == "gpt-j":
+            return nn.ParallelBlock(attn_norm=norm(), attention=attention, mlp=ff)
+        if parallel == "neox":
+            return nn.ParallelBlock(attn_norm=norm(), attention=attention, mlp=ff,
+                                    mlp_norm=norm())
+        return nn.Block(attn_norm=norm(), attention=attention, mlp_norm=norm(), mlp=ff)
+
+    model = GPT(
+        token_embedding=nn.Embedding(V, D_MODEL, key=keys[-1]),
+        position_embedding=(nn.PositionalEmbedding(BLOCK_SIZE, D_MODEL, key=keys[-2])
+                            if learned else None),
+        blocks=tuple(block(keys[2 * i], keys[2 * i + 1]) for i in range(n_layers)),
+        final_norm=norm(),
+        head=None,
+        embed_dropout=eqx.nn.Dropout(0.0),
+        block_size=BLOCK_SIZE,
+        head_qk=nn.HeadQK(D_MODEL, V, d_qk=16, key=keys[-3]) if head_qk else None,
+    )
+    return randomize(model, seed + 1)
+
+
+# Each part of the zoo in at least one model: learned positions (GPT-2), rotary full and partial,
+# interleaved (GPT-J) and not (NeoX, LLaMA), ALiBi, GQA and MQA, parallel blocks with one norm
+# (GPT-J) and two (NeoX), RMSNorm + SwiGLU (LLaMA).
+ARCHS = {
+    "gpt2": lambda: randomize(gpt2(V, n_layers=2, n_heads=N_HEADS, d_model=D_MODEL,
+                                   block_size=BLOCK_SIZE, key=jax.random.PRNGKey(0)), 1),
+    "rotary-interleaved": lambda: compose(nn.Rotary(HEAD_DIM, interleaved=True)),
+    "llama": lambda: compose(nn.Rotary(HEAD_DIM), n_kv_heads=2, llama=True),
+    "gpt-j": lambda: compose(nn.Rotary(HEAD_DIM, fraction=0.5, interleaved=True),
+                             parallel="gpt-j"),
+    "neox": lambda: compose(nn.Rotary(HEAD_DIM, fraction=0.25), parallel="neox"),
+    "alibi-mqa": lambda: compose(nn.ALiBi(N_HEADS), n_kv_heads=1),
+}
+LEARNED = ["gpt2"]
+SLIDING = [name for name in ARCHS if name not in LEARNED]
+
+
+# One layer: a cached key depends only on its own token (and relative position), so sliding the
+# cache past block_size is the same as recomputing the last block_size tokens.
+ONE_LAYER = {
+    "rotary-1-layer": lambda: compose(nn.Rotary(HEAD_DIM), n_layers=1),
+    "alibi-1-layer": lambda: compose(nn.ALiBi(N_HEADS), n_layers=1),
+}
+
+
+@functools.cache
+def build(name: str) -> GPT:
+    return {**ARCHS, **ONE_LAYER}[name]()
+
+
+def generate(model, prompts, n=N_NEW, **kwargs) -> np.ndarray:
+    return np.concatenate(list(generate_tokens(model, prompts, max_new_tokens=n, **kwargs)), 1)
+
+
+PROMPT = np.array([3, 1, 4, 1, 5])
+forward = eqx.filter_jit(lambda model, tokens: model(tokens))
+decode = eqx.filter_jit(lambda model, tokens, positions, cache: model.decode(tokens, positions,
+                                                                             cache))
+
+
+def cached_logits(model, tokens, prefill: int, padding=None) -> np.ndarray:
+    """Logits at every position from `model.decode`: `tokens[:prefill]` in one call (followed by
+    `padding`, as the sampler pads prompts to a bucket), then one token at a time."""
+    first = tokens[:prefill] if padding is None else jnp.concatenate([tokens[:prefill], padding])
+    logits, cache = decode(model, first, jnp.arange(len(first)), model.init_cache())
+    out = [logits[:prefill]]
+    for p in range(prefill, len(tokens)):
+        logits, cache = decode(model, tokens[p:p + 1], jnp.array([p]), cache)
+        out.append(logits)
+    return np.asarray(jnp.concatenate(out))
+
+
+def last_logits(model, context: list[int], width: int, forward=forward) -> np.ndarray:
+    """The full forward's next-token logits after `context`, right-padded to `width` tokens so
+    one compilation serves every length (causality hides the padding from earlier positions)."""
+    padded = jnp.asarray(context + [0] * (width - len(context)), jnp.int32)
+    return np.asarray(forward(model, padded)[len(context) - 1])
+
+
+def greedy_cropped(model, prompt, n) -> np.ndarray:
+    """Greedy decoding as nanoGPT does it: the model on the last block_size tokens, every step."""
+    history = list(prompt)
+    for _ in range(n):
+        window = history[-model.block_size:]
+        history.append(int(np.argmax(last_logits(model, window, model.block_size))))
+    return np.array(history[len(prompt):])
+
+
+def banded_mask(window: int):
+    """Causal attention restricted to the last `window` keys."""
+    def mask(n_queries, n_keys):
+        i = jnp.arange(n_queries)[:, None] + n_keys - n_queries
+        j = jnp.arange(n_keys)[None, :]
+        return (j <= i) & (j > i - window)
+    return mask
+
+
+# Traced only under the `sliding_forward` fixture's mask, so its compilations all carry it.
+_sliding_forward = eqx.filter_jit(lambda model, tokens: model(tokens))
+
+
+@pytest.fixture
+def sliding_forward(monkeypatch):
+    """The model's own full forward over a sequence of any length, its attention masked to the
+    last block_size keys: what a ring-buffer KV cache of block_size slots computes."""
+    monkeypatch.setattr(importlib.import_module("gptzoo.nn.attention"), "causal_mask",
+                        banded_mask(BLOCK_SIZE))
+    return _sliding_forward
+
+
+def greedy_sliding(model, prompt, n, sliding_forward) -> np.ndarray:
+    """Greedy decoding with the sliding-window forward over the whole history, every step."""
+    history = list(prompt)
+    for _ in range(n):
+        logits = last_logits(model, history, 3 * BLOCK_SIZE, sliding_forward)
+        history.append(int(np.argmax(logits)))
+    return np.array(history[len(prompt):])
+
+
+# Cached decoding equals the full forward
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_cached_decoding_equals_the_full_forward(name):
+    model = build(name)
+    assert model.cacheable and model.slides_window == (name in SLIDING)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, V, BLOCK_SIZE), jnp.int32)
+    full = forward(model, tokens)
+    np.testing.assert_allclose(cached_logits(model, tokens, 5), full, rtol=1e-5, atol=1e-5)
+    # Padding after the prompt, as the sampler's bucket has: its slots are masked until the
+    # real tokens at those positions overwrite them.
+    padding = jnp.asarray(rng.integers(0, V, BLOCK_SIZE - 5), jnp.int32)
+    np.testing.assert_allclose(cached_logits(model, tokens, 5, padding), full, rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SLIDING)
+def test_cached_decoding_slides_its_window_past_block_size(name, sliding_forward):
+    model = build(name)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, V, 3 * BLOCK_SIZE), jnp.int32)
+    np.testing.assert_allclose(cached_logits(model, tokens, BLOCK_SIZE),
+                               sliding_forward(model, tokens), rtol=1e-4, atol=1e-4)
+
+
+SLIDING_IS_NOT_CROPPING = pytest.mark.xfail(strict=True, reason=(
+    "gptzoo/sample.py: with two or more layers the sliding KV cache (rotary/ALiBi past "
+    "block_size) is not what use_cache=False / --no-cache computes (the last block_size tokens "
+    "recomputed at positions 0..): a cached layer-2 key was computed from layer-1 states that "
+    "attended to tokens now outside the window. Cached and uncached texts differ past "
+    "block_size, though docs/generation.md says 'The cache is exact: greedy decoding gives the "
+    "same text either way'."))
+
+
+@pytest.mark.parametrize("name", [*ONE_LAYER, *(pytest.param(name, marks=SLIDING_IS_NOT_CROPPING)
+                                                for name in SLIDING)])
+def test_past_block_size_the_cache_equals_recomputing_the_last_block_size_tokens(name):
+    model = build(name)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, V, 2 * BLOCK_SIZE), jnp.int32)
+    cropped = [forward(model, tokens[p + 1 - BLOCK_SIZE:p + 1])[-1]
+               for p in range(BLOCK_SIZE, 2 * BLOCK_SIZE)]
+    np.testing.assert_allclose(cached_logits(model, tokens, BLOCK_SIZE)[BLOCK_SIZE:],
+                               np.stack(cropped), rtol=1e-4, atol=1e-4)
+    # And so the sampler draws the same tokens with and without the cache.
+    np.testing.assert_array_equal(generate(model, [PROMPT], seeds=[5]),
+                                  generate(model, [PROMPT], seeds=[5], use_cache=False))
+
+
+# Cached against uncached sampling, and the greedy loops written above
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_learned_positions_sample_the_same_with_and_without_cache(name):
+    """Past block_size the sampler crops the context and recomputes, with or without cache:
+    greedy decoding is nanoGPT's loop, and sampling with one seed draws the same tokens."""
+    model = build(name)
+    greedy = generate(model, [PROMPT], temperature=0)[0]
+    np.testing.assert_array_equal(greedy, greedy_cropped(model, PROMPT, N_NEW))
+    np.testing.assert_array_equal(greedy, generate(model, [PROMPT], temperature=0,
+                                                   use_cache=False)[0])
+    # Random models' greedy text soon repeats one or two tokens; sampled text does not.
+    np.testing.assert_array_equal(generate(model, [PROMPT], seeds=[5]),
+                                  generate(model, [PROMPT], seeds=[5], use_cache=False))
+
+
+@pytest.mark.parametrize("name", SLIDING)
+def test_sliding_models_decode_a_sliding_window_with_cache_and_crop_without(name,
+                                                                            sliding_forward):
+    """With the cache, greedy decoding of rotary/ALiBi models is the loop over the sliding-window
+    forward; without it, nanoGPT's loop over the last block_size tokens at positions 0..; the
+    two agree while the context fits in block_size."""
+    model = build(name)
+    cached = generate(model, [PROMPT], temperature=0)[0]
+    uncached = generate(model, [PROMPT], temperature=0, use_cache=False)[0]
+    np.testing.assert_array_equal(cached, greedy_sliding(model, PROMPT, N_NEW, sliding_forward))
+    np.testing.assert_array_equal(uncached, greedy_cropped(model, PROMPT, N_NEW))
+    fits = BLOCK_SIZE - len(PROMPT) + 1  # tokens at positions up to block_size
+    np.testing.assert_array_equal(cached[:fits], uncached[:fits])
+
+
+# Batches and seeds
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_a_batch_of_prompts_equals_generating_each_alone(name):
+    model = build(name)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, V, n) for n in (3, 9, 14)]
+    batch = generate(model, prompts, seeds=[5, 6, 7])
+    for prompt, seed, row in zip(prompts, [5, 6, 7], batch):
+        np.testing.assert_array_equal(generate(model, [prompt], seeds=[seed])[0], row)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_the_same_seed_gives_the_same_tokens_another_seed_others(name):
+    model = build(name)
+    first = generate(model, [PROMPT], seeds=[5])
+    np.testing.assert_array_equal(generate(model, [PROMPT], seeds=[5]), first)
+    assert (generate(model, [PROMPT], seeds=[8]) != first).mean() > 0.3
+
+
+def test_a_prompt_longer_than_block_size_is_cropped_to_its_last_block_size_tokens():
+    model = build("gpt2")
+    long_prompt = np.random.default_rng(3).integers(0, V, BLOCK_SIZE + 7)
+    np.testing.assert_array_equal(generate(model, [long_prompt], seeds=[5]),
+                                  generate(model, [long_prompt[-BLOCK_SIZE:]], seeds=[5]))
+
+
+def test_top_k_1_generates_the_greedy_tokens():
+    model = build("alibi-mqa")
+    np.testing.assert_array_equal(generate(model, [PROMPT], top_k=1, seeds=[5]),
+                                  generate(model, [PROMPT], temperature=0))
+
+
+# Sampling rules
+
+LOGITS = jnp.asarray(np.random.default_rng(4).normal(0, 2, 50), jnp.float32)
+KEYS = jax.random.split(jax.random.PRNGKey(0), 2000)
+
+
+def draws(logits, temperature, **kwargs) -> np.ndarray:
+    return np.asarray(jax.vmap(lambda k: sample_logits(logits, k, temperature, **kwargs))(KEYS))
+
+
+def np_softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def assert_frequencies_match(tokens, probs):
+    """Each token's frequency within 0.04 of `probs` (2000 draws: under 4 standard errors)."""
+    frequencies = np.bincount(tokens, minlength=len(probs)) / len(tokens)
+    np.testing.assert_allclose(frequencies, probs, atol=0.04)
+
+
+def test_top_k_only_emits_the_k_most_likely_tokens():
+    top5 = np.argsort(-np.asarray(LOGITS, np.float64))[:5]
+    tokens = draws(LOGITS, 0.8, top_k=5)
+    assert set(tokens.tolist()) == set(top5.tolist())
+    restricted = np.full(50, -np.inf)
+    restricted[top5] = np.asarray(LOGITS, np.float64)[top5] / 0.8
+    assert_frequencies_match(tokens, np_softmax(restricted))
+
+
+@pytest.mark.parametrize("top_p, temperature", [(0.5, 1.0), (0.9, 0.7), (0.3, 2.0)])
+def test_top_p_only_emits_the_smallest_nucleus(top_p, temperature):
+    probs = np_softmax(np.asarray(LOGITS, np.float64) / temperature)
+    order = np.argsort(-probs)
+    # The fewest most-likely tokens whose probabilities sum to top_p or more.
+    size = int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1)
+    nucleus = order[:size]
+    assert size > 1
+    tokens = draws(LOGITS, temperature, top_p=top_p)
+    assert set(tokens.tolist()) == set(nucleus.tolist())
+    renormalized = np.zeros(50)
+    renormalized[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    assert_frequencies_match(tokens, renormalized)
+
+
+def test_top_p_1_and_no_limit_sample_every_token_in_proportion():
+    flat = jnp.asarray(np.random.default_rng(5).normal(0, 0.3, 8), jnp.float32)
+    probs = np_softmax(np.asarray(flat, np.float64))
+    np.testing.assert_array_equal(draws(flat, 1.0, top_p=1.0), draws(flat, 1.0))
+    assert_frequencies_match(draws(flat, 1.0), probs)
+
+
+def test_top_k_and_top_p_together_keep_the_intersection():
+    tokens = draws(LOGITS, 1.0, top_k=3, top_p=0.99)
+    assert set(tokens.tolist()) == set(np.argsort(-np.asarray(LOGITS))[:3].tolist())
+
+
+def test_temperature_0_is_argmax_and_top_k_1_is_greedy():
+    rng = np.random.default_rng(6)
+    for seed in range(5):
+        logits = jnp.asarray(rng.normal(0, 1, 50), jnp.float32)
+        key = jax.random.PRNGKey(seed)
+        assert int(sample_logits(logits, key, 0.0)) == int(np.argmax(logits))
+        assert int(sample_logits(logits, key, 1.0, top_k=1)) == int(np.argmax(logits))
+        assert int(sample_logits(logits, key, 5.0, top_k=1, top_p=0.1)) == int(np.argmax(logits))
+
+
+# Models that cannot cache fall back to recomputing the context
+
+
+@pytest.mark.parametrize("name, model", [
+    ("head-qk", lambda: compose(learned=True, head_qk=True)),
+    ("sgu", lambda: compose(mlp=lambda k: nn.SGUMLP(D_MODEL, BLOCK_SIZE, hidden_mult=1, key=k))),
+], ids=["head-qk", "sgu"])
+def test_models_that_mix_positions_are_sampled_without_cache(name, model):
+    model = model()
+    assert not model.cacheable
+    np.testing.assert_array_equal(generate(model, [PROMPT], temperature=0)[0],
+                                  greedy_cropped(model, PROMPT, N_NEW))
+    np.testing.assert_array_equal(generate(model, [PROMPT], seeds=[5]),
+                                  generate(model, [PROMPT], seeds=[5], use_cache=False))
+
+
+# Compilation
+
+
+def test_prompt_lengths_in_one_bucket_share_the_compiled_decode_chunk():
+    chunk, prefill = _decode_chunk._cached, _prefill._cached
+    if not hasattr(chunk, "_cache_size"):
+        pytest.skip("this jax's jit has no _cache_size() to count compilations")
+    model = build("gpt2")
+    generate(model, [PROMPT[:3]], seeds=[0])
+    sizes = chunk._cache_size(), prefill._cache_size()
+    generate(model, [np.arange(10) % V], seeds=[1])
+    assert (chunk._cache_size(), prefill._cache_size()) == sizes
+    generate(model, [PROMPT[:3], PROMPT[:3]])  # the counter does count: a new batch size
+    assert chunk._cache_size() == sizes[0] + 1
