@@ -1,4 +1,4 @@
-"""`nox -s tests` (CI), `nox -s lint`, `nox -s slow` (full trainings), `nox -s bench`, `nox -s docs`."""
+"""Sessions: tests (what CI runs), lint, slow (full trainings), bench, docs."""
 
 import nox
 
@@ -28,7 +28,9 @@ def slow(session):
 @nox.session
 def bench(session):
     session.install("-e", ".")
-    session.run("python", "bench/bench_train.py", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
+    env = {"JAX_PLATFORMS": "cpu"}
+    session.run("python", "bench/bench_train.py", *session.posargs, env=env)
+    session.run("python", "bench/bench_sample.py", *session.posargs, env=env)
 
 
 @nox.session
