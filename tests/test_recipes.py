@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import gptzoo
 from gptzoo import nn
 from gptzoo.cli import main
-from gptzoo.data import SHAKESPEARE, CharTokenizer, split
+from gptzoo.data import CharTokenizer, split
 from gptzoo.models import decoder, gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,21 +47,14 @@ def tiny_overrides(path: Path, data: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "shakespeare_20k.txt"
-    path.write_text(SHAKESPEARE.read_text()[:20_000])
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_data):
+def trained(tmp_path_factory, small_text):
     """`trained(path)`: the recipe at `path` trained once with the tiny override, shared by the
     tests that need a trained model."""
     runs = {}
 
     def train(path: Path):
         if path not in runs:
-            recipe = gptzoo.load_recipe(path, tiny_overrides(path, tiny_data))
+            recipe = gptzoo.load_recipe(path, tiny_overrides(path, small_text))
             run_dir = tmp_path_factory.mktemp(path.stem)
             result = gptzoo.train(recipe, run_dir=run_dir)
             losses = [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").open()]
@@ -146,10 +139,10 @@ def test_alibi_recipe_has_no_learned_positions_and_optional_head_qk():
     assert isinstance(model.head_qk, nn.HeadQK)
 
 
-def test_alibi_model_trained_on_32_evaluates_on_64_token_windows(trained, tiny_data):
+def test_alibi_model_trained_on_32_evaluates_on_64_token_windows(trained, small_text):
     recipe, result, _ = trained(recipe_path("alibi_shakespeare"))
     assert recipe.model.block_size == 32
-    text = tiny_data.read_text()
+    text = small_text.read_text()
     tokens = CharTokenizer.from_text(text).encode(text)
     _, val = split(tokens, recipe.data.val_fraction, 64)
     short = gptzoo.evaluate(result.model, val, 32).loss
@@ -197,9 +190,9 @@ def test_decoder_without_positions_and_bad_positions():
                 final_norm=nn.RMSNorm(16), positions="rotary", key=jax.random.PRNGKey(0))
 
 
-def test_llama_recipe_through_the_command_line(tmp_path, tiny_data):
+def test_llama_recipe_through_the_command_line(tmp_path, small_text):
     path, run_dir = recipe_path("llama_shakespeare"), tmp_path / "run"
-    overrides = [arg for k, v in tiny_overrides(path, tiny_data).items()
+    overrides = [arg for k, v in tiny_overrides(path, small_text).items()
                  for arg in ("--set", f"{k}={v}")]
 
     def gptzoo_cli(*args) -> str:
