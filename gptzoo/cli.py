@@ -47,7 +47,12 @@ def train(recipe_path, overrides, run_dir, resume):
     from gptzoo.trainer import train as run_training
 
     recipe = load_recipe(recipe_path, parse_overrides(list(overrides)))
-    result = run_training(recipe, run_dir=run_dir, resume=resume)
+    try:
+        result = run_training(recipe, run_dir=run_dir, resume=resume)
+    except KeyboardInterrupt:  # a second Ctrl-C: no save, but the newest checkpoint is complete
+        click.echo("error: stopped at once by a second Ctrl-C; continue from the newest "
+                   "checkpoint with --resume", err=True)
+        sys.exit(130)
     if result.interrupted:
         sys.exit(130)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gptzoo.atomic import write_text_atomic
 from gptzoo.data.text import SHAKESPEARE
 from gptzoo.errors import GptzooError
 
@@ -59,6 +60,7 @@ class TrainerConfig:
     log_interval: int = 10
     steps_per_call: int = 10  # train steps fused into one jitted call with lax.scan
     keep_checkpoints: int = 3
+    max_bad_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops
     seed: int = 0
 
 
@@ -75,6 +77,7 @@ _CHECKS = [
     ("trainer.log_interval", lambda v: v > 0, "a positive integer"),
     ("trainer.steps_per_call", lambda v: v > 0, "a positive integer"),
     ("trainer.keep_checkpoints", lambda v: v > 0, "a positive integer"),
+    ("trainer.max_bad_steps", lambda v: v > 0, "a positive integer"),
     ("optimizer.lr", lambda v: v > 0, "positive"),
     ("model.n_layers", lambda v: v > 0, "a positive integer"),
     ("model.n_heads", lambda v: v > 0, "a positive integer"),
@@ -227,9 +230,9 @@ def _exec_recipe(path: Path) -> types.ModuleType:
 
 def save_recipe(recipe: Recipe, run_dir: Path) -> None:
     """Copy the recipe source and its resolved values into the run directory."""
-    (run_dir / "recipe.py").write_text(recipe.source.read_text())
+    write_text_atomic(run_dir / "recipe.py", recipe.source.read_text())
     resolved = {"name": recipe.name, **recipe.to_dict()}
-    (run_dir / "recipe.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    write_text_atomic(run_dir / "recipe.json", json.dumps(resolved, indent=2) + "\n")
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:

@@ -1,9 +1,19 @@
-"""Orbax checkpoints of a run: model parameters, optimizer state and a JSON record of the rest
-(step, PRNG key, tokenizer, resolved recipe). The data position is the step itself: batches are
-drawn from `fold_in(key, step)`."""
+"""Orbax checkpoints of a run: model parameters and optimizer state as arrays keyed by their module
+paths (`blocks.3.attention.qkv.weight`), and a JSON record of the rest (step, PRNG key, tokenizer,
+resolved recipe, every array's shape). The data position is the step itself: batches are drawn
+from `fold_in(key, step)`.
 
+A checkpoint is complete or absent: orbax writes each step into `<step>.orbax-checkpoint-tmp`
+and renames it to `<step>` only once every file is written, and lists only renamed folders, so a
+process killed mid-save leaves a temporary folder that the next save of that step removes. A
+complete folder that later became unreadable is skipped in favour of the newest readable one.
+"""
+
+import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -11,28 +21,67 @@ import orbax.checkpoint as ocp
 
 from gptzoo.errors import GptzooError
 
+T = TypeVar("T")
+
+
+class UnreadableCheckpoint(GptzooError):
+    """A checkpoint's files cannot be read back (as opposed to not fitting the recipe)."""
+
 
 def _is_array(x) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
-def _arrays(tree) -> list:
-    return jax.tree.leaves(eqx.filter(tree, _is_array))
+def _paths_and_arrays(tree) -> tuple[list[tuple[str, Any]], Any]:
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, _is_array))
+    return [(jax.tree_util.keystr(path, simple=True, separator="."), a)
+            for path, a in with_path], treedef
 
 
-def _abstract(tree) -> list:
+def named_arrays(tree) -> dict[str, Any]:
+    """The arrays of a module or optimizer state keyed by path, e.g. `blocks.0.mlp.fc.weight`."""
+    return dict(_paths_and_arrays(tree)[0])
+
+
+def _shapes(tree) -> dict[str, list[int]]:
+    return {name: list(a.shape) for name, a in named_arrays(tree).items()}
+
+
+def _abstract(tree) -> dict[str, jax.ShapeDtypeStruct]:
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None) or default)
-            for a in _arrays(tree)]
+    return {name: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                       sharding=getattr(a, "sharding", None) or default)
+            for name, a in named_arrays(tree).items()}
 
 
-def _fill(template, leaves: list):
-    params, static = eqx.partition(template, _is_array)
-    treedef = jax.tree.structure(params)
-    return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
+def _fill(template, arrays: dict[str, Any]):
+    """`template` with each array replaced by the one of the same name."""
+    pairs, treedef = _paths_and_arrays(template)
+    filled = jax.tree.unflatten(treedef, [arrays[name] for name, _ in pairs])
+    return eqx.combine(filled, eqx.filter(template, _is_array, inverse=True))
+
+
+def shape_differences(saved: dict[str, list[int]], built: dict[str, list[int]]) -> list[str]:
+    """How the arrays `saved` in a checkpoint differ from those the recipe `built` (both
+    name -> shape), one phrase per name; empty when every name and shape agrees."""
+    differences = []
+    for name in sorted(saved.keys() | built.keys()):
+        has, builds = saved.get(name), built.get(name)
+        if has == builds:
+            continue
+        has = f"{name} {tuple(has)}" if has is not None else f"no {name}"
+        builds = tuple(builds) if builds is not None else "no such array"
+        differences.append(f"checkpoint has {has}; the recipe builds {builds}")
+    return differences
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class Checkpoints:
+    """The `checkpoints/` folder of a run directory, keeping the newest `keep` steps."""
+
     def __init__(self, run_dir: Path, keep: int = 3):
         self.directory = (run_dir / "checkpoints").absolute()
         self.manager = ocp.CheckpointManager(
@@ -44,23 +93,60 @@ class Checkpoints:
         )
 
     def latest_step(self) -> int | None:
+        """The newest complete step (readable or not: see `restore_newest`)."""
         return self.manager.latest_step()
 
     def save(self, step: int, model, opt_state, meta: dict[str, Any]) -> None:
+        """Save `step` unless it already is; a failed save (a full disk) leaves the earlier
+        checkpoints as they were and raises a one-line error."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(_arrays(model)),
-            opt_state=ocp.args.StandardSave(_arrays(opt_state)),
-            meta=ocp.args.JsonSave({**meta, "step": step}),
-        ))
-        self.manager.wait_until_finished()
+        shapes = {"model": _shapes(model), "opt_state": _shapes(opt_state)}
+        try:
+            self.manager.save(step, force=True, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(named_arrays(model)),
+                opt_state=ocp.args.StandardSave(named_arrays(opt_state)),
+                meta=ocp.args.JsonSave({**meta, "step": step, "shapes": shapes}),
+            ))
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax wraps OSErrors in many kinds
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            self.manager.reload()
+            earlier = self.manager.latest_step()
+            kept = f"step {earlier} is intact" if earlier is not None else "no earlier checkpoint"
+            raise GptzooError(
+                f"could not save checkpoint step {step} in {self.directory} ({_reason(e)}); "
+                f"{kept}; free disk space, then continue with --resume"
+            ) from e
 
     def meta(self, step: int) -> dict[str, Any]:
         return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
 
+    def differences(self, step: int, model, opt_state=None) -> list[str]:
+        """How `step`'s arrays differ from those of `model` (and `opt_state`, whose names get an
+        `opt_state.` prefix) by name and shape, e.g. `["checkpoint has blocks.0.mlp.fc.weight
+        (128, 512); the recipe builds (128, 384)"]`; empty when they fit."""
+        shapes = self.meta(step).get("shapes")
+        if shapes is None:
+            raise UnreadableCheckpoint(
+                f"checkpoint {self.directory / str(step)} predates arrays keyed by name; "
+                "retrain it with this version of gptzoo")
+        saved, built = shapes["model"], _shapes(model)
+        if opt_state is not None:
+            saved = {**saved, **{f"opt_state.{k}": v for k, v in shapes["opt_state"].items()}}
+            built = {**built, **{f"opt_state.{k}": v for k, v in _shapes(opt_state).items()}}
+        return shape_differences(saved, built)
+
     def restore(self, step: int, model, opt_state=None):
-        """Fill the arrays of `model` (and `opt_state`) templates, which may be abstract."""
+        """Fill the arrays of `model` (and `opt_state`) templates, which may be abstract, by name;
+        a checkpoint whose names or shapes differ is refused with the differences."""
+        differences = self.differences(step, model, opt_state)
+        if differences:
+            more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+            raise GptzooError(
+                f"checkpoint {self.directory / str(step)} does not fit the recipe: "
+                f"{'; '.join(differences[:3])}{more}; use the recipe it was trained with")
         items = {"model": ocp.args.StandardRestore(_abstract(model))}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
@@ -68,26 +154,49 @@ class Checkpoints:
         model = _fill(model, restored["model"])
         return model if opt_state is None else (model, _fill(opt_state, restored["opt_state"]))
 
+    def restore_newest(self, restore: Callable[[int], T], discard_unreadable: bool = False,
+                       warn: Callable[[str], None] = _warn) -> tuple[int, T] | None:
+        """`(step, restore(step))` for the newest step that `restore` can read, warning about
+        each newer one it skips; None when there is no checkpoint. `discard_unreadable` deletes
+        the skipped ones, so that a resumed run can save those steps again."""
+        skipped: list[UnreadableCheckpoint] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                result = restore(step)
+            except UnreadableCheckpoint as e:
+                skipped.append(e)
+                continue
+            for e in skipped:
+                warn(f"{e}; fell back to step {step}")
+            if discard_unreadable and skipped:
+                for bad in self.manager.all_steps():
+                    if bad > step:
+                        self.manager.delete(bad)
+            return step, result
+        if skipped:
+            raise skipped[0]
+        return None
+
     def _restore(self, step: int, **items):
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax/tensorstore raise many kinds; all mean unreadable here
-            raise GptzooError(
-                f"checkpoint {self.directory / str(step)} is unreadable or corrupt "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
-                "delete that step's folder to fall back to an earlier checkpoint"
+            raise UnreadableCheckpoint(
+                f"checkpoint {self.directory / str(step)} is unreadable or corrupt ({_reason(e)})"
             ) from e
 
     def close(self) -> None:
         self.manager.close()
 
 
-def param_shapes(model) -> list[list[int]]:
-    return [list(a.shape) for a in _arrays(model)]
+def _reason(e: Exception) -> str:
+    first = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
 
 
 def load(run_dir: str | Path):
-    """The model and tokenizer of a run directory's latest checkpoint (no training state)."""
+    """The model and tokenizer of a run directory's newest readable checkpoint (no training
+    state); an unreadable newer one is skipped with a warning."""
     from gptzoo.data import CharTokenizer
     from gptzoo.recipe import load_run_recipe
 
@@ -99,11 +208,27 @@ def load(run_dir: str | Path):
         raise GptzooError(f"{run_dir} holds no checkpoints; train it first with gptzoo train")
     recipe = load_run_recipe(run_dir)
     checkpoints = Checkpoints(run_dir)
-    step = checkpoints.latest_step()
-    if step is None:
-        raise GptzooError(f"{run_dir} holds no checkpoints; train it first with gptzoo train")
-    tokenizer = CharTokenizer.from_dict(checkpoints.meta(step)["tokenizer"])
-    template = eqx.filter_eval_shape(recipe.build, tokenizer.vocab_size, key=jax.random.PRNGKey(0))
-    model = checkpoints.restore(step, template)
+
+    def restore(step: int):
+        tokenizer = CharTokenizer.from_dict(checkpoints.meta(step)["tokenizer"])
+        template = eqx.filter_eval_shape(recipe.build, tokenizer.vocab_size,
+                                         key=jax.random.PRNGKey(0))
+        return checkpoints.restore(step, template), tokenizer
+
+    found = checkpoints.restore_newest(restore)
     checkpoints.close()
-    return model, tokenizer
+    if found is None:
+        raise GptzooError(f"{run_dir} holds no checkpoints; train it first with gptzoo train")
+    return found[1]
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Fail before any training when `run_dir` cannot be created or written."""
+    probe = run_dir / ".gptzoo-write-test"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise GptzooError(f"cannot write the run directory {run_dir} ({e.strerror}: "
+                          f"{e.filename}); pass --run-dir a writable folder with free space") from e

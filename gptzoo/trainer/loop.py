@@ -16,8 +16,9 @@ import optax
 from gptzoo.data import CharTokenizer, read_text, split
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe, save_recipe
-from gptzoo.trainer.checkpoint import Checkpoints, param_shapes
+from gptzoo.trainer.checkpoint import Checkpoints, ensure_writable
 from gptzoo.trainer.evaluate import evaluate
+from gptzoo.trainer.guard import BadSteps
 from gptzoo.trainer.optimizer import make_optimizer, make_schedule
 from gptzoo.trainer.progress import MetricsLog, Reporter
 from gptzoo.trainer.sharding import make_mesh, replicated
@@ -69,11 +70,11 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     """Train `recipe` into `run_dir` (default `runs/<recipe name>`); `resume` continues it."""
     run_dir = Path(run_dir or Path("runs") / recipe.name)
     cfg, block_size = recipe.trainer, recipe.model.block_size
+    ensure_writable(run_dir)
     p = prepare(recipe)
     tokenizer, mesh, model, opt_state = p.tokenizer, p.mesh, p.model, p.opt_state
     train_key = p.train_key
-    meta = {"tokenizer": tokenizer.to_dict(), "recipe": {"name": recipe.name, **recipe.to_dict()},
-            "param_shapes": param_shapes(model)}
+    meta = {"tokenizer": tokenizer.to_dict(), "recipe": {"name": recipe.name, **recipe.to_dict()}}
 
     saved_steps = run_dir / "checkpoints"
     if not resume and saved_steps.is_dir() and any(saved_steps.iterdir()):
@@ -82,14 +83,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
     start = 0
     if resume:
-        start = checkpoints.latest_step()
-        if start is None:
-            raise GptzooError(f"no checkpoint in {run_dir} to resume; drop --resume to start a "
-                              "new run")
-        saved = checkpoints.meta(start)
-        _check_resumable(saved, meta, run_dir)
-        model, opt_state = checkpoints.restore(start, model, opt_state)
-        train_key = jnp.asarray(saved["key"], dtype=jnp.uint32)
+        start, model, opt_state, train_key = _resume(checkpoints, meta, model, opt_state, run_dir)
     save_recipe(recipe, run_dir)
     meta["key"] = np.asarray(train_key).tolist()
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
@@ -99,6 +93,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     val_data = jax.device_put(p.val_tokens, replicated(mesh))
     schedule = make_schedule(recipe.optimizer, cfg.max_steps)
     eval_key = jax.random.fold_in(train_key, 2**32 - 1)  # a step index never reached
+    bad_steps = BadSteps(cfg.max_bad_steps, recipe.optimizer.lr)
     reporter = reporter or Reporter(cfg.max_steps, start)
     reporter.print(f"training {recipe.name}: {_count(model):,} parameters, "
                    f"{len(jax.devices())} {jax.devices()[0].platform} device(s), run dir {run_dir}")
@@ -113,13 +108,15 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             n = _next_boundary(step, cfg) - step
             steady &= n in compiled  # a new chunk length compiles: keep it out of tokens/s
             compiled.add(n)
-            model, opt_state, losses = p.train_chunk((train_data, train_key, jnp.int32(step)),
-                                                   model, opt_state, n)
+            model, opt_state, stats = p.train_chunk((train_data, train_key, jnp.int32(step)),
+                                                  model, opt_state, n)
+            bad_steps.count(step, np.asarray(stats.finite))
             step, timed_steps, interrupted = step + n, timed_steps + n, sigint.caught
             if due(cfg.log_interval) or interrupted:
-                loss = float(losses[-1])
                 elapsed = time.perf_counter() - clock
-                record = {"step": step, "train_loss": loss, "lr": float(schedule(step - 1)),
+                record = {"step": step, "train_loss": float(stats.loss[-1]),
+                          "grad_norm": float(stats.grad_norm[-1]), "bad_steps": bad_steps.take(),
+                          "lr": float(schedule(step - 1)),
                           "tokens_per_sec": (timed_steps * cfg.batch_size * block_size / elapsed
                                              if steady else None)}
                 if due(cfg.eval_interval):
@@ -128,19 +125,21 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                         cfg.batch_size, block_size))
                 metrics.write(record)
                 reporter.log(record)
-                if not np.isfinite(loss):
-                    raise GptzooError(f"loss became {loss} at step {step}; lower optimizer.lr")
+            bad_steps.stop_if_diverged()
             if due(cfg.checkpoint_interval) or interrupted:
                 checkpoints.save(step, model, opt_state, meta)
             if due(cfg.log_interval) or due(cfg.checkpoint_interval):
                 clock, timed_steps, steady = time.perf_counter(), 0, True
     checkpoints.close()
+    if not interrupted:
+        try:
+            result = evaluate(model, p.val_tokens, block_size)
+        except KeyboardInterrupt:  # the last step is saved: stop as a Ctrl-C in training does
+            interrupted = True
+    reporter.close()
     if interrupted:
-        reporter.close()
         reporter.print(f"interrupted: saved step {step} in {run_dir}; continue with --resume")
         return TrainResult(model, tokenizer, run_dir, step, None, True)
-    result = evaluate(model, p.val_tokens, block_size)
-    reporter.close()
     reporter.print(f"final val loss {result.loss:.4f} ({result.bits_per_token:.4f} bits/token) "
                    f"over the whole validation split ({result.n_tokens:,} tokens)")
     return TrainResult(model, tokenizer, run_dir, step, result.loss, False)
@@ -152,6 +151,22 @@ def _next_boundary(step: int, cfg) -> int:
     return min([cfg.max_steps] + [(step // k + 1) * k for k in intervals])
 
 
+def _resume(checkpoints: Checkpoints, meta: dict, model, opt_state, run_dir: Path):
+    """`(step, model, opt_state, key)` from the newest readable checkpoint; unreadable newer ones
+    are reported and removed, so that the resumed run saves those steps afresh."""
+
+    def restore(step: int):
+        saved = checkpoints.meta(step)
+        _check_resumable(saved, meta, run_dir)
+        return saved, checkpoints.restore(step, model, opt_state)
+
+    found = checkpoints.restore_newest(restore, discard_unreadable=True)
+    if found is None:
+        raise GptzooError(f"no checkpoint in {run_dir} to resume; drop --resume to start a new run")
+    step, (saved, (model, opt_state)) = found
+    return step, model, opt_state, jnp.asarray(saved["key"], dtype=jnp.uint32)
+
+
 def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
     if saved["tokenizer"] != current["tokenizer"]:
         raise GptzooError(f"the data's vocabulary differs from the checkpoint's in {run_dir}; "
@@ -159,10 +174,9 @@ def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
     was, now = saved["recipe"]["model"], current["recipe"]["model"]
     changed = [f"model.{k}={now.get(k)!r} (checkpoint: {was.get(k)!r})"
                for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
-    if changed or saved["param_shapes"] != current["param_shapes"]:
-        what = ", ".join(changed) or "the parameter shapes"
-        raise GptzooError(f"--resume with a changed model: {what}; resume with the settings of "
-                          f"{run_dir}/recipe.json or start a new run with --run-dir")
+    if changed:
+        raise GptzooError(f"--resume with a changed model: {', '.join(changed)}; resume with the "
+                          f"settings of {run_dir}/recipe.json or start a new run with --run-dir")
 
 
 def _count(model) -> int:

@@ -2,12 +2,14 @@
 module mapping `tokens (batch, seq)` to `logits (batch, seq, vocab)`, with dropout keyed by an
 optional `key`; a model may instead predict only the last `n` positions, `(batch, n, vocab)`."""
 
+from typing import NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from gptzoo.data import random_windows
 from gptzoo.trainer.sharding import batch_sharded
@@ -26,10 +28,36 @@ def predicted(a: Array, logits: Array) -> Array:
     return a[..., a.shape[-1] - logits.shape[-2]:]
 
 
+class StepStats(NamedTuple):
+    """Per optimizer step of a chunk: the loss, the global gradient norm before clipping, and
+    whether both were finite (a step where they were not was skipped)."""
+
+    loss: Float[Array, " n"]
+    grad_norm: Float[Array, " n"]
+    finite: Bool[Array, " n"]
+
+
+def guarded_update(optimizer: optax.GradientTransformation, loss, grads, params, opt_state):
+    """`(params, opt_state, grad_norm, finite)` after one optimizer update, or with params and
+    state unchanged when the loss or a gradient is not finite: one overflowing batch is skipped
+    rather than written into every weight. Selecting with `where` keeps it deterministic, so a
+    resumed run still repeats an uninterrupted one bit for bit."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_state = optimizer.update(grads, opt_state, params)
+    new_params = eqx.apply_updates(params, updates)
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    params, opt_state = keep_if_finite(new_params, params), keep_if_finite(new_state, opt_state)
+    return params, opt_state, grad_norm, finite
+
+
 def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, batch_size: int,
                      block_size: int):
     """`train_chunk((tokens, key, start), model, opt_state, n_steps)` runs `n_steps` optimizer steps
-    in one compiled `lax.scan` and returns the updated model and state and each step's loss.
+    in one compiled `lax.scan` and returns the updated model and state and each step's `StepStats`.
 
     The batch and dropout randomness of step `s` come from `fold_in(key, s)`, so a run is a pure
     function of its seed and resumes exactly from any step. Model and state buffers are donated.
@@ -49,12 +77,13 @@ def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, batch_
             loss, grads = eqx.filter_value_and_grad(
                 lambda p: loss_fn(eqx.combine(p, static), inputs, targets, dropout_key)
             )(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (eqx.apply_updates(params, updates), opt_state), loss
+            params, opt_state, grad_norm, finite = guarded_update(optimizer, loss, grads, params,
+                                                                  opt_state)
+            return (params, opt_state), StepStats(loss, grad_norm, finite)
 
         steps = start + jnp.arange(n_steps)
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), steps)
-        return eqx.combine(params, static), opt_state, losses
+        (params, opt_state), stats = jax.lax.scan(step, (params, opt_state), steps)
+        return eqx.combine(params, static), opt_state, stats
 
     return train_chunk
 

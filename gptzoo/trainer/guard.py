@@ -1,0 +1,37 @@
+"""Counting the steps the train step skipped because their loss or gradients were not finite,
+and stopping a run that keeps producing them."""
+
+import numpy as np
+
+from gptzoo.errors import GptzooError
+
+
+class BadSteps:
+    """Counts skipped steps; `stop_if_diverged` raises once `limit` of them came in a row."""
+
+    def __init__(self, limit: int, lr: float):
+        self.limit, self.lr = limit, lr
+        self.streak = 0
+        self.since_record = 0
+        self.diverged_at: int | None = None
+
+    def count(self, first_step: int, finite: np.ndarray) -> None:
+        """Record a chunk whose steps `first_step + 1, ...` were `finite` or skipped."""
+        for i, ok in enumerate(finite):
+            self.streak = 0 if ok else self.streak + 1
+            self.since_record += not ok
+            if self.streak >= self.limit and self.diverged_at is None:
+                self.diverged_at = first_step + i + 1
+
+    def take(self) -> int:
+        """The skipped steps since the previous call (a metrics record's `bad_steps`)."""
+        n, self.since_record = self.since_record, 0
+        return n
+
+    def stop_if_diverged(self) -> None:
+        if self.diverged_at is not None:
+            raise GptzooError(
+                f"training diverged: {self.limit} steps in a row up to step {self.diverged_at} had "
+                f"a non-finite loss or gradient and were skipped (trainer.max_bad_steps); the last "
+                f"checkpoint is kept: --resume it with a lower optimizer.lr than {self.lr:g}, e.g. "
+                f"--set optimizer.lr={self.lr / 3:.2g}")
