@@ -1,6 +1,7 @@
 """The `gptzoo` command: train, sample, eval, keys."""
 
 import functools
+import logging
 import sys
 import traceback
 
@@ -15,6 +16,8 @@ def friendly_errors(command):
     @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
     @functools.wraps(command)
     def wrapper(*args, debug: bool, **kwargs):
+        if not debug:  # orbax logs failures it also raises: the one-line error says it once
+            logging.getLogger("absl").setLevel(logging.CRITICAL)
         try:
             return command(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - every error is reported, none swallowed

@@ -93,10 +93,10 @@ def test_checkpoint_errors(tmp_path, trained_run):
     assert_one_line_error(gptzoo_cli("eval", "--ckpt", tmp_path / "empty_run"), "no checkpoints")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(trained_run, corrupt)
-    latest = max((corrupt / "checkpoints").iterdir(), key=lambda p: int(p.name))
-    for path in (latest / "model").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"\0garbage")
+    for step_dir in (corrupt / "checkpoints").iterdir():  # a corrupt newest alone falls back
+        for path in (step_dir / "model").rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"\0garbage")
     assert_one_line_error(gptzoo_cli("sample", "--ckpt", corrupt), "corrupt")
 
 

@@ -9,6 +9,8 @@ process killed mid-save leaves a temporary folder that the next save of that ste
 complete folder that later became unreadable is skipped in favour of the newest readable one.
 """
 
+import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -22,6 +24,7 @@ import orbax.checkpoint as ocp
 from gptzoo.errors import GptzooError
 
 T = TypeVar("T")
+_SAVE_MARGIN_BYTES = 1_000_000  # orbax's metadata and the JSON record, with room to spare
 
 
 class UnreadableCheckpoint(GptzooError):
@@ -97,28 +100,39 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, model, opt_state, meta: dict[str, Any]) -> None:
-        """Save `step` unless it already is; a failed save (a full disk) leaves the earlier
-        checkpoints as they were and raises a one-line error."""
+        """Save `step` unless it already is; a save that cannot fit on the disk, or fails writing,
+        leaves the earlier checkpoints as they were and raises a one-line error."""
         if step in self.manager.all_steps():
             return
-        shapes = {"model": _shapes(model), "opt_state": _shapes(opt_state)}
+        arrays = {"model": named_arrays(model), "opt_state": named_arrays(opt_state)}
+        needed = sum(a.nbytes for tree in arrays.values() for a in tree.values())
+        free = shutil.disk_usage(self.directory).free
+        if free < needed + _SAVE_MARGIN_BYTES:  # refuse before orbax writes half a checkpoint
+            self._failed(step, f"it needs about {needed / 1e6:,.1f} MB, {free / 1e6:,.1f} MB free")
+        shapes = {item: {name: list(a.shape) for name, a in tree.items()}
+                  for item, tree in arrays.items()}
         try:
             self.manager.save(step, force=True, args=ocp.args.Composite(
-                model=ocp.args.StandardSave(named_arrays(model)),
-                opt_state=ocp.args.StandardSave(named_arrays(opt_state)),
+                model=ocp.args.StandardSave(arrays["model"]),
+                opt_state=ocp.args.StandardSave(arrays["opt_state"]),
                 meta=ocp.args.JsonSave({**meta, "step": step, "shapes": shapes}),
             ))
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax wraps OSErrors in many kinds
+            try:  # let orbax's writer threads stop before removing what they wrote
+                self.manager.wait_until_finished()
+            except Exception:  # noqa: BLE001, S110 - the first error is the one reported
+                pass
             for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
             self.manager.reload()
-            earlier = self.manager.latest_step()
-            kept = f"step {earlier} is intact" if earlier is not None else "no earlier checkpoint"
-            raise GptzooError(
-                f"could not save checkpoint step {step} in {self.directory} ({_reason(e)}); "
-                f"{kept}; free disk space, then continue with --resume"
-            ) from e
+            self._failed(step, _reason(e), e)
+
+    def _failed(self, step: int, reason: str, cause: Exception | None = None):
+        earlier = self.manager.latest_step()
+        kept = f"step {earlier} is intact" if earlier is not None else "no earlier checkpoint"
+        raise GptzooError(f"could not save checkpoint step {step} in {self.directory} ({reason}); "
+                          f"{kept}; free disk space, then continue with --resume") from cause
 
     def meta(self, step: int) -> dict[str, Any]:
         return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
@@ -189,7 +203,16 @@ class Checkpoints:
         self.manager.close()
 
 
-def _reason(e: Exception) -> str:
+def _reason(e: BaseException) -> str:
+    """The operating system's words when an OS error is behind `e` (tensorstore only quotes its
+    code), else `e`'s first line."""
+    cause = e
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        if code := re.search(r"os_error_code='(\d+)'", str(cause)):
+            return os.strerror(int(code.group(1)))
+        cause = cause.__cause__
     first = str(e).splitlines()[0][:120] if str(e) else ""
     return f"{type(e).__name__}: {first}"
 

@@ -42,7 +42,7 @@ def guarded_update(optimizer: optax.GradientTransformation, loss, grads, params,
     state unchanged when the loss or a gradient is not finite: one overflowing batch is skipped
     rather than written into every weight. Selecting with `where` keeps it deterministic, so a
     resumed run still repeats an uninterrupted one bit for bit."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_state = optimizer.update(grads, opt_state, params)
     new_params = eqx.apply_updates(params, updates)
