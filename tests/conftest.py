@@ -1,9 +1,12 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from gptzoo.trainer.progress import Reporter
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "char_shakespeare.py"
@@ -44,3 +47,17 @@ def trained_run(tmp_path_factory, small_text) -> Path:
     gptzoo_cli("train", RECIPE, *set_args({**TINY, "data.path": str(small_text)}),
                "--run-dir", run_dir, check=True)
     return run_dir
+
+
+class SigintAt(Reporter):
+    """Sends this process `times` SIGINTs once the record of `step` is logged."""
+
+    def __init__(self, step: int, times: int, *args):
+        super().__init__(*args)
+        self.step, self.times = step, times
+
+    def log(self, record):
+        super().log(record)
+        if record["step"] == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 
 import gptzoo
-from conftest import RECIPE, ROOT, TINY, gptzoo_cli, set_args
+from conftest import RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
 from gptzoo.errors import GptzooError
 from gptzoo.trainer import loop
 from gptzoo.trainer.checkpoint import Checkpoints, named_arrays
-from gptzoo.trainer.progress import Reporter
 
 
 class Pair(eqx.Module):
@@ -143,20 +142,6 @@ def test_resume_names_the_parameters_a_changed_recipe_builds(tmp_path, trained_r
         gptzoo.train(recipe, run_dir=copy_run(trained_run, tmp_path), resume=True)
     assert "does not fit the recipe: checkpoint has no blocks.1." in str(error.value)
     assert "the recipe builds" in str(error.value)
-
-
-class SigintAt(Reporter):
-    """Sends this process `times` SIGINTs once the record of `step` is logged."""
-
-    def __init__(self, step: int, times: int, *args):
-        super().__init__(*args)
-        self.step, self.times = step, times
-
-    def log(self, record):
-        super().log(record)
-        if record["step"] == self.step:
-            for _ in range(self.times):
-                os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_a_second_ctrl_c_stops_at_once_and_leaves_a_resumable_run(tmp_path, small_text):

@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import equinox as eqx
 import jax
@@ -13,8 +12,9 @@ import numpy as np
 import optax
 
 import gptzoo
-from conftest import RECIPE, ROOT, TINY, gptzoo_cli, set_args
+from conftest import RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
 from gptzoo.recipe import OptimizerConfig
+from gptzoo.trainer.checkpoint import Checkpoints
 from gptzoo.trainer.optimizer import make_optimizer
 
 
@@ -39,29 +39,19 @@ def test_loss_goes_down_and_metrics_are_logged(tmp_path, small_text):
 
 
 def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, small_text):
-    args = ["train", RECIPE, *set_args({**TINY, "trainer.max_steps": "400",
-                                        "trainer.checkpoint_interval": "100",
-                                        "data.path": str(small_text)})]
+    """Ctrl-C arrives once step 15 is logged (in-process, so the moment is deterministic): the run
+    saves at the end of its chunk, step 20, between checkpoint intervals, and resumes from it."""
+    recipe = gptzoo.load_recipe(RECIPE, {**TINY, "trainer.max_steps": "60",
+                                         "trainer.checkpoint_interval": "25",
+                                         "data.path": str(small_text)})
     interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
-    command = [sys.executable, "-c", "from gptzoo.cli import main; main()", *map(str, args)]
-    process = subprocess.Popen([*command, "--run-dir", interrupted], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # interrupt once training is under way, before it ends
-        metrics = interrupted / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 130, output
-    stopped_at = read_metrics(interrupted)[-1]["step"]
-    assert 0 < stopped_at < 400, "the run ended before Ctrl-C arrived; make it longer"
-    assert "continue with --resume" in output
-    assert (interrupted / "checkpoints" / str(stopped_at)).is_dir()
+    stopped = gptzoo.train(recipe, run_dir=interrupted, reporter=SigintAt(15, 1, 60, 0))
+    assert stopped.interrupted and stopped.step == 20 and stopped.val_loss is None
+    assert read_metrics(interrupted)[-1]["step"] == 20
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["20"]
 
-    gptzoo_cli(*args, "--run-dir", interrupted, "--resume", check=True)
-    gptzoo_cli(*args, "--run-dir", whole, check=True)
+    gptzoo.train(recipe, run_dir=interrupted, resume=True)
+    gptzoo.train(recipe, run_dir=whole)
     resumed, reference = read_metrics(interrupted), read_metrics(whole)
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]
     for a, b in zip(resumed, reference):
@@ -71,6 +61,21 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, small_text):
     for a, b in zip(jax.tree.leaves(eqx.filter(model_a, eqx.is_array)),
                     jax.tree.leaves(eqx.filter(model_b, eqx.is_array))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_ctrl_c_makes_the_command_exit_130_after_saving(tmp_path, small_text):
+    args = set_args({**TINY, "trainer.max_steps": "100000", "data.path": str(small_text)})
+    command = [sys.executable, "-c", "from gptzoo.cli import main; main()", "train", RECIPE,
+               *args, "--run-dir", tmp_path / "run"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    while not process.stdout.readline().startswith("step"):  # a step is logged: in training
+        assert process.poll() is None
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 130, output
+    assert "continue with --resume" in output
+    assert Checkpoints(tmp_path / "run").latest_step() is not None
 
 
 def test_eight_devices_step_equals_one_device(tmp_path, small_text):
