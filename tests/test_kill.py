@@ -27,6 +27,11 @@ def complete_steps(run_dir) -> list[int]:
         else []
 
 
+def partial_saves(run_dir) -> set[tuple[str, int]]:
+    """The temporary folders of saves cut short, with their modification times."""
+    return {(p.name, p.stat().st_mtime_ns) for p in (run_dir / "checkpoints").glob("*.orbax-*")}
+
+
 def metrics(run_dir) -> list[tuple]:
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["train_loss"], r["grad_norm"], r.get("val_loss")) for r in records]
@@ -52,6 +57,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     startup, in_save, in_startup, stopped_at = 5.0, 0, 0, []
     for _ in range(KILLS):
         resume = ["--resume"] if complete_steps(killed) else []
+        before = partial_saves(killed)
         started = time.perf_counter()
         process = subprocess.Popen([*command, *resume], cwd=ROOT, env={**os.environ, **env},
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -69,8 +75,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         assert process.poll() is None, "the run ended before its kill: make it longer"
         process.send_signal(signal.SIGKILL)
         process.communicate()
-        in_save += killed.exists() and any(".orbax-checkpoint-tmp" in p.name
-                                           for p in (killed / "checkpoints").glob("*"))
+        in_save += bool(partial_saves(killed) - before)
         stopped_at.append((complete_steps(killed) or [0])[-1])
 
     final = gptzoo_cli(*command[3:], "--resume", env=env)
