@@ -66,7 +66,7 @@ def main() -> None:
             (s, k, on_device_windows(corpus_on_device, p.train_key, jnp.int32(s), k,
                                      cfg.batch_size, block_size)) for s, k in plan)
         clock = None
-        for first, k, batches in source:
+        for first, _, batches in source:
             model, opt_state, losses = p.train_chunk((batches, p.train_key, jnp.int32(first)),
                                                      model, opt_state)
             if clock is None:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, TINY, gptzoo_cli, set_args
+from test_cli import assert_one_line_error
+
 from gptzoo.data import corpus as corpus_module
 from gptzoo.data import prepare_corpus, train_bpe
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import DataConfig
-from test_cli import assert_one_line_error
 
 RECIPE = ROOT / "recipes" / "char_shakespeare.py"
 BPE_RECIPE = ROOT / "recipes" / "bpe_shakespeare.py"
@@ -29,7 +29,7 @@ def decode_split(corpus, split) -> str:
 
 
 def test_a_file_splits_by_bytes_into_shards_that_round_trip(tmp_path, monkeypatch):
-    text = "First Citizen:\nBefore we proceed, hear me speak. ñ é 🙂 日本語\n" * 40 + "no newline " * 30
+    text = "First Citizen:\nBefore we proceed, hear me. ñ é 🙂 日本語\n" * 40 + "no newline " * 30
     path = tmp_path / "a.txt"
     path.write_text(text)
     # Tiny pieces and shards, so pieces are cut and windows cross shard files.

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import RECIPE, TINY
 
 import gptzoo
-from conftest import RECIPE, TINY
 from gptzoo.data import Batches, Prefetcher, prepare_corpus
 from gptzoo.data import corpus as corpus_module
 from gptzoo.recipe import DataConfig
