@@ -1,6 +1,19 @@
-"""Tokenizers, text files and batching."""
+"""Tokenizers, corpora (token shards on disk) and the batch loader."""
 
-from gptzoo.data.text import SHAKESPEARE, all_windows, random_windows, read_text, split
-from gptzoo.data.tokenizer import CharTokenizer
+from gptzoo.data.corpus import Corpus, TokenSplit, prepare_corpus
+from gptzoo.data.loader import Batches, Prefetcher
+from gptzoo.data.text import SHAKESPEARE, all_windows, eval_windows, n_windows
+from gptzoo.data.tokenizer import (
+    ByteTokenizer,
+    CharTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer_file,
+    tokenizer_from_dict,
+    train_bpe,
+)
 
-__all__ = ["SHAKESPEARE", "CharTokenizer", "all_windows", "random_windows", "read_text", "split"]
+__all__ = ["SHAKESPEARE", "Batches", "ByteTokenizer", "CharTokenizer", "Corpus", "HFTokenizer",
+           "Prefetcher", "TokenSplit", "Tokenizer", "all_windows", "eval_windows",
+           "load_tokenizer_file", "n_windows", "prepare_corpus", "tokenizer_from_dict",
+           "train_bpe"]

@@ -220,7 +220,7 @@ def _reason(e: BaseException) -> str:
 def load(run_dir: str | Path):
     """The model and tokenizer of a run directory's newest readable checkpoint (no training
     state); an unreadable newer one is skipped with a warning."""
-    from gptzoo.data import CharTokenizer
+    from gptzoo.data import tokenizer_from_dict
     from gptzoo.recipe import load_run_recipe
 
     run_dir = Path(run_dir)
@@ -233,7 +233,7 @@ def load(run_dir: str | Path):
     checkpoints = Checkpoints(run_dir)
 
     def restore(step: int):
-        tokenizer = CharTokenizer.from_dict(checkpoints.meta(step)["tokenizer"])
+        tokenizer = tokenizer_from_dict(checkpoints.meta(step)["tokenizer"])
         template = eqx.filter_eval_shape(recipe.build, tokenizer.vocab_size,
                                          key=jax.random.PRNGKey(0))
         return checkpoints.restore(step, template), tokenizer
