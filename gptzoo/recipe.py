@@ -60,6 +60,8 @@ class TrainerConfig:
     steps_per_call: int = 10  # train steps fused into one jitted call with lax.scan
     keep_checkpoints: int = 3
     seed: int = 0
+    wandb: bool = False  # also log to Weights & Biases (pip install -e .[wandb])
+    wandb_project: str = "gptzoo"
 
 
 SECTIONS = ("model", "data", "optimizer", "trainer")

@@ -20,7 +20,9 @@ from gptzoo.trainer.checkpoint import Checkpoints, param_shapes
 from gptzoo.trainer.evaluate import evaluate
 from gptzoo.trainer.optimizer import make_optimizer, make_schedule
 from gptzoo.trainer.progress import MetricsLog, Reporter
+from gptzoo.trainer.run_status import RunStatus
 from gptzoo.trainer.sharding import make_mesh, replicated
+from gptzoo.trainer.sinks import open_sinks
 from gptzoo.trainer.step import estimate_loss, make_train_chunk
 
 
@@ -93,6 +95,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     save_recipe(recipe, run_dir)
     meta["key"] = np.asarray(train_key).tolist()
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
+    sinks = open_sinks(recipe, run_dir, metrics, resume_step=start if resume else None)
+    status = RunStatus.begin(run_dir, resume, parameters=_count(model))
 
     model, opt_state = eqx.filter_shard((model, opt_state), replicated(mesh))
     train_data = jax.device_put(p.train_tokens, replicated(mesh))
@@ -107,7 +111,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         return step % interval == 0 or step == cfg.max_steps
 
     step, compiled, interrupted = start, set(), False
-    with _catch_sigint() as sigint:
+    with _catch_sigint() as sigint, status.recording():
         clock, timed_steps, steady = time.perf_counter(), 0, True
         while step < cfg.max_steps and not interrupted:
             n = _next_boundary(step, cfg) - step
@@ -121,12 +125,13 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                 elapsed = time.perf_counter() - clock
                 record = {"step": step, "train_loss": loss, "lr": float(schedule(step - 1)),
                           "tokens_per_sec": (timed_steps * cfg.batch_size * block_size / elapsed
-                                             if steady else None)}
+                                             if steady else None),
+                          "wall_time": status.wall_time()}
                 if due(cfg.eval_interval):
                     record["val_loss"] = float(estimate_loss(
                         model, val_data, jax.random.fold_in(eval_key, step), cfg.eval_steps,
                         cfg.batch_size, block_size))
-                metrics.write(record)
+                sinks.write(record)
                 reporter.log(record)
                 if not np.isfinite(loss):
                     raise GptzooError(f"loss became {loss} at step {step}; lower optimizer.lr")
@@ -135,11 +140,15 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             if due(cfg.log_interval) or due(cfg.checkpoint_interval):
                 clock, timed_steps, steady = time.perf_counter(), 0, True
     checkpoints.close()
+    sinks.close()
     if interrupted:
+        status.end("interrupted", step=step)
         reporter.close()
         reporter.print(f"interrupted: saved step {step} in {run_dir}; continue with --resume")
         return TrainResult(model, tokenizer, run_dir, step, None, True)
-    result = evaluate(model, p.val_tokens, block_size)
+    with status.recording():
+        result = evaluate(model, p.val_tokens, block_size)
+    status.end("finished", step=step, val_loss=result.loss)
     reporter.close()
     reporter.print(f"final val loss {result.loss:.4f} ({result.bits_per_token:.4f} bits/token) "
                    f"over the whole validation split ({result.n_tokens:,} tokens)")
