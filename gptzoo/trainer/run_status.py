@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gptzoo.errors import GptzooError
 from gptzoo.trainer.sinks import read_records
 
 STATUS_FILE = "status.json"
@@ -59,8 +60,10 @@ class RunStatus:
             self.end("interrupted")
             raise
         except Exception as e:
-            message = str(e).splitlines()[0] if str(e) else ""
-            self.end("failed", error=f"{type(e).__name__}: {message}")
+            line = str(e).splitlines()[0] if str(e) else ""
+            # The line the CLI prints: gptzoo's own errors speak for themselves.
+            self.end("failed", error=line if isinstance(e, GptzooError) else
+                     f"{type(e).__name__}: {line}")
             raise
 
 
