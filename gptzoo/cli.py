@@ -1,4 +1,4 @@
-"""The `gptzoo` command: train, prepare, sample, eval, keys."""
+"""The `gptzoo` command: train, prepare, sample, eval, keys, plot, runs."""
 
 import functools
 import logging
@@ -154,3 +154,33 @@ def keys(recipe_path):
     recipe = load_recipe(recipe_path)
     for key in recipe.keys():
         click.echo(f"{key}={recipe.get(key)!r}")
+
+
+@main.command()
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default="curves.png", show_default=True, type=click.Path(),
+              help="The image to write (PNG, SVG or PDF, by its extension).")
+@friendly_errors
+def plot(run_dirs, out):
+    """Plot the training curves of one or more runs on one figure."""
+    from gptzoo.plot import save_plot
+
+    save_plot(list(run_dirs), out)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("root", metavar="DIR", default="runs", type=click.Path())
+@friendly_errors
+def runs(root):
+    """A table of the runs under DIR: progress, losses, speed and status."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from gptzoo.runs import runs_table
+
+    console = Console()
+    if not console.is_terminal:  # piped or in CI: rows on one line each, not wrapped at 80
+        console.width = 200
+    console.print(runs_table(Path(root)))

@@ -66,6 +66,8 @@ class TrainerConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops
     seed: int = 0
+    wandb: bool = False  # also log to Weights & Biases (pip install -e .[wandb])
+    wandb_project: str = "gptzoo"
 
 
 SECTIONS = ("model", "data", "optimizer", "trainer")

@@ -22,7 +22,9 @@ from gptzoo.trainer.evaluate import evaluate
 from gptzoo.trainer.guard import BadSteps
 from gptzoo.trainer.optimizer import make_optimizer, make_schedule
 from gptzoo.trainer.progress import MetricsLog, Reporter
+from gptzoo.trainer.run_status import RunStatus
 from gptzoo.trainer.sharding import chunk_sharded, make_mesh, replicated
+from gptzoo.trainer.sinks import open_sinks
 from gptzoo.trainer.step import estimate_loss, make_train_chunk
 
 
@@ -94,6 +96,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     tokenizer.save(run_dir)
     meta["key"] = np.asarray(train_key).tolist()
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
+    sinks = open_sinks(recipe, run_dir, metrics, resume_step=start if resume else None)
+    status = RunStatus.begin(run_dir, resume, parameters=_count(model))
 
     model, opt_state = eqx.filter_shard((model, opt_state), replicated(mesh))
     schedule = make_schedule(recipe.optimizer, cfg.max_steps)
@@ -107,7 +111,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         return step % interval == 0 or step == cfg.max_steps
 
     step, compiled, interrupted = start, set(), False
-    with _catch_sigint() as sigint, closing(loader):
+    with _catch_sigint() as sigint, closing(loader), status.recording():
         clock, timed_steps, steady = time.perf_counter(), 0, True
         for first, n, batches in loader:
             steady &= n in compiled  # a new chunk length compiles: keep it out of tokens/s
@@ -122,13 +126,14 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                           "grad_norm": float(stats.grad_norm[-1]), "bad_steps": bad_steps.take(),
                           "lr": float(schedule(step - 1)),
                           "tokens_per_sec": (timed_steps * cfg.batch_size * block_size / elapsed
-                                             if steady else None)}
+                                             if steady else None),
+                          "wall_time": status.wall_time()}
                 if due(cfg.eval_interval):
                     val = p.val_batches.chunk(step * cfg.eval_steps, cfg.eval_steps)
                     record["val_loss"] = float(estimate_loss(model, jax.device_put(
                         val, chunk_sharded(mesh))))
                     record["val_bpb"] = _bits_per_byte(record["val_loss"], p.corpus)
-                metrics.write(record)
+                sinks.write(record)
                 reporter.log(record)
             bad_steps.stop_if_diverged()
             if due(cfg.checkpoint_interval) or interrupted:
@@ -138,16 +143,20 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             if interrupted:
                 break
     checkpoints.close()
+    sinks.close()
     if not interrupted:
         try:
-            result = evaluate(model, p.corpus.val, block_size,
-                              bytes_per_token=p.corpus.val.bytes_per_token)
+            with status.recording():
+                result = evaluate(model, p.corpus.val, block_size,
+                                  bytes_per_token=p.corpus.val.bytes_per_token)
         except KeyboardInterrupt:  # the last step is saved: stop as a Ctrl-C in training does
             interrupted = True
     reporter.close()
     if interrupted:
+        status.end("interrupted", step=step)
         reporter.print(f"interrupted: saved step {step} in {run_dir}; continue with --resume")
         return TrainResult(model, tokenizer, run_dir, step, None, True)
+    status.end("finished", step=step, val_loss=result.loss)
     reporter.print(f"final val loss {result.loss:.4f} ({result.bits_per_token:.4f} bits/token, "
                    f"{result.bits_per_byte:.4f} bits/byte) over the whole validation split "
                    f"({result.n_tokens:,} tokens)")

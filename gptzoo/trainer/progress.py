@@ -1,4 +1,5 @@
-"""What a run reports: metrics.jsonl always; a rich progress bar on a terminal, else plain lines."""
+"""What a run reports: metrics.jsonl always; a rich progress bar on a terminal (loss, last val loss,
+tokens/s, ETA), else plain lines."""
 
 import json
 import time
@@ -53,6 +54,18 @@ def format_record(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def format_bar(record: dict[str, Any], last: dict[str, Any]) -> str:
+    """The bar's status: this record's loss, with the latest val loss and tokens/s seen so far
+    (`last` keeps them, as most records carry neither)."""
+    last.update({k: record[k] for k in ("val_loss", "tokens_per_sec") if record.get(k)})
+    parts = [f"loss {record['train_loss']:.4f}"]
+    if "val_loss" in last:
+        parts.append(f"val {last['val_loss']:.4f}")
+    if "tokens_per_sec" in last:
+        parts.append(f"{last['tokens_per_sec']:,.0f} tok/s")
+    return " | ".join(parts)
+
+
 class Reporter:
     def __init__(self, max_steps: int, start_step: int, console: Console | None = None):
         self.console = console or Console()
@@ -60,10 +73,12 @@ class Reporter:
         self.started = time.perf_counter()
         self.start_step = start_step
         self.bar = None
+        self.last: dict[str, Any] = {}
         if self.console.is_terminal:
             self.bar = Progress(
                 TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=self.console,
+                TextColumn("{task.fields[status]}"), TextColumn("eta"), TimeRemainingColumn(),
+                console=self.console,
             )
             self.task = self.bar.add_task("train", total=max_steps, completed=start_step, status="")
             self.bar.start()
@@ -71,7 +86,8 @@ class Reporter:
     def log(self, record: dict[str, Any]) -> None:
         line = format_record(record)
         if self.bar is not None:
-            self.bar.update(self.task, completed=record["step"], status=line)
+            status = format_bar(record, self.last)
+            self.bar.update(self.task, completed=record["step"], status=status)
             if "val_loss" in record:
                 self.bar.console.print(f"step {record['step']}: {line}")
         else:
