@@ -1,0 +1,116 @@
+"""`gptzoo import-hf` and `gptzoo export-hf`: a Hugging Face model folder <-> a run directory."""
+
+import json
+import shutil
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from gptzoo.errors import GptzooError
+from gptzoo.hf.config import read_config, write_config
+from gptzoo.hf.weights import FAMILIES, open_tensors, read_params, write_params
+from gptzoo.models import build_architecture
+from gptzoo.recipe import DEFAULTS, Recipe, load_run_recipe, save_recipe
+from gptzoo.trainer.checkpoint import Checkpoints, load
+
+# The files of a HF tokenizer that travel with the weights, both ways.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "generation_config.json")
+
+
+def named_arrays(tree, is_array=eqx.is_array) -> dict:
+    """A model's arrays (or, with `is_array`, other leaves) by module path, such as
+    `blocks.3.attention.qkv.weight`."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path, simple=True, separator="."): leaf for path, leaf in flat
+            if is_array(leaf)}
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, block_size: int | None = None) -> Path:
+    """Write the model of a Hugging Face folder as a run directory that `gptzoo sample`,
+    `eval` and `train --init-from` read. Tensors are read one at a time."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    hf = read_config(hf_dir, block_size)
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise GptzooError(f"{out} already holds checkpoints; pass a new --out folder")
+    template = eqx.filter_eval_shape(build_architecture, hf.architecture, hf.config,
+                                     hf.config.vocab_size, key=jax.random.PRNGKey(0))
+    with open_tensors(hf_dir) as tensors:
+        arrays = read_params(FAMILIES[hf.architecture](hf.config), tensors, hf_dir,
+                             tied=hf.config.tie_head)
+        model = fill(template, arrays, hf_dir)
+    recipe = Recipe(name=hf_dir.name, source=hf_dir / "config.json", build_model=None,
+                    model=hf.config, architecture=hf.architecture,
+                    **{s: DEFAULTS[s]() for s in ("data", "optimizer", "trainer")})
+    save_recipe(recipe, out)
+    tokenizer = copy_tokenizer(hf_dir, out)
+    checkpoints = Checkpoints(out)
+    # No optimizer state: fine-tuning (--init-from) starts a fresh one. Orbax refuses an empty
+    # item, so a scalar stands in.
+    checkpoints.save(0, model, jnp.int32(0), {"tokenizer": tokenizer, "imported_from": str(hf_dir),
+                                      "recipe": {"name": recipe.name, **recipe.to_dict()}})
+    checkpoints.close()
+    return out
+
+
+def fill(template, arrays: dict[str, np.ndarray], where: Path):
+    """`template` (a model of shapes) with every array taken from `arrays` by module path."""
+    expected = named_arrays(template, _is_shape)
+    if expected.keys() != arrays.keys():  # the family's table and the builder disagree: a bug
+        raise GptzooError(f"{where}: weight map and model differ in "
+                          f"{sorted(expected.keys() ^ arrays.keys())}")
+
+    def one(path, leaf):
+        if not _is_shape(leaf):
+            return leaf
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        if arrays[name].shape != leaf.shape:
+            raise GptzooError(f"{where}: tensor for {name} has shape {arrays[name].shape}, "
+                              f"config.json implies {leaf.shape}; the weights do not match it")
+        return jnp.asarray(arrays.pop(name), dtype=leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, template)
+
+
+def _is_shape(leaf) -> bool:
+    return isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+def copy_tokenizer(hf_dir: Path, out: Path) -> dict:
+    """Copy the HF tokenizer files into the run directory; the tokenizer's record."""
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise GptzooError(f"{hf_dir} has no tokenizer.json; save the tokenizer with "
+                          "save_pretrained (a fast tokenizer) next to the weights")
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, out / name)
+    return {"kind": "tokenizer.json", "path": "tokenizer.json"}
+
+
+def export_hf(run_dir: str | Path, out: str | Path) -> Path:
+    """Write a gpt2- or llama-architecture run as a folder `transformers` loads with
+    `AutoModelForCausalLM.from_pretrained`."""
+    run_dir, out = Path(run_dir), Path(out)
+    recipe = load_run_recipe(run_dir)
+    if recipe.architecture not in FAMILIES:
+        raise GptzooError(f"{run_dir} was trained from a custom recipe; export-hf writes runs of "
+                          f"the built-in architectures {', '.join(FAMILIES)}")
+    if recipe.architecture == "gpt2" and not recipe.model.use_bias:
+        raise GptzooError(f"{run_dir}: GPT-2 without biases (model.use_bias=false) has no "
+                          "transformers equivalent; export a run with biases")
+    model, _ = load(run_dir)
+    arrays = {k: np.asarray(v) for k, v in named_arrays(model).items()}
+    vocab_size = arrays["token_embedding.weight"].shape[0]
+    tensors = write_params(FAMILIES[recipe.architecture](recipe.model), arrays)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = write_config(recipe.architecture, recipe.model, vocab_size)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out / name)
+    return out
