@@ -38,8 +38,12 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    path: str = str(SHAKESPEARE)
+    path: str = str(SHAKESPEARE)  # a text file, a folder, a glob, or JSONL files
     val_fraction: float = 0.1
+    tokenizer: str = "char"  # char, bytes, bpe (trained on the training split), or a tokenizer.json
+    vocab_size: int = 1024  # bpe only
+    text_field: str = "text"  # JSONL files: the field holding each document's text
+    cache_dir: str = ""  # where token shards go; "" = $GPTZOO_CACHE or ~/.cache/gptzoo
 
 
 @dataclasses.dataclass
@@ -86,6 +90,7 @@ _CHECKS = [
     ("model.block_size", lambda v: v > 0, "a positive integer"),
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data.val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("data.vocab_size", lambda v: v > 256, "above 256 (the byte alphabet and <|endoftext|>)"),
 ]
 
 

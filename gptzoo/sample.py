@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from gptzoo.data import CharTokenizer
+from gptzoo.data import Tokenizer
 from gptzoo.errors import GptzooError
 
 CHUNK = 16  # tokens per compiled decode call; the host streams text between calls
@@ -155,12 +155,12 @@ def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
         remaining -= CHUNK
 
 
-def _encode_prompt(tokenizer: CharTokenizer, prompt: str) -> np.ndarray:
-    # An empty prompt starts from a newline, as nanoGPT's sample.py does, or the first token.
-    return tokenizer.encode(prompt or ("\n" if "\n" in tokenizer.index else tokenizer.chars[0]))
+def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> np.ndarray:
+    # An empty prompt starts from the tokenizer's choice: a newline, or end-of-text for BPE.
+    return tokenizer.encode(prompt) if prompt else tokenizer.start_tokens()
 
 
-def stream_batch(model, tokenizer: CharTokenizer, prompts: list[str], *,
+def stream_batch(model, tokenizer: Tokenizer, prompts: list[str], *,
                  max_new_tokens: int = 500, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seeds: list[int] | None = None,
                  stop: str | None = None, use_cache: bool = True) -> Iterator[list[str]]:
@@ -183,7 +183,7 @@ def _until_stop(text: str, piece: str, stop: str | None) -> str:
     return (text + piece)[: (text + piece).index(stop) + len(stop)][len(text):]
 
 
-def stream(model, tokenizer: CharTokenizer, prompt: str = "", *, seed: int = 0,
+def stream(model, tokenizer: Tokenizer, prompt: str = "", *, seed: int = 0,
            **kwargs) -> Iterator[str]:
     """Yield the continuation of one prompt piece by piece (the prompt is not repeated).
 
@@ -193,7 +193,7 @@ def stream(model, tokenizer: CharTokenizer, prompt: str = "", *, seed: int = 0,
         yield pieces[0]
 
 
-def generate(model, tokenizer: CharTokenizer, prompt: str | list[str] = "", *, seed: int = 0,
+def generate(model, tokenizer: Tokenizer, prompt: str | list[str] = "", *, seed: int = 0,
              **kwargs) -> str | list[str]:
     """Each prompt followed by its continuation.
 

@@ -88,7 +88,7 @@ def param_shapes(model) -> list[list[int]]:
 
 def load(run_dir: str | Path):
     """The model and tokenizer of a run directory's latest checkpoint (no training state)."""
-    from gptzoo.data import CharTokenizer
+    from gptzoo.data import tokenizer_from_dict
     from gptzoo.recipe import load_run_recipe
 
     run_dir = Path(run_dir)
@@ -102,7 +102,7 @@ def load(run_dir: str | Path):
     step = checkpoints.latest_step()
     if step is None:
         raise GptzooError(f"{run_dir} holds no checkpoints; train it first with gptzoo train")
-    tokenizer = CharTokenizer.from_dict(checkpoints.meta(step)["tokenizer"])
+    tokenizer = tokenizer_from_dict(checkpoints.meta(step)["tokenizer"])
     template = eqx.filter_eval_shape(recipe.build, tokenizer.vocab_size, key=jax.random.PRNGKey(0))
     model = checkpoints.restore(step, template)
     checkpoints.close()
