@@ -4,7 +4,6 @@ generations; export -> from_pretrained gives the same logits again; import -> ex
 bit-identical; bad folders fail with one line."""
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -14,13 +13,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from conftest import SHAKESPEARE, gptzoo_cli  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from gptzoo.errors import GptzooError  # noqa: E402
-from gptzoo.hf import export_hf, import_hf, named_arrays  # noqa: E402
+from gptzoo.hf import export_hf, import_hf, read_config  # noqa: E402
+from gptzoo.models.names import named_leaves  # noqa: E402
 from gptzoo.sample import generate_tokens  # noqa: E402
 from gptzoo.trainer import load  # noqa: E402
-from tests.conftest import SHAKESPEARE  # noqa: E402
 
 VOCAB = 300  # the tokenizer's: 256 bytes and 44 merges
 TOLERANCE = 1e-4  # max |logit difference| in float32
@@ -146,16 +146,135 @@ def test_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens = random_tokens(3)
     np.testing.assert_allclose(hf_logits(reloaded, tokens), hf_logits(hf, tokens), atol=1e-5)
-    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+    assert (Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).to_str()
+            == Tokenizer.from_file(str(run / "tokenizer.json")).to_str())
 
 
 def test_import_export_import_is_bit_identical(imported, tmp_path):
     _, _, _, run = imported
     export_hf(run, tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "run")
-    first, second = (named_arrays(load(r)[0]) for r in (run, tmp_path / "run"))
+    first, second = (named_leaves(load(r)[0]) for r in (run, tmp_path / "run"))
     assert first.keys() == second.keys()
     for key in first:
         np.testing.assert_array_equal(np.asarray(first[key]), np.asarray(second[key]), key)
     assert json.loads((run / "recipe.json").read_text())["model"] == json.loads(
         (tmp_path / "run" / "recipe.json").read_text())["model"]
+
+
+def test_both_config_dialects_read_alike(tmp_path):
+    """transformers 4.x writes rope_theta and rope_scaling ("type" in older files, "rope_type"
+    in newer), 5.x rope_parameters: all three give the same model."""
+    v5 = {"architectures": ["LlamaForCausalLM"], "hidden_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+          "intermediate_size": 80, "vocab_size": VOCAB, "max_position_embeddings": 128,
+          "rope_parameters": {**CONFIGS["llama_gqa_llama3"]["rope_parameters"]}}
+    scaling = {k: v for k, v in v5["rope_parameters"].items() if k != "rope_theta"}
+    v4 = {**{k: v for k, v in v5.items() if k != "rope_parameters"}, "rope_theta": 50000.0,
+          "rope_scaling": scaling}
+    v4_old = {**v4, "rope_scaling": {("type" if k == "rope_type" else k): v
+                                     for k, v in scaling.items()}}
+    configs = []
+    for i, dialect in enumerate((v5, v4, v4_old)):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "config.json").write_text(json.dumps(dialect))
+        configs.append(read_config(tmp_path / str(i)).config)
+    assert configs[0] == configs[1] == configs[2]
+    assert configs[0].rotary_base == 50000.0 and configs[0].rope_scaling["factor"] == 4.0
+
+
+def bad_folder(tmp_path, **changes) -> Path:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": VOCAB, **changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("changes, fragments", [
+    ({"architectures": ["BertForMaskedLM"]}, ["architectures=['BertForMaskedLM']",
+                                              "GPT2LMHeadModel, LlamaForCausalLM"]),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, ["rope type='yarn'",
+                                                                     "default, llama3"]),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, ["rope type='dynamic'"]),
+    ({"hidden_act": "gelu"}, ["hidden_act='gelu'", "silu"]),
+])
+def test_unsupported_configs_fail_naming_what_is_supported(tmp_path, changes, fragments):
+    with pytest.raises(GptzooError) as error:
+        import_hf(bad_folder(tmp_path, **changes), tmp_path / "run")
+    assert all(f in str(error.value) for f in fragments), error.value
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_missing_files_fail_with_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = gptzoo_cli("import-hf", tmp_path / "empty", "--out", tmp_path / "run")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "has no config.json" in result.stderr
+    with pytest.raises(GptzooError, match="has no tokenizer.json"):
+        import_hf(bad_folder(tmp_path), tmp_path / "run")
+    make_tokenizer().save(str(tmp_path / "bad" / "tokenizer.json"))
+    with pytest.raises(GptzooError, match="has no model.safetensors"):
+        import_hf(tmp_path / "bad", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_tensor_is_named(tmp_path):
+    hf = make_hf("llama_tied", tmp_path / "hf")
+    state = {k: v for k, v in hf.state_dict().items()
+             if "layers.1.mlp.up_proj" not in k and k != "lm_head.weight"}  # tied: not saved
+    from safetensors.torch import save_file
+    save_file(state, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(GptzooError, match="lacks tensor model.layers.1.mlp.up_proj.weight"):
+        import_hf(tmp_path / "hf", tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_hf("llama_gqa_llama3", root / "hf")
+    done = gptzoo_cli("import-hf", root / "hf", "--out", root / "run", "--block-size", "64")
+    assert done.returncode == 0, done.stderr
+    return root / "run"
+
+
+def test_cli_import_sample_eval_export(llama_run, tmp_path, small_text):
+    recipe = json.loads((llama_run / "recipe.json").read_text())
+    assert recipe["architecture"] == "llama" and recipe["model"]["block_size"] == 64
+    assert not (llama_run / "recipe.py").exists()  # nothing to execute when loading it
+    sample = gptzoo_cli("sample", "--ckpt", llama_run, "--prompt", "ROMEO:", "--max-new-tokens",
+                        "8", "--temperature", "0", check=True).stdout
+    assert sample.startswith("ROMEO:") and len(sample) > len("ROMEO:\n")
+    evaluated = gptzoo_cli("eval", "--ckpt", llama_run, "--data", small_text, check=True).stdout
+    assert float(evaluated.split("val loss ")[1].split()[0]) > 0
+    gptzoo_cli("export-hf", llama_run, "--out", tmp_path / "hf", check=True)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"][
+        "rope_type"] == "llama3"
+    with __import__("safetensors").safe_open(tmp_path / "hf" / "model.safetensors", "np") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_init_from_takes_the_weights_and_tokenizer(llama_run, tmp_path, small_text):
+    """Fine-tuning from the imported run's own recipe.json starts at its weights: with a
+    negligible learning rate they are still the imported ones after a few steps."""
+    overrides = {"data.path": small_text, "trainer.max_steps": 2, "trainer.batch_size": 2,
+                 "trainer.eval_interval": 2, "trainer.eval_steps": 1, "trainer.log_interval": 1,
+                 "trainer.checkpoint_interval": 2, "trainer.steps_per_call": 1,
+                 "optimizer.lr": 1e-12, "optimizer.warmup_steps": 1}
+    args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    gptzoo_cli("train", llama_run / "recipe.json", *args, "--init-from", llama_run,
+               "--run-dir", tmp_path / "tuned", check=True)
+    (before, tokenizer), (after, tuned_tokenizer) = load(llama_run), load(tmp_path / "tuned")
+    assert tuned_tokenizer.to_dict() == tokenizer.to_dict()
+    for name, array in named_leaves(before).items():
+        np.testing.assert_allclose(named_leaves(after)[name], array, atol=1e-6, err_msg=name)
+
+
+def test_init_from_a_different_shape_names_the_parameters(llama_run, tmp_path):
+    result = gptzoo_cli("train", llama_run / "recipe.json", "--set", "model.d_hidden=96",
+                        "--init-from", llama_run, "--run-dir", tmp_path / "tuned")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert ("checkpoint has blocks.0.mlp.down.weight (80, 48); the recipe builds (96, 48)"
+            in result.stderr), result.stderr
+    assert not (tmp_path / "tuned" / "checkpoints").exists()

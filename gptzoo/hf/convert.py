@@ -15,6 +15,7 @@ from gptzoo.errors import GptzooError
 from gptzoo.hf.config import read_config, write_config
 from gptzoo.hf.weights import FAMILIES, open_tensors, read_params, write_params
 from gptzoo.models import build_architecture
+from gptzoo.models.names import is_shape, named_leaves, replace_arrays, shape_differences
 from gptzoo.recipe import (
     DataConfig,
     OptimizerConfig,
@@ -28,14 +29,6 @@ from gptzoo.trainer.checkpoint import Checkpoints, load
 # The files of a HF tokenizer that travel with the weights, both ways.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json")
-
-
-def named_arrays(tree, is_array=eqx.is_array) -> dict:
-    """A model's arrays (or, with `is_array`, other leaves) by module path, such as
-    `blocks.3.attention.qkv.weight`."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path, simple=True, separator="."): leaf for path, leaf in flat
-            if is_array(leaf)}
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, block_size: int | None = None) -> Path:
@@ -83,33 +76,20 @@ def read_tokenizer(hf_dir: Path, vocab_size: int) -> HFTokenizer:
     return tokenizer
 
 
+def fill(template, arrays: dict[str, np.ndarray], where: Path):
+    """`template` (a model of shapes) with every array taken from `arrays` by module path."""
+    expected = named_leaves(template, is_shape)
+    differences = shape_differences(expected, arrays, f"{where}", "config.json")
+    if differences:
+        raise GptzooError(f"{where}: {differences[0]} ({len(differences)} differences); the "
+                          "weights do not match config.json")
+    return replace_arrays(template, {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
+
+
 def _copy(names: tuple[str, ...], source: Path, destination: Path) -> None:
     for name in names:
         if (source / name).is_file():
             shutil.copyfile(source / name, destination / name)
-
-
-def fill(template, arrays: dict[str, np.ndarray], where: Path):
-    """`template` (a model of shapes) with every array taken from `arrays` by module path."""
-    expected = named_arrays(template, _is_shape)
-    if expected.keys() != arrays.keys():  # the family's table and the builder disagree: a bug
-        raise GptzooError(f"{where}: weight map and model differ in "
-                          f"{sorted(expected.keys() ^ arrays.keys())}")
-
-    def one(path, leaf):
-        if not _is_shape(leaf):
-            return leaf
-        name = jax.tree_util.keystr(path, simple=True, separator=".")
-        if arrays[name].shape != leaf.shape:
-            raise GptzooError(f"{where}: tensor for {name} has shape {arrays[name].shape}, "
-                              f"config.json implies {leaf.shape}; the weights do not match it")
-        return jnp.asarray(arrays.pop(name), dtype=leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(one, template)
-
-
-def _is_shape(leaf) -> bool:
-    return isinstance(leaf, jax.ShapeDtypeStruct)
 
 
 def export_hf(run_dir: str | Path, out: str | Path) -> Path:
@@ -128,7 +108,7 @@ def export_hf(run_dir: str | Path, out: str | Path) -> Path:
         raise GptzooError(f"{run_dir} uses gptzoo's {tokenizer.to_dict()['kind']} tokenizer, "
                           "which has no Hugging Face equivalent; train with data.tokenizer=bpe "
                           "or a tokenizer.json to export")
-    arrays = {k: np.asarray(v) for k, v in named_arrays(model).items()}
+    arrays = {k: np.asarray(v) for k, v in named_leaves(model).items()}
     vocab_size = arrays["token_embedding.weight"].shape[0]
     tensors = write_params(FAMILIES[recipe.architecture](recipe.model), arrays)
     out.mkdir(parents=True, exist_ok=True)

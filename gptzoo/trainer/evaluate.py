@@ -43,10 +43,11 @@ def evaluate(model, tokens: np.ndarray, block_size: int, batch_size: int = 64) -
     return EvalResult(loss=total / n_tokens, n_tokens=n_tokens)
 
 
-def evaluate_run(run_dir: str | Path) -> EvalResult:
-    """Evaluate a run's latest checkpoint on the validation split of the data it was trained on."""
+def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None) -> EvalResult:
+    """Evaluate a run's latest checkpoint on the validation split of the data it was trained on
+    (or of `data_path`)."""
     model, tokenizer = load(run_dir)
     recipe = load_run_recipe(Path(run_dir))
-    text = read_text(recipe.data.path)
+    text = read_text(data_path or recipe.data.path)
     _, val = split(tokenizer.encode(text), recipe.data.val_fraction, recipe.model.block_size)
     return evaluate(model, val, recipe.model.block_size)

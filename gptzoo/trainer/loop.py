@@ -18,6 +18,7 @@ from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe, save_recipe
 from gptzoo.trainer.checkpoint import Checkpoints, param_shapes
 from gptzoo.trainer.evaluate import evaluate
+from gptzoo.trainer.init_from import Initial
 from gptzoo.trainer.optimizer import make_optimizer, make_schedule
 from gptzoo.trainer.progress import MetricsLog, Reporter
 from gptzoo.trainer.sharding import make_mesh, replicated
@@ -49,14 +50,17 @@ class Prepared:
     train_chunk: Callable
 
 
-def prepare(recipe: Recipe) -> Prepared:
+def prepare(recipe: Recipe, init_from: str | Path | None = None) -> Prepared:
+    """`init_from`: a run directory whose weights and tokenizer the model starts from."""
     cfg, block_size = recipe.trainer, recipe.model.block_size
+    initial = Initial.load(init_from) if init_from else None
     text = read_text(recipe.data.path)
-    tokenizer = CharTokenizer.from_text(text)
+    tokenizer = initial.tokenizer if initial else CharTokenizer.from_text(text)
     train_tokens, val_tokens = split(tokenizer.encode(text), recipe.data.val_fraction, block_size)
     mesh = make_mesh(cfg.batch_size)
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model = recipe.build(tokenizer.vocab_size, key=model_key)
+    model = initial.weights_into(model) if initial else model
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     train_chunk = make_train_chunk(optimizer, mesh, cfg.batch_size, block_size)
@@ -65,11 +69,12 @@ def prepare(recipe: Recipe) -> Prepared:
 
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
-          reporter: Reporter | None = None) -> TrainResult:
-    """Train `recipe` into `run_dir` (default `runs/<recipe name>`); `resume` continues it."""
+          reporter: Reporter | None = None, init_from: str | Path | None = None) -> TrainResult:
+    """Train `recipe` into `run_dir` (default `runs/<recipe name>`); `resume` continues it;
+    `init_from` (a run directory) starts from its weights and tokenizer."""
     run_dir = Path(run_dir or Path("runs") / recipe.name)
     cfg, block_size = recipe.trainer, recipe.model.block_size
-    p = prepare(recipe)
+    p = prepare(recipe, init_from)
     tokenizer, mesh, model, opt_state = p.tokenizer, p.mesh, p.model, p.opt_state
     train_key = p.train_key
     meta = {"tokenizer": tokenizer.to_dict(), "recipe": {"name": recipe.name, **recipe.to_dict()},
