@@ -4,6 +4,7 @@ generations; export -> from_pretrained gives the same logits again; import -> ex
 bit-identical; bad folders fail with one line."""
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -278,3 +279,28 @@ def test_init_from_a_different_shape_names_the_parameters(llama_run, tmp_path):
     assert ("checkpoint has blocks.0.mlp.down.weight (80, 48); the recipe builds (96, 48)"
             in result.stderr), result.stderr
     assert not (tmp_path / "tuned" / "checkpoints").exists()
+
+
+def test_built_in_runs_load_without_executing_python(trained_run, tmp_path):
+    """The char recipe names architecture "gpt2": its run rebuilds from recipe.json, never
+    running the recipe.py beside it; a custom recipe's run still executes its recipe.py."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert json.loads((run / "recipe.json").read_text())["architecture"] == "gpt2"
+    (run / "recipe.py").write_text("raise SystemExit('recipe.py was executed')\n")
+    model, _ = load(run)
+    assert len(model.blocks) == 1
+    marker = tmp_path / "executed"
+    (run / "recipe.py").write_text(
+        "from pathlib import Path\nfrom gptzoo.models import gpt2\n"
+        "from gptzoo.recipe import ModelConfig\n\n"
+        f"Path({str(marker)!r}).touch()\n\n"
+        "def build_model(model, vocab_size, *, key):\n"
+        "    return gpt2(vocab_size, **vars(model), key=key)\n")
+    custom = json.loads((run / "recipe.json").read_text())
+    del custom["architecture"]
+    for key in ("norm_eps", "approximate_gelu", "init", "vocab_size"):  # not ModelConfig's
+        del custom["model"][key]
+    (run / "recipe.json").write_text(json.dumps(custom))
+    load(run)
+    assert marker.exists()
