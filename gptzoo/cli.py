@@ -1,4 +1,4 @@
-"""The `gptzoo` command: train, prepare, sample, eval, keys, plot, runs."""
+"""The `gptzoo` command: train, prepare, sample, eval, import-hf, export-hf, keys, plot, runs."""
 
 import functools
 import logging
@@ -43,15 +43,18 @@ def main():
               help="Override a recipe value, e.g. --set trainer.max_steps=100 (repeatable).")
 @click.option("--run-dir", type=click.Path(), help="Where to write the run [runs/<recipe name>].")
 @click.option("--resume", is_flag=True, help="Continue from the run directory's latest checkpoint.")
+@click.option("--init-from", type=click.Path(), metavar="RUN_DIR",
+              help="Start from this run's (or imported model's) weights and tokenizer, with a "
+              "fresh optimizer: fine-tuning.")
 @friendly_errors
-def train(recipe_path, overrides, run_dir, resume):
-    """Train the model a RECIPE file describes."""
+def train(recipe_path, overrides, run_dir, resume, init_from):
+    """Train the model a RECIPE file describes (a recipe .py, or a run's recipe.json)."""
     from gptzoo.recipe import load_recipe, parse_overrides
     from gptzoo.trainer import train as run_training
 
     recipe = load_recipe(recipe_path, parse_overrides(list(overrides)))
     try:
-        result = run_training(recipe, run_dir=run_dir, resume=resume)
+        result = run_training(recipe, run_dir=run_dir, resume=resume, init_from=init_from)
     except KeyboardInterrupt:  # a second Ctrl-C: no save, but the newest checkpoint is complete
         click.echo("error: stopped at once by a second Ctrl-C; continue from the newest "
                    "checkpoint with --resume", err=True)
@@ -115,12 +118,15 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
 
 @main.command(name="eval")
 @click.option("--ckpt", "run_dir", required=True, type=click.Path(), help="A run directory.")
+@click.option("--data", "data_path", type=click.Path(),
+              help="Evaluate on this text's validation split instead of the run's data.path "
+              "(an imported model's is the shipped tiny Shakespeare).")
 @friendly_errors
-def evaluate(run_dir):
+def evaluate(run_dir, data_path):
     """Loss, bits per token and bits per byte of text on the whole validation split."""
     from gptzoo.trainer import evaluate_run
 
-    result = evaluate_run(run_dir)
+    result = evaluate_run(run_dir, data_path)
     click.echo(f"val loss {result.loss:.4f} | {result.bits_per_token:.4f} bits per token "
                f"| {result.bits_per_byte:.4f} bits per byte | {result.n_tokens:,} tokens")
 
@@ -142,6 +148,34 @@ def prepare(recipe_path, overrides):
                    f"({split.bytes_per_token:.3f} bytes/token)")
     click.echo(f"tokenizer: {recipe.data.tokenizer}, {corpus.tokenizer.vocab_size:,} tokens; "
                f"cache {corpus.folder}")
+
+
+@main.command(name="import-hf")
+@click.argument("hf_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="The run directory to write.")
+@click.option("--block-size", type=int, default=None,
+              help="Context of a rotary model's run (KV cache, training window) [the config's "
+              "max_position_embeddings, at most 4096]. GPT-2 keeps n_positions.")
+@friendly_errors
+def import_hf(hf_dir, out, block_size):
+    """Turn a local Hugging Face GPT-2 or LLaMA-family folder into a run directory."""
+    from gptzoo.hf import import_hf as run_import
+
+    run_import(hf_dir, out, block_size)
+    click.echo(f"imported {hf_dir} into {out}; try gptzoo sample --ckpt {out}")
+
+
+@main.command(name="export-hf")
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="The folder to write.")
+@friendly_errors
+def export_hf(run_dir, out):
+    """Write a gpt2- or llama-architecture run as a Hugging Face folder (config.json,
+    model.safetensors, tokenizer) for AutoModelForCausalLM.from_pretrained."""
+    from gptzoo.hf import export_hf as run_export
+
+    run_export(run_dir, out)
+    click.echo(f"exported {run_dir} to {out}")
 
 
 @main.command()

@@ -1,8 +1,11 @@
 """Recipes: plain Python files naming a model, its data, optimizer, schedule and trainer settings.
 
-A recipe file defines `build_model(model, vocab_size, *, key)` and any of the sections `model`,
-`data`, `optimizer` and `trainer` (dataclass instances; missing ones take the defaults below).
-Every field is overridable from the command line as `--set section.field=value`.
+A recipe file names a built-in `architecture` (`"gpt2"`, `"llama"`: the `model` section is then
+that architecture's config, e.g. `GPT2Config`) or defines `build_model(model, vocab_size, *, key)`,
+and any of the sections `model`, `data`, `optimizer` and `trainer` (dataclass instances; missing
+ones take the defaults below). Every field is overridable from the command line as
+`--set section.field=value`. A run of a built-in architecture is rebuilt from its `recipe.json`
+alone; a run of a custom recipe executes its copy of `recipe.py`, so load only runs you trust.
 """
 
 import dataclasses
@@ -20,6 +23,7 @@ from typing import Any
 from gptzoo.atomic import write_text_atomic
 from gptzoo.data.text import SHAKESPEARE
 from gptzoo.errors import GptzooError
+from gptzoo.models import ARCHITECTURES, build_architecture
 
 
 @dataclasses.dataclass
@@ -99,15 +103,18 @@ _CHECKS = [
 class Recipe:
     name: str
     source: Path
-    build_model: Callable[..., Any]
+    build_model: Callable[..., Any] | None
     model: Any
     data: DataConfig
     optimizer: OptimizerConfig
     trainer: TrainerConfig
+    architecture: str | None = None  # a built-in, built from `model` without build_model
 
     def build(self, vocab_size: int, *, key) -> Any:
-        """Call the recipe's `build_model` with its (overridden) model section."""
+        """The recipe's model from its (overridden) model section."""
         try:
+            if self.architecture is not None:
+                return build_architecture(self.architecture, self.model, vocab_size, key=key)
             return self.build_model(self.model, vocab_size, key=key)
         except (ValueError, TypeError) as e:
             raise GptzooError(f"recipe {self.source.name}: cannot build the model: {e}") from e
@@ -194,27 +201,71 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Execute a recipe file, apply `overrides` (`{"trainer.max_steps": "100"}`) and validate."""
+    """Load a recipe file (a `.py` file is executed; a run's `recipe.json` of a built-in
+    architecture is only read), apply `overrides` (`{"trainer.max_steps": "100"}`), validate."""
     path = Path(path)
     if not path.is_file():
         raise GptzooError(f"recipe {path} does not exist; "
                           "pass a recipe file such as recipes/char_shakespeare.py")
-    module = _exec_recipe(path)
-    if not callable(getattr(module, "build_model", None)):
-        raise GptzooError(f"recipe {path} defines no build_model(model, vocab_size, *, key) "
-                          "function; add one")
-    sections = {}
-    for s in SECTIONS:
-        config = getattr(module, s, None)
-        sections[s] = DEFAULTS[s]() if config is None else config
-        if not dataclasses.is_dataclass(sections[s]):
-            raise GptzooError(f"recipe {path}: `{s}` must be a dataclass instance such as "
-                              f"{DEFAULTS[s].__name__}()")
-    recipe = Recipe(name=path.stem, source=path, build_model=module.build_model, **sections)
+    recipe = _read_json_recipe(path) if path.suffix == ".json" else _python_recipe(path)
     for key, value in (overrides or {}).items():
         recipe.set(key, value)
     recipe.validate()
     return recipe
+
+
+def _python_recipe(path: Path) -> Recipe:
+    module = _exec_recipe(path)
+    architecture = getattr(module, "architecture", None)
+    build_model = getattr(module, "build_model", None)
+    if architecture is not None:
+        _check_architecture(architecture, path)
+        if build_model is not None:
+            raise GptzooError(f"recipe {path} names architecture={architecture!r} and defines "
+                              "build_model; keep one")
+    elif not callable(build_model):
+        raise GptzooError(f"recipe {path} defines no build_model(model, vocab_size, *, key) "
+                          f"function; add one or name a built-in architecture "
+                          f"({', '.join(ARCHITECTURES)})")
+    defaults = DEFAULTS
+    if architecture is not None:
+        defaults = {**DEFAULTS, "model": ARCHITECTURES[architecture].config}
+    sections = {}
+    for s in SECTIONS:
+        config = getattr(module, s, None)
+        sections[s] = defaults[s]() if config is None else config
+        # A built-in architecture's model section must be its config: the builder's arguments.
+        must_be = defaults[s] if architecture and s == "model" else object
+        if not dataclasses.is_dataclass(sections[s]) or not isinstance(sections[s], must_be):
+            raise GptzooError(f"recipe {path}: `{s}` must be a dataclass instance such as "
+                              f"{defaults[s].__name__}()")
+    return Recipe(name=path.stem, source=path, build_model=build_model,
+                  architecture=architecture, **sections)
+
+
+def _read_json_recipe(path: Path) -> Recipe:
+    """A recipe of a built-in architecture from the `recipe.json` a run directory holds."""
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptzooError(f"{path} is not valid JSON ({e}); restore it from the run") from e
+    architecture = values.get("architecture")
+    if architecture is None:
+        raise GptzooError(f"{path} names no built-in architecture; pass the run's recipe.py")
+    _check_architecture(architecture, path)
+    classes = {**DEFAULTS, "model": ARCHITECTURES[architecture].config}
+    try:
+        sections = {s: classes[s](**values.get(s, {})) for s in SECTIONS}
+    except TypeError as e:
+        raise GptzooError(f"{path}: {e}; remove the key or fix its name") from e
+    return Recipe(name=values.get("name", path.parent.name), source=path, build_model=None,
+                  architecture=architecture, **sections)
+
+
+def _check_architecture(architecture: Any, path: Path) -> None:
+    if architecture not in ARCHITECTURES:
+        raise GptzooError(f"{path}: architecture={architecture!r} is not built in; choose one of "
+                          f"{', '.join(ARCHITECTURES)} or define build_model")
 
 
 def _exec_recipe(path: Path) -> types.ModuleType:
@@ -236,15 +287,21 @@ def _exec_recipe(path: Path) -> types.ModuleType:
 
 
 def save_recipe(recipe: Recipe, run_dir: Path) -> None:
-    """Copy the recipe source and its resolved values into the run directory."""
-    write_text_atomic(run_dir / "recipe.py", recipe.source.read_text())
-    resolved = {"name": recipe.name, **recipe.to_dict()}
+    """Copy the recipe source (if a Python file) and its resolved values into the run directory."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.source.suffix == ".py":
+        write_text_atomic(run_dir / "recipe.py", recipe.source.read_text())
+    built_in = {"architecture": recipe.architecture} if recipe.architecture else {}
+    resolved = {"name": recipe.name, **built_in, **recipe.to_dict()}
     write_text_atomic(run_dir / "recipe.json", json.dumps(resolved, indent=2) + "\n")
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:
-    """The recipe a run directory was trained with, as `save_recipe` left it."""
+    """The recipe a run directory was trained with, as `save_recipe` left it: read from
+    `recipe.json` for a built-in architecture, else by executing the run's `recipe.py`."""
     source, resolved = run_dir / "recipe.py", run_dir / "recipe.json"
+    if resolved.is_file() and "architecture" in json.loads(resolved.read_text()):
+        return _read_json_recipe(resolved)
     if not source.is_file() or not resolved.is_file():
         raise GptzooError(f"{run_dir} holds no recipe.py/recipe.json; point --ckpt at a run "
                           "directory made by gptzoo train")

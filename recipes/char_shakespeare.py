@@ -4,15 +4,14 @@
     gptzoo train recipes/char_shakespeare.py --set trainer.max_steps=200 --set model.n_layers=2
 """
 
-from gptzoo.models import gpt2
-from gptzoo.recipe import DataConfig, ModelConfig, OptimizerConfig, TrainerConfig
+from gptzoo.models import GPT2Config
+from gptzoo.recipe import DataConfig, OptimizerConfig, TrainerConfig
 
-model = ModelConfig(n_layers=4, n_heads=4, d_model=128, block_size=128, dropout=0.0)
+# Built in: the model is gptzoo.models.gpt2(vocab_size, **model fields), and the run directory
+# reloads from its recipe.json without executing Python.
+architecture = "gpt2"
+model = GPT2Config(n_layers=4, n_heads=4, d_model=128, block_size=128, dropout=0.0)
 data = DataConfig()  # the tiny Shakespeare copy shipped inside the package
 optimizer = OptimizerConfig(lr=3e-3, min_lr_ratio=0.05, warmup_steps=100, weight_decay=0.1)
 trainer = TrainerConfig(max_steps=2400, batch_size=32, eval_interval=250, eval_steps=20,
                         checkpoint_interval=500, seed=1337)
-
-
-def build_model(model: ModelConfig, vocab_size: int, *, key):
-    return gpt2(vocab_size, **vars(model), key=key)  # ModelConfig's fields are gpt2's arguments

@@ -128,9 +128,10 @@ def decoder(
 def gpt2(
     vocab_size: int, *, n_layers: int, n_heads: int, d_model: int, block_size: int,
     dropout: float = 0.0, use_bias: bool = True, tie_head: bool = True, init: str = "gpt2",
-    key: PRNGKeyArray,
+    norm_eps: float = 1e-5, approximate_gelu: bool = True, key: PRNGKeyArray,
 ) -> GPT:
-    """GPT-2: learned positions, LayerNorm, GELU MLP, pre-norm blocks.
+    """GPT-2: learned positions, LayerNorm (epsilon `norm_eps`), GELU MLP (tanh approximation
+    unless `approximate_gelu=False`), pre-norm blocks.
 
     `init="gpt2"`: weights and embeddings N(0, 0.02), residual-stream outputs (attention and MLP
     output projections) N(0, 0.02 / sqrt(2 * n_layers)).
@@ -151,18 +152,19 @@ def gpt2(
     def block(k: PRNGKeyArray) -> Block:
         attn_key, mlp_key = jax.random.split(k)
         return Block(
-            attn_norm=LayerNorm(d_model, use_bias=use_bias),
+            attn_norm=LayerNorm(d_model, use_bias=use_bias, eps=norm_eps),
             attention=CausalSelfAttention(
                 d_model, n_heads, dropout=dropout, use_bias=use_bias, init_std=std,
                 out_init_std=out_std, key=attn_key,
             ),
-            mlp_norm=LayerNorm(d_model, use_bias=use_bias),
-            mlp=MLP(d_model, dropout=dropout, use_bias=use_bias, init_std=std, out_init_std=out_std,
-                    key=mlp_key),
+            mlp_norm=LayerNorm(d_model, use_bias=use_bias, eps=norm_eps),
+            mlp=MLP(d_model, dropout=dropout, use_bias=use_bias, approximate_gelu=approximate_gelu,
+                    init_std=std, out_init_std=out_std, key=mlp_key),
         )
 
     model = decoder(vocab_size, block=block, n_layers=n_layers, d_model=d_model,
-                    block_size=block_size, final_norm=LayerNorm(d_model, use_bias=use_bias),
+                    block_size=block_size,
+                    final_norm=LayerNorm(d_model, use_bias=use_bias, eps=norm_eps),
                     tie_head=tie_head, dropout=dropout, init_std=std, key=key)
     if init == "small":  # BlinkDL's small embeddings, drawn from the keys decoder used
         tok_key, pos_key = jax.random.split(key, n_layers + 3)[:2]

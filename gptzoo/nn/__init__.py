@@ -12,7 +12,7 @@ from gptzoo.nn.mlp import MLP
 from gptzoo.nn.norm import LayerNorm
 from gptzoo.nn.parallel_block import ParallelBlock
 from gptzoo.nn.rmsnorm import RMSNorm
-from gptzoo.nn.rotary import Rotary
+from gptzoo.nn.rotary import Llama3Scaling, Rotary
 from gptzoo.nn.sgu import SGUMLP, SpatialGatingUnit
 
 __all__ = [
@@ -20,6 +20,6 @@ __all__ = [
     "PositionalEmbedding", "attend", "causal_mask",
     "GLUMLP", "HeadQK", "ParallelBlock", "RMSNorm", "SGUMLP", "SpatialGatingUnit",
     "llama_hidden_dim",
-    "ALiBi", "Rotary", "alibi_slopes",
+    "ALiBi", "Llama3Scaling", "Rotary", "alibi_slopes",
     "CausalCrossAttention",
 ]

@@ -51,6 +51,8 @@ class CausalSelfAttention(eqx.Module):
     attention (Shazeer 2019). `positional` (e.g. `Rotary`, `ALiBi`) maps
     `(q, k, q_positions, k_positions)` to `(q, k, bias or None)`, the bias `(heads, q, k)` added to
     the scores; it sees `positions` (default `arange(seq)`), which are otherwise unused.
+    `head_dim` (default `d_model // n_heads`) sets the width of each head; `qkv_bias` (default
+    `use_bias`) gives the q/k/v projection a bias of its own choosing, as Qwen2 does.
     """
 
     qkv: Linear
@@ -63,27 +65,31 @@ class CausalSelfAttention(eqx.Module):
 
     def __init__(
         self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
-        positional: eqx.Module | None = None, dropout: float = 0.0, use_bias: bool = True,
-        init_std: float = 0.02, out_init_std: float = 0.02, key: PRNGKeyArray,
+        head_dim: int | None = None, positional: eqx.Module | None = None, dropout: float = 0.0,
+        use_bias: bool = True, qkv_bias: bool | None = None, init_std: float = 0.02,
+        out_init_std: float = 0.02, key: PRNGKeyArray,
     ):
+        if head_dim is None and d_model % n_heads:
+            raise ValueError(
+                f"d_model={d_model} is not divisible by n_heads={n_heads}; "
+                "choose n_heads that divides d_model, or pass head_dim"
+            )
         qkv_key, out_key = jax.random.split(key)
         self.n_heads = n_heads
         self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         self.positional = positional
+        # head_dim defaults to d_model / n_heads; published models may pick another (Gemma, Qwen3).
+        head_dim = d_model // n_heads if head_dim is None else head_dim
         # One fused matmul for q (n_heads) then k and v (n_kv_heads each): 3 * d_model wide for MHA.
-        qkv_width = (n_heads + 2 * self.n_kv_heads) * (d_model // n_heads)
-        self.qkv = Linear(d_model, qkv_width, use_bias=use_bias, init_std=init_std, key=qkv_key)
-        self.out = Linear(d_model, d_model, use_bias=use_bias, init_std=out_init_std, key=out_key)
+        qkv_width = (n_heads + 2 * self.n_kv_heads) * head_dim
+        qkv_bias = use_bias if qkv_bias is None else qkv_bias  # Qwen2: biased q/k/v, plain out
+        self.qkv = Linear(d_model, qkv_width, use_bias=qkv_bias, init_std=init_std, key=qkv_key)
+        self.out = Linear(n_heads * head_dim, d_model, use_bias=use_bias, init_std=out_init_std,
+                          key=out_key)
         self.attn_dropout = eqx.nn.Dropout(dropout)
         self.resid_dropout = eqx.nn.Dropout(dropout)
 
     def __check_init__(self):
-        d_model = self.out.weight.shape[0]
-        if d_model % self.n_heads:
-            raise ValueError(
-                f"d_model={d_model} is not divisible by n_heads={self.n_heads}; "
-                "choose n_heads that divides d_model"
-            )
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}; choose a "

@@ -22,9 +22,9 @@ def llama_hidden_dim(d_model: int, hidden_mult: float = 4, multiple_of: int = 25
 class GLUMLP(eqx.Module):
     """Gated feed-forward (Shazeer 2020): `down(act(gate(x)) * up(x))`, then dropout.
 
-    `activation="silu"` is SwiGLU (LLaMA), `"gelu"` is GEGLU. The hidden width is
-    `llama_hidden_dim(d_model, hidden_mult, multiple_of)`. `gate` and `up` are one fused matmul
-    (`gate_up`, gate in the first half of its outputs), split afterwards.
+    `activation="silu"` is SwiGLU (LLaMA), `"gelu"` is GEGLU. The hidden width is `d_hidden`,
+    by default `llama_hidden_dim(d_model, hidden_mult, multiple_of)`. `gate` and `up` are one
+    fused matmul (`gate_up`, gate in the first half of its outputs), split afterwards.
     """
 
     gate_up: Linear
@@ -34,11 +34,13 @@ class GLUMLP(eqx.Module):
 
     def __init__(
         self, d_model: int, *, activation: str = "silu", hidden_mult: float = 4,
-        multiple_of: int = 256, dropout: float = 0.0, use_bias: bool = True,
-        init_std: float = 0.02, out_init_std: float = 0.02, key: PRNGKeyArray,
+        multiple_of: int = 256, d_hidden: int | None = None, dropout: float = 0.0,
+        use_bias: bool = True, init_std: float = 0.02, out_init_std: float = 0.02,
+        key: PRNGKeyArray,
     ):
         gate_up_key, down_key = jax.random.split(key)
-        d_hidden = llama_hidden_dim(d_model, hidden_mult, multiple_of)
+        if d_hidden is None:
+            d_hidden = llama_hidden_dim(d_model, hidden_mult, multiple_of)
         self.activation = activation
         self.gate_up = Linear(d_model, 2 * d_hidden, use_bias=use_bias, init_std=init_std,
                               key=gate_up_key)

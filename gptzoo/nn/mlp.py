@@ -7,15 +7,20 @@ from gptzoo.nn.linear import Linear
 
 
 class MLP(eqx.Module):
-    """GPT-2 feed-forward: Linear -> GELU (tanh approximation) -> Linear -> dropout."""
+    """GPT-2 feed-forward: Linear -> GELU (tanh approximation) -> Linear -> dropout.
+
+    `approximate_gelu=False` uses the exact (erf) GELU instead, as some GPT-2 configs ask.
+    """
 
     up: Linear
     down: Linear
     dropout: eqx.nn.Dropout
+    approximate_gelu: bool = eqx.field(static=True)
 
     def __init__(
         self, d_model: int, *, hidden_mult: int = 4, dropout: float = 0.0, use_bias: bool = True,
-        init_std: float = 0.02, out_init_std: float = 0.02, key: PRNGKeyArray,
+        approximate_gelu: bool = True, init_std: float = 0.02, out_init_std: float = 0.02,
+        key: PRNGKeyArray,
     ):
         up_key, down_key = jax.random.split(key)
         d_hidden = hidden_mult * d_model
@@ -23,10 +28,11 @@ class MLP(eqx.Module):
         self.down = Linear(d_hidden, d_model, use_bias=use_bias, init_std=out_init_std,
                            key=down_key)
         self.dropout = eqx.nn.Dropout(dropout)
+        self.approximate_gelu = approximate_gelu
 
     @typecheck
     def __call__(
         self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "*batch seq d_model"]:
-        h = jax.nn.gelu(self.up(x), approximate=True)
+        h = jax.nn.gelu(self.up(x), approximate=self.approximate_gelu)
         return self.dropout(self.down(h), key=key, inference=key is None)

@@ -45,10 +45,13 @@ def evaluate(model, tokens, block_size: int, batch_size: int = 64,
     return EvalResult(loss=total / n_tokens, n_tokens=n_tokens, bytes_per_token=bytes_per_token)
 
 
-def evaluate_run(run_dir: str | Path) -> EvalResult:
-    """Evaluate a run's latest checkpoint on the validation split of the data it was trained on."""
+def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None) -> EvalResult:
+    """Evaluate a run's latest checkpoint on the validation split of the data it was trained on
+    (or of `data_path`)."""
     model, tokenizer = load(run_dir)
     recipe = load_run_recipe(Path(run_dir))
+    if data_path is not None:
+        recipe.set("data.path", str(data_path))
     val = prepare_corpus(recipe.data, tokenizer).val
     val.require(recipe.model.block_size + 1, "one window (model.block_size + 1)")
     return evaluate(model, val, recipe.model.block_size, bytes_per_token=val.bytes_per_token)

@@ -20,6 +20,7 @@ from gptzoo.recipe import Recipe, save_recipe
 from gptzoo.trainer.checkpoint import Checkpoints, ensure_writable
 from gptzoo.trainer.evaluate import evaluate
 from gptzoo.trainer.guard import BadSteps
+from gptzoo.trainer.init_from import Initial
 from gptzoo.trainer.optimizer import make_optimizer, make_schedule
 from gptzoo.trainer.progress import MetricsLog, Reporter
 from gptzoo.trainer.run_status import RunStatus
@@ -54,9 +55,11 @@ class Prepared:
     train_chunk: Callable
 
 
-def prepare(recipe: Recipe, log=print) -> Prepared:
+def prepare(recipe: Recipe, init_from: str | Path | None = None, log=print) -> Prepared:
+    """`init_from`: a run directory whose weights and tokenizer the model starts from."""
     cfg, block_size = recipe.trainer, recipe.model.block_size
-    corpus = prepare_corpus(recipe.data, log=log)
+    initial = Initial.load(init_from) if init_from else None
+    corpus = prepare_corpus(recipe.data, initial.tokenizer if initial else None, log=log)
     tokenizer = corpus.tokenizer
     corpus.train.require(cfg.batch_size * block_size + 1,
                          f"one batch (trainer.batch_size={cfg.batch_size} x "
@@ -66,6 +69,7 @@ def prepare(recipe: Recipe, log=print) -> Prepared:
     mesh = make_mesh(cfg.batch_size)
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model = recipe.build(tokenizer.vocab_size, key=model_key)
+    model = initial.weights_into(model) if initial else model
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     train_chunk = make_train_chunk(optimizer, mesh)
@@ -74,12 +78,13 @@ def prepare(recipe: Recipe, log=print) -> Prepared:
 
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
-          reporter: Reporter | None = None) -> TrainResult:
-    """Train `recipe` into `run_dir` (default `runs/<recipe name>`); `resume` continues it."""
+          reporter: Reporter | None = None, init_from: str | Path | None = None) -> TrainResult:
+    """Train `recipe` into `run_dir` (default `runs/<recipe name>`); `resume` continues it;
+    `init_from` (a run directory) starts from its weights and tokenizer."""
     run_dir = Path(run_dir or Path("runs") / recipe.name)
     cfg, block_size = recipe.trainer, recipe.model.block_size
     ensure_writable(run_dir)
-    p = prepare(recipe)
+    p = prepare(recipe, init_from)
     tokenizer, mesh, model, opt_state = p.tokenizer, p.mesh, p.model, p.opt_state
     train_key = p.train_key
     meta = {"tokenizer": tokenizer.to_dict(), "recipe": {"name": recipe.name, **recipe.to_dict()}}

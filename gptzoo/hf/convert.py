@@ -1,0 +1,120 @@
+"""`gptzoo import-hf` and `gptzoo export-hf`: a Hugging Face model folder <-> a run directory."""
+
+import json
+import shutil
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from gptzoo.data import HFTokenizer
+from gptzoo.errors import GptzooError
+from gptzoo.hf.config import read_config, write_config
+from gptzoo.hf.weights import FAMILIES, open_tensors, read_params, write_params
+from gptzoo.models import build_architecture
+from gptzoo.models.names import is_shape, named_leaves, replace_arrays, shape_differences
+from gptzoo.recipe import (
+    DataConfig,
+    OptimizerConfig,
+    Recipe,
+    TrainerConfig,
+    load_run_recipe,
+    save_recipe,
+)
+from gptzoo.trainer.checkpoint import Checkpoints, load
+
+# The files of a HF tokenizer that travel with the weights, both ways.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "generation_config.json")
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, block_size: int | None = None) -> Path:
+    """Write the model of a Hugging Face folder as a run directory that `gptzoo sample`,
+    `eval` and `train --init-from` read. Tensors are read one at a time, and nothing is written
+    until all of them have been read and checked."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    hf = read_config(hf_dir, block_size)
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise GptzooError(f"{out} already holds checkpoints; pass a new --out folder")
+    tokenizer = read_tokenizer(hf_dir, hf.config.vocab_size)
+    template = eqx.filter_eval_shape(build_architecture, hf.architecture, hf.config,
+                                     hf.config.vocab_size, key=jax.random.PRNGKey(0))
+    with open_tensors(hf_dir) as tensors:
+        arrays = read_params(FAMILIES[hf.architecture](hf.config), tensors, hf_dir,
+                             tied=hf.config.tie_head)
+        model = fill(template, arrays, hf_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy(TOKENIZER_FILES, hf_dir, out)
+    # Training from this run's recipe.json tokenizes with the imported tokenizer.
+    data = DataConfig(tokenizer=str((out / "tokenizer.json").absolute()))
+    recipe = Recipe(name=hf_dir.name, source=hf_dir / "config.json", build_model=None,
+                    model=hf.config, architecture=hf.architecture, data=data,
+                    optimizer=OptimizerConfig(), trainer=TrainerConfig())
+    save_recipe(recipe, out)
+    checkpoints = Checkpoints(out)
+    # No optimizer state: fine-tuning (--init-from) starts a fresh one. Orbax refuses an empty
+    # item, so a scalar stands in.
+    meta = {"tokenizer": tokenizer.to_dict(), "imported_from": str(hf_dir.absolute()),
+            "recipe": {"name": recipe.name, **recipe.to_dict()}}
+    checkpoints.save(0, model, jnp.int32(0), meta)
+    checkpoints.close()
+    return out
+
+
+def read_tokenizer(hf_dir: Path, vocab_size: int) -> HFTokenizer:
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise GptzooError(f"{hf_dir} has no tokenizer.json; save the tokenizer with "
+                          "save_pretrained (a fast tokenizer) next to the weights")
+    tokenizer = HFTokenizer.from_file(hf_dir / "tokenizer.json")
+    if tokenizer.vocab_size > vocab_size:
+        raise GptzooError(f"{hf_dir}: tokenizer.json has {tokenizer.vocab_size} tokens, more than "
+                          f"the model's vocab_size={vocab_size}; pass the tokenizer these "
+                          "weights were trained with")
+    return tokenizer
+
+
+def fill(template, arrays: dict[str, np.ndarray], where: Path):
+    """`template` (a model of shapes) with every array taken from `arrays` by module path."""
+    expected = named_leaves(template, is_shape)
+    differences = shape_differences(expected, arrays, f"{where}", "config.json")
+    if differences:
+        raise GptzooError(f"{where}: {differences[0]} ({len(differences)} differences); the "
+                          "weights do not match config.json")
+    return replace_arrays(template, {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
+
+
+def _copy(names: tuple[str, ...], source: Path, destination: Path) -> None:
+    for name in names:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, destination / name)
+
+
+def export_hf(run_dir: str | Path, out: str | Path) -> Path:
+    """Write a gpt2- or llama-architecture run as a folder `transformers` loads with
+    `AutoModelForCausalLM.from_pretrained`."""
+    run_dir, out = Path(run_dir), Path(out)
+    recipe = load_run_recipe(run_dir)
+    if recipe.architecture not in FAMILIES:
+        raise GptzooError(f"{run_dir} was trained from a custom recipe; export-hf writes runs of "
+                          f"the built-in architectures {', '.join(FAMILIES)}")
+    if recipe.architecture == "gpt2" and not recipe.model.use_bias:
+        raise GptzooError(f"{run_dir}: GPT-2 without biases (model.use_bias=false) has no "
+                          "transformers equivalent; export a run with biases")
+    model, tokenizer = load(run_dir)
+    if not isinstance(tokenizer, HFTokenizer):
+        raise GptzooError(f"{run_dir} uses gptzoo's {tokenizer.to_dict()['kind']} tokenizer, "
+                          "which has no Hugging Face equivalent; train with data.tokenizer=bpe "
+                          "or a tokenizer.json to export")
+    arrays = {k: np.asarray(v) for k, v in named_leaves(model).items()}
+    vocab_size = arrays["token_embedding.weight"].shape[0]
+    tensors = write_params(FAMILIES[recipe.architecture](recipe.model), arrays)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = write_config(recipe.architecture, recipe.model, vocab_size)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save(out)
+    _copy(TOKENIZER_FILES[1:], run_dir, out)  # an imported model's other tokenizer files
+    return out

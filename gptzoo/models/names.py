@@ -1,0 +1,50 @@
+"""Parameters by module path (`blocks.3.attention.qkv.weight`): the names that tie a model to
+weights from elsewhere (another run, a Hugging Face checkpoint) whatever the order of fields."""
+
+from collections.abc import Callable, Mapping
+
+import equinox as eqx
+import jax
+
+
+def named_leaves(tree, keep: Callable[[object], bool] = eqx.is_array) -> dict:
+    """The leaves of `tree` that `keep` accepts (default: arrays) by module path."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {path_name(path): leaf for path, leaf in flat if keep(leaf)}
+
+
+def path_name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def is_shape(leaf) -> bool:
+    return isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+def shape_differences(expected: Mapping, given: Mapping, given_name: str,
+                      expected_name: str) -> list[str]:
+    """What differs between two name -> array (or shape struct) maps, one phrase per name:
+    "checkpoint has blocks.0.mlp.up.weight (128, 512); the recipe builds (128, 384)"."""
+    lines = []
+    for name in sorted(expected.keys() | given.keys()):
+        mine, theirs = expected.get(name), given.get(name)
+        if theirs is None:
+            lines.append(f"{expected_name} builds {name} {tuple(mine.shape)}, {given_name} "
+                         "lacks it")
+        elif mine is None:
+            lines.append(f"{given_name} has {name} {tuple(theirs.shape)}; {expected_name} "
+                         "builds no such parameter")
+        elif tuple(mine.shape) != tuple(theirs.shape):
+            lines.append(f"{given_name} has {name} {tuple(theirs.shape)}; {expected_name} "
+                         f"builds {tuple(mine.shape)}")
+    return lines
+
+
+def replace_arrays(template, arrays: Mapping):
+    """`template` (a model, or one of shapes from `eqx.filter_eval_shape`) with each array or
+    shape leaf replaced by `arrays[its module path]`; other leaves (dropout rates) kept."""
+
+    def one(path, leaf):
+        return arrays[path_name(path)] if eqx.is_array(leaf) or is_shape(leaf) else leaf
+
+    return jax.tree_util.tree_map_with_path(one, template)

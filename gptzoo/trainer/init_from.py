@@ -1,0 +1,38 @@
+"""`gptzoo train RECIPE --init-from RUN_DIR`: fine-tuning starts from another run's weights (a
+trained run or an imported Hugging Face model) with a fresh optimizer and step 0."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import equinox as eqx
+
+from gptzoo.data import Tokenizer
+from gptzoo.errors import GptzooError
+from gptzoo.models.names import named_leaves, replace_arrays, shape_differences
+from gptzoo.trainer.checkpoint import load
+
+
+@dataclass
+class Initial:
+    """The weights and tokenizer of the run a fine-tuning starts from."""
+
+    run_dir: Path
+    model: eqx.Module
+    tokenizer: Tokenizer
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Initial":
+        model, tokenizer = load(run_dir)
+        return cls(Path(run_dir), model, tokenizer)
+
+    def weights_into(self, model: eqx.Module) -> eqx.Module:
+        """`model` (the recipe's) with every array taken, by module path, from this run's;
+        refused, naming the parameters, when the two differ in names or shapes."""
+        ours, theirs = named_leaves(model), named_leaves(self.model)
+        differences = shape_differences(ours, theirs, "checkpoint", "the recipe")
+        if differences:
+            more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+            raise GptzooError(f"--init-from {self.run_dir} does not fit the recipe: "
+                              f"{'; '.join(differences[:3])}{more}; set the recipe's model "
+                              "section to the run's (its recipe.json) or train from scratch")
+        return replace_arrays(model, theirs)
