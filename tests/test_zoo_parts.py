@@ -220,9 +220,9 @@ def small_gpt(**kwargs):
                 **kwargs)
 
 
-def wide_gpt(**kwargs):
+def wide_gpt(n_layers=2, **kwargs):
     """Wide enough for each weight's sample std to lie within a few percent of its init std."""
-    return gpt2(65, n_layers=2, n_heads=4, d_model=64, block_size=32, tie_head=False,
+    return gpt2(65, n_layers=n_layers, n_heads=4, d_model=64, block_size=32, tie_head=False,
                 key=jax.random.PRNGKey(16), **kwargs)
 
 
@@ -254,16 +254,16 @@ def linear_weights(model):
             and "embedding" not in jax.tree_util.keystr(path)}
 
 
-def test_gpt2_init_is_the_default_and_scales_residual_outputs():
-    default, explicit = wide_gpt(), wide_gpt(init="gpt2")
-    for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(explicit), strict=True):
-        np.testing.assert_array_equal(a, b)
-    weights = linear_weights(default)
-    assert len(weights) == 2 * 4 + 1  # qkv, out, up, down per block, and the head
+@pytest.mark.parametrize("n_layers", [2, 8])
+def test_gpt2_init_is_the_default_and_scales_residual_outputs(n_layers):
+    model = wide_gpt(n_layers)  # no `init` given
+    weights = linear_weights(model)
+    assert len(weights) == 4 * n_layers + 1  # qkv, out, up, down per block, and the head
     for name, w in weights.items():
-        std = 0.02 / 2 if name.endswith(("out.weight", "down.weight")) else 0.02  # 1/sqrt(2 * 2)
-        assert abs(w.std() - std) < 0.1 * std, name
-    for table in (default.token_embedding.weight, default.position_embedding.weight):
+        residual_output = name.endswith(("out.weight", "down.weight"))
+        std = 0.02 / math.sqrt(2 * n_layers) if residual_output else 0.02
+        assert abs(w.std() - std) < 0.1 * std, (name, w.std(), std)
+    for table in (model.token_embedding.weight, model.position_embedding.weight):
         assert abs(f64(table).std() - 0.02) < 0.1 * 0.02
 
 
