@@ -4,8 +4,8 @@ import re
 import shutil
 
 import pytest
-
 from conftest import RECIPE, TINY, gptzoo_cli, set_args
+
 from gptzoo.trainer import evaluate_run
 
 
@@ -123,3 +123,54 @@ def test_sampling_errors(trained_run):
     assert_one_line_error(sample("--max-new-tokens", "-1"), "--max-new-tokens")
     assert_one_line_error(sample("--temperature", "-0.5"), "--temperature")
     assert_one_line_error(sample("--top-k", "0"), "--top-k")
+
+
+BROKEN_RECIPE = '''
+import equinox as eqx
+
+from gptzoo import nn
+from gptzoo.models import gpt2
+from gptzoo.recipe import ModelConfig
+
+model = ModelConfig()
+
+
+def build_model(model, vocab_size, *, key):
+    {body}
+'''
+
+
+def broken_recipe(tmp_path, body: str):
+    path = tmp_path / "broken_recipe.py"
+    path.write_text(BROKEN_RECIPE.format(body=body))
+    return path
+
+
+def test_other_exceptions_reach_the_command_line_as_one_line(tmp_path, small_text):
+    recipe = broken_recipe(tmp_path, 'raise RuntimeError("the GPU caught fire")')
+    args = ("train", recipe, *set_args({**TINY, "data.path": str(small_text)}),
+            "--run-dir", tmp_path / "run")
+    result = gptzoo_cli(*args)
+    assert result.returncode == 1
+    assert result.stderr == ("error: RuntimeError: the GPU caught fire "
+                             "(--debug shows the traceback)\n")
+    result = gptzoo_cli(*args, "--debug")
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert 'raise RuntimeError("the GPU caught fire")' in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: RuntimeError: the GPU caught fire")
+
+
+def test_a_shape_error_names_the_dimension_and_sizes_on_the_command_line(tmp_path, small_text):
+    """A component whose width disagrees with the model's: the one line says which dimension,
+    which sizes and where, not jaxtyping's generic opening line."""
+    recipe = broken_recipe(tmp_path, "gpt = gpt2(vocab_size, **vars(model), key=key)\n"
+                           "    return eqx.tree_at(lambda m: m.final_norm, gpt, "
+                           "nn.LayerNorm(model.d_model + 1))")
+    result = gptzoo_cli("train", recipe, *set_args({**TINY, "data.path": str(small_text)}),
+                        "--run-dir", tmp_path / "run")
+    assert_one_line_error(
+        result, "error: ShapeError: weight float32[33] against Float[Array, 'd_model']: the size "
+        "of dimension d_model is 33 which does not equal the existing value of 32, bound by x "
+        "float32[8, 32, 32] (in layer_norm)")
+    assert result.returncode == 1
