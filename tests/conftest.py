@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import equinox as eqx
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +46,22 @@ def trained_run(tmp_path_factory, small_text) -> Path:
     gptzoo_cli("train", RECIPE, *set_args({**TINY, "data.path": str(small_text)}),
                "--run-dir", run_dir, check=True)
     return run_dir
+
+
+def loss_window_by_window(model, tokens, block_size: int, n_predicted: int) -> tuple[float, int]:
+    """What `gptzoo.evaluate` promises, computed plainly: windows of `block_size` tokens placed
+    `n_predicted` apart (padded with token 0 at both ends), the last `n_predicted` output rows of
+    each predicting the token after their position; float64 log-softmax, one window at a time.
+    Returns (mean nats per token, tokens scored)."""
+    forward = eqx.filter_jit(model)
+    tokens = [int(t) for t in tokens]
+    total, count = 0.0, 0
+    for end in range(n_predicted, len(tokens) - 1 + n_predicted, n_predicted):
+        window = [tokens[i] if 0 <= i < len(tokens) else 0 for i in range(end - block_size, end)]
+        logits = np.asarray(forward(np.asarray(window, np.int32)), np.float64)[-n_predicted:]
+        for row, position in enumerate(range(end - n_predicted, end)):
+            if position + 1 < len(tokens):
+                z = logits[row] - logits[row].max()
+                total -= z[tokens[position + 1]] - np.log(np.exp(z).sum())
+                count += 1
+    return total / count, count

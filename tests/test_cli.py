@@ -4,9 +4,9 @@ import re
 import shutil
 
 import pytest
-from conftest import RECIPE, TINY, gptzoo_cli, set_args
+from conftest import RECIPE, TINY, gptzoo_cli, loss_window_by_window, set_args
 
-from gptzoo.trainer import evaluate_run
+import gptzoo
 
 
 def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
@@ -22,13 +22,16 @@ def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
     assert two.count("ROMEO:") == 2 and "---------------" in two
 
 
-def test_eval_reports_the_whole_validation_split(trained_run):
+def test_eval_reports_the_whole_validation_split(trained_run, small_text):
     out = gptzoo_cli("eval", "--ckpt", trained_run, check=True).stdout
     loss, bits = map(float, re.search(r"val loss ([0-9.]+) \| ([0-9.]+) bits", out).groups())
-    result = evaluate_run(trained_run)
-    assert loss == pytest.approx(result.loss, abs=1e-4)
-    assert bits == pytest.approx(loss / 0.6931471805599453, abs=1e-3)
-    assert result.n_tokens == 2_000 - 1  # the last 10% of 20,000 characters, all but the first
+    model, tokenizer = gptzoo.load(trained_run)
+    val = tokenizer.encode(small_text.read_text()[-2_000:])  # the last 10% of the characters
+    expected, count = loss_window_by_window(model, val, block_size=32, n_predicted=32)
+    assert count == 2_000 - 1  # every character but the first is scored
+    assert loss == pytest.approx(expected, abs=1e-4)
+    assert bits == pytest.approx(expected / 0.6931471805599453, abs=1e-3)
+    assert f"| {count:,} tokens" in out
 
 
 def test_keys_lists_every_required_key():

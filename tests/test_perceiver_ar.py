@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import loss_window_by_window
 
 import gptzoo
 from gptzoo import nn
@@ -180,7 +181,11 @@ def test_evaluate_scores_every_validation_token_once(trained):
     _, val = split(tokens, recipe.data.val_fraction, recipe.model.block_size)
     evaluated = gptzoo.evaluate(result.model, val, recipe.model.block_size)
     assert evaluated.n_tokens == len(val) - 1
-    assert evaluated.loss == pytest.approx(result.val_loss, rel=1e-5)
+    loss, count = loss_window_by_window(result.model, val, recipe.model.block_size,
+                                        recipe.model.n_latents)
+    assert count == len(val) - 1
+    assert evaluated.loss == pytest.approx(loss, rel=1e-5)
+    assert result.val_loss == pytest.approx(loss, rel=1e-5)  # training's final evaluation
 
 
 def test_greedy_sampling_reads_the_last_latent_of_a_full_window(trained):
