@@ -17,6 +17,10 @@ TINY = {"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "2",
         "trainer.eval_interval": "10", "trainer.eval_steps": "2",
         "trainer.checkpoint_interval": "10", "trainer.log_interval": "5",
         "trainer.steps_per_call": "5"}
+# The same, evaluated and saved once at the end, warming up for 5 steps: for tests that look at
+# the loss curve rather than at intermediate checkpoints.
+TINY_ONE_EVAL = {**TINY, "trainer.eval_interval": "30", "trainer.checkpoint_interval": "30",
+                 "optimizer.warmup_steps": "5"}
 
 
 def set_args(overrides: dict[str, str]) -> list[str]:

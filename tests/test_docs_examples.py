@@ -11,18 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_ONE_EVAL
 
 import gptzoo
-from gptzoo.data import SHAKESPEARE
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 RECIPE_NAME = re.compile(r"# (\w+\.py)\b")
-TINY = {"model.n_layers": "1", "model.n_heads": "2", "model.d_model": "32",
-        "model.block_size": "32", "trainer.max_steps": "30", "trainer.batch_size": "8",
-        "trainer.log_interval": "5", "trainer.steps_per_call": "5", "trainer.eval_interval": "30",
-        "trainer.eval_steps": "2", "optimizer.lr": "3e-3", "optimizer.warmup_steps": "5"}
 
 
 def python_blocks(page: Path) -> list[tuple[int, str]]:
@@ -91,7 +87,7 @@ def write_recipe(tmp_path: Path, name: str) -> Path:
 
 def test_llama_style_recipe_builds_and_takes_its_own_keys(tmp_path):
     path = write_recipe(tmp_path, "llama_style.py")
-    recipe = gptzoo.load_recipe(path, {**TINY, "model.n_kv_heads": "1",
+    recipe = gptzoo.load_recipe(path, {**TINY_ONE_EVAL, "model.n_kv_heads": "1",
                                        "model.rotary_fraction": "0.5"})
     assert {"model.n_kv_heads", "model.rotary_fraction", "model.multiple_of"} <= set(recipe.keys())
     model = recipe.build(65, key=jax.random.PRNGKey(0))
@@ -102,11 +98,10 @@ def test_llama_style_recipe_builds_and_takes_its_own_keys(tmp_path):
     assert model(tokens).shape == (2, 32, 65)
 
 
-def test_relu2_recipe_trains_and_samples_from_its_run_directory(tmp_path):
+def test_relu2_recipe_trains_and_samples_from_its_run_directory(tmp_path, small_text):
     path = write_recipe(tmp_path, "relu2_mlp.py")
-    data = tmp_path / "data.txt"
-    data.write_text(SHAKESPEARE.read_text()[:20_000])
-    recipe = gptzoo.load_recipe(path, {**TINY, "data.path": str(data), "model.hidden_mult": "2"})
+    recipe = gptzoo.load_recipe(path, {**TINY_ONE_EVAL, "optimizer.lr": "3e-3",
+                                       "data.path": str(small_text), "model.hidden_mult": "2"})
     run_dir = tmp_path / "run"
     result = gptzoo.train(recipe, run_dir=run_dir)
 

@@ -11,20 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import loss_window_by_window
+from conftest import TINY_ONE_EVAL, loss_window_by_window
 
 import gptzoo
 from gptzoo import nn
-from gptzoo.data import SHAKESPEARE, all_windows, read_text, split
+from gptzoo.data import all_windows, read_text, split
 from gptzoo.models import PerceiverAR, perceiver_ar
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "perceiver_ar_shakespeare.py"
 BLOCK, LATENTS, VOCAB = 24, 8, 11
-TINY = {"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "4",
-        "model.block_size": "32", "model.n_latents": "8", "trainer.batch_size": "8",
-        "trainer.max_steps": "30", "trainer.eval_interval": "30", "trainer.eval_steps": "2",
-        "trainer.checkpoint_interval": "30", "trainer.log_interval": "5",
-        "trainer.steps_per_call": "5", "optimizer.warmup_steps": "5"}
 
 
 def f64(a) -> np.ndarray:
@@ -147,10 +142,9 @@ def test_model_batches_dropout_and_bad_latents(model):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data") / "shakespeare_20k.txt"
-    data.write_text(SHAKESPEARE.read_text()[:20_000])
-    recipe = gptzoo.load_recipe(RECIPE, {**TINY, "data.path": str(data)})
+def trained(tmp_path_factory, small_text):
+    recipe = gptzoo.load_recipe(RECIPE, {**TINY_ONE_EVAL, "model.n_heads": "4",
+                                         "model.n_latents": "8", "data.path": str(small_text)})
     run_dir = tmp_path_factory.mktemp("perceiver_ar")
     return recipe, gptzoo.train(recipe, run_dir=run_dir), run_dir
 

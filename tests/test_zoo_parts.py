@@ -11,10 +11,10 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_ONE_EVAL
 
 import gptzoo
 from gptzoo import nn
-from gptzoo.data import SHAKESPEARE
 from gptzoo.models import GPT, gpt2
 
 
@@ -362,18 +362,13 @@ def build_model(model, vocab_size, *, key):
     return gpt2(vocab_size, **vars(model), key=key)
 '''
 
-TINY = {"model.n_layers": "1", "model.n_heads": "2", "model.d_model": "32",
-        "model.block_size": "32", "trainer.max_steps": "30", "trainer.batch_size": "8",
-        "trainer.log_interval": "5", "trainer.steps_per_call": "5", "trainer.eval_interval": "30",
-        "trainer.eval_steps": "2", "optimizer.lr": "3e-3", "optimizer.warmup_steps": "5"}
 
 
-def train_losses(tmp_path, source, overrides):
-    data = tmp_path / "data.txt"
-    data.write_text(SHAKESPEARE.read_text()[:20_000])
+def train_losses(tmp_path, data, source, overrides):
     path = tmp_path / "recipe.py"
     path.write_text(textwrap.dedent(source))
-    recipe = gptzoo.load_recipe(path, {**TINY, "data.path": str(data), **overrides})
+    recipe = gptzoo.load_recipe(path, {**TINY_ONE_EVAL, "optimizer.lr": "3e-3",
+                                       "data.path": str(data), **overrides})
     result = gptzoo.train(recipe, run_dir=tmp_path / "run")
     assert np.isfinite(result.val_loss)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -400,14 +395,14 @@ def module_types(tree) -> set[type]:
     ({"model.norm": "rms", "model.mlp": "sgu", "model.block": "sequential"},
      (nn.RMSNorm, nn.SGUMLP, nn.Block)),
 ], ids=["rms-swiglu-gptj-headqk", "layernorm-geglu-neox", "rms-sgu-sequential"])
-def test_recipe_composes_zoo_parts_and_trains(tmp_path, parts, kinds):
-    _, model, losses = train_losses(tmp_path, ZOO_RECIPE, parts)
+def test_recipe_composes_zoo_parts_and_trains(tmp_path, small_text, parts, kinds):
+    _, model, losses = train_losses(tmp_path, small_text, ZOO_RECIPE, parts)
     assert set(kinds) <= module_types(model)
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-def test_recipe_trains_with_small_init(tmp_path):
-    recipe, _, losses = train_losses(tmp_path, INIT_RECIPE, {"model.init": "small"})
+def test_recipe_trains_with_small_init(tmp_path, small_text):
+    recipe, _, losses = train_losses(tmp_path, small_text, INIT_RECIPE, {"model.init": "small"})
     initial = recipe.build(65, key=jax.random.PRNGKey(0))
     assert np.abs(initial.token_embedding.weight).max() <= 1e-4
     assert losses[-1] < losses[0] - 0.3, losses
