@@ -177,3 +177,13 @@ def test_a_shape_error_names_the_dimension_and_sizes_on_the_command_line(tmp_pat
         "of dimension d_model is 33 which does not equal the existing value of 32, bound by x "
         "float32[8, 32, 32] (in layer_norm)")
     assert result.returncode == 1
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused(tmp_path, small_text):
+    result = gptzoo_cli("train", RECIPE, *set_args({**TINY, "trainer.batch_size": "12",
+                                                    "data.path": str(small_text)}),
+                        "--run-dir", tmp_path / "run",
+                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert_one_line_error(result, "trainer.batch_size=12 does not split over 8 devices",
+                          "use a multiple of 8")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step
