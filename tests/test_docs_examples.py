@@ -49,18 +49,57 @@ def test_every_page_has_examples_and_the_docs_define_their_recipes():
     assert {"char_shakespeare.py", "llama_style.py", "relu2_mlp.py"} <= doc_recipes().keys()
 
 
+def promised_output(lines: list[str], first: int) -> re.Pattern | None:
+    """What a `print(...)  # OUTPUT: prose` call starting on `lines[first]` promises, as a
+    pattern, or None without comments. A call over several lines may comment each argument. The
+    output is the text before the first ": " or ", Word" (the prose), "..." stands for anything
+    and runs of whitespace for any whitespace."""
+    shown, depth, line = [], 0, first
+    while True:
+        code, _, comment = lines[line].partition("  # ")
+        depth += code.count("(") - code.count(")")
+        if comment:
+            shown.append(re.split(r": |, (?=[A-Za-z])", comment)[0].strip())
+        if depth <= 0:
+            break
+        line += 1
+    if not shown:
+        return None
+    parts = [r"\s+".join(map(re.escape, piece.split())) for piece in " ".join(shown).split("...")]
+    return re.compile(r"\s*.*?\s*".join(parts), re.S)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
-def test_page_examples_run(page, tmp_path, monkeypatch):
+def test_page_examples_run_and_print_what_they_say(page, tmp_path, monkeypatch):
     """A page's blocks run in order, each in a fresh module, in a directory where
     `recipes/` is the repository's (files a block writes, such as run directories, stay there for
-    the blocks after it). Tracebacks point at the page's own line numbers."""
+    the blocks after it). Tracebacks point at the page's own line numbers. A `print` whose line
+    ends in a comment must print what the comment shows."""
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     monkeypatch.chdir(tmp_path)
+    lines = page.read_text().splitlines()
+    checked = []
+
+    def checking_print(*args, **kwargs):
+        print(*args, **kwargs)
+        line = sys._getframe(1).f_lineno - 1
+        while "print(" not in lines[line]:  # a call spread over lines: find its first
+            line -= 1
+        pattern = promised_output(lines, line)
+        if pattern and "sep" not in kwargs and "end" not in kwargs:
+            printed = " ".join(map(str, args))
+            assert pattern.fullmatch(printed), f"{page.name} line {line + 1} printed {printed!r}"
+            checked.append(line)
+
     for i, (line, code) in enumerate(python_blocks(page)):
         name = f"docs_example_{page.stem.replace('-', '_')}_{i}"
         module = types.ModuleType(name)
+        module.print = checking_print
         monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up
         exec(compile("\n" * line + code, str(page), "exec"), module.__dict__)
+    promised = [i for i, text in enumerate(lines)
+                if re.match(r"\s*print\(", text) and promised_output(lines, i)]
+    assert sorted(set(checked)) == promised  # every promised output was printed and checked
 
 
 def test_index_opens_with_the_readme_setup_commands():
