@@ -38,7 +38,10 @@ def bench(session):
 
 @nox.session
 def docs(session):
-    """The documentation site, into site/; strict, so any warning fails the build."""
+    """The documentation site, into site/; strict, so any warning fails the build; then the
+    rendered-math check."""
     # ruff formats the rendered signatures (mkdocstrings skips that without ruff or black).
     session.install("-e", ".", "mkdocs-material", "mkdocstrings[python]", "ruff")
     session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
+    # The formulas render offline: math in KaTeX's containers, no raw TeX, nothing from a CDN.
+    session.run("python", "docs/check_site.py", "site")

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import equinox as eqx
+import numpy as np
 import pytest
 
 from gptzoo.trainer.progress import Reporter
@@ -18,6 +20,10 @@ TINY = {"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "2",
         "trainer.eval_interval": "10", "trainer.eval_steps": "2",
         "trainer.checkpoint_interval": "10", "trainer.log_interval": "5",
         "trainer.steps_per_call": "5"}
+# The same, evaluated and saved once at the end, warming up for 5 steps: for tests that look at
+# the loss curve rather than at intermediate checkpoints.
+TINY_ONE_EVAL = {**TINY, "trainer.eval_interval": "30", "trainer.checkpoint_interval": "30",
+                 "optimizer.warmup_steps": "5"}
 
 
 def set_args(overrides: dict[str, str]) -> list[str]:
@@ -68,3 +74,22 @@ class SigintAt(Reporter):
         if record["step"] == self.step:
             for _ in range(self.times):
                 os.kill(os.getpid(), signal.SIGINT)
+
+
+def loss_window_by_window(model, tokens, block_size: int, n_predicted: int) -> tuple[float, int]:
+    """What `gptzoo.evaluate` promises, computed plainly: windows of `block_size` tokens placed
+    `n_predicted` apart (padded with token 0 at both ends), the last `n_predicted` output rows of
+    each predicting the token after their position; float64 log-softmax, one window at a time.
+    Returns (mean nats per token, tokens scored)."""
+    forward = eqx.filter_jit(model)
+    tokens = [int(t) for t in tokens]
+    total, count = 0.0, 0
+    for end in range(n_predicted, len(tokens) - 1 + n_predicted, n_predicted):
+        window = [tokens[i] if 0 <= i < len(tokens) else 0 for i in range(end - block_size, end)]
+        logits = np.asarray(forward(np.asarray(window, np.int32)), np.float64)[-n_predicted:]
+        for row, position in enumerate(range(end - n_predicted, end)):
+            if position + 1 < len(tokens):
+                z = logits[row] - logits[row].max()
+                total -= z[tokens[position + 1]] - np.log(np.exp(z).sum())
+                count += 1
+    return total / count, count

@@ -73,12 +73,30 @@ def test_default_attention_keeps_fused_qkv_of_width_3_d_model():
     assert module.qkv.weight.shape == (D_MODEL, 3 * D_MODEL)
 
 
-def test_gqa_with_all_kv_heads_equals_multi_head_attention():
+def test_multi_head_attention_matches_numpy():
     mha = attention()
-    gqa = nn.CausalSelfAttention(D_MODEL, N_HEADS, n_kv_heads=N_HEADS, key=jax.random.PRNGKey(9))
-    gqa = eqx.tree_at(lambda m: (m.qkv, m.out), gqa, (mha.qkv, mha.out))
-    np.testing.assert_array_equal(gqa(X), mha(X))
     np.testing.assert_allclose(mha(X), np_attention(X, mha, N_HEADS), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 1])
+def test_gqa_equals_multi_head_attention_with_kv_heads_repeated_in_the_weights(n_kv_heads):
+    """Query head h reads k/v head h // (N_HEADS / n_kv_heads): copying each k/v head's columns
+    of the fused projection that many times gives a plain multi-head attention computing the
+    same thing without any sharing."""
+    gqa = attention(n_kv_heads=n_kv_heads)
+    group = N_HEADS // n_kv_heads
+
+    def repeat_kv(a):  # the last axis holds N_HEADS q heads, then n_kv_heads k and v heads each
+        heads = np.split(np.asarray(a), N_HEADS + 2 * n_kv_heads, axis=-1)
+        q, k, v = heads[:N_HEADS], heads[N_HEADS:N_HEADS + n_kv_heads], heads[N_HEADS + n_kv_heads:]
+        return jnp.asarray(np.concatenate(q + [h for h in k for _ in range(group)]
+                                          + [h for h in v for _ in range(group)], axis=-1))
+
+    mha = attention()
+    mha = eqx.tree_at(lambda m: (m.qkv.weight, m.qkv.bias, m.out), mha,
+                      (repeat_kv(gqa.qkv.weight), repeat_kv(gqa.qkv.bias), gqa.out))
+    assert mha.n_kv_heads == N_HEADS and mha.qkv.weight.shape == (D_MODEL, 3 * D_MODEL)
+    np.testing.assert_allclose(gqa(X), mha(X), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("n_kv_heads", [2, 1])

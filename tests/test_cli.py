@@ -4,9 +4,9 @@ import re
 import shutil
 
 import pytest
+from conftest import RECIPE, TINY, gptzoo_cli, loss_window_by_window, set_args
 
-from conftest import RECIPE, TINY, gptzoo_cli, set_args
-from gptzoo.trainer import evaluate_run
+import gptzoo
 
 
 def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
@@ -22,13 +22,16 @@ def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
     assert two.count("ROMEO:") == 2 and "---------------" in two
 
 
-def test_eval_reports_the_whole_validation_split(trained_run):
+def test_eval_reports_the_whole_validation_split(trained_run, small_text):
     out = gptzoo_cli("eval", "--ckpt", trained_run, check=True).stdout
     loss, bits = map(float, re.search(r"val loss ([0-9.]+) \| ([0-9.]+) bits", out).groups())
-    result = evaluate_run(trained_run)
-    assert loss == pytest.approx(result.loss, abs=1e-4)
-    assert bits == pytest.approx(loss / 0.6931471805599453, abs=1e-3)
-    assert result.n_tokens == 2_000 - 1  # the last 10% of 20,000 characters, all but the first
+    model, tokenizer = gptzoo.load(trained_run)
+    val = tokenizer.encode(small_text.read_text()[-2_000:])  # the last 10% of the characters
+    expected, count = loss_window_by_window(model, val, block_size=32, n_predicted=32)
+    assert count == 2_000 - 1  # every character but the first is scored
+    assert loss == pytest.approx(expected, abs=1e-4)
+    assert bits == pytest.approx(expected / 0.6931471805599453, abs=1e-3)
+    assert f"| {count:,} tokens" in out
 
 
 def test_keys_lists_every_required_key():
@@ -123,3 +126,64 @@ def test_sampling_errors(trained_run):
     assert_one_line_error(sample("--max-new-tokens", "-1"), "--max-new-tokens")
     assert_one_line_error(sample("--temperature", "-0.5"), "--temperature")
     assert_one_line_error(sample("--top-k", "0"), "--top-k")
+
+
+BROKEN_RECIPE = '''
+import equinox as eqx
+
+from gptzoo import nn
+from gptzoo.models import gpt2
+from gptzoo.recipe import ModelConfig
+
+model = ModelConfig()
+
+
+def build_model(model, vocab_size, *, key):
+    {body}
+'''
+
+
+def broken_recipe(tmp_path, body: str):
+    path = tmp_path / "broken_recipe.py"
+    path.write_text(BROKEN_RECIPE.format(body=body))
+    return path
+
+
+def test_other_exceptions_reach_the_command_line_as_one_line(tmp_path, small_text):
+    recipe = broken_recipe(tmp_path, 'raise RuntimeError("the GPU caught fire")')
+    args = ("train", recipe, *set_args({**TINY, "data.path": str(small_text)}),
+            "--run-dir", tmp_path / "run")
+    result = gptzoo_cli(*args)
+    assert result.returncode == 1
+    assert result.stderr == ("error: RuntimeError: the GPU caught fire "
+                             "(--debug shows the traceback)\n")
+    result = gptzoo_cli(*args, "--debug")
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert 'raise RuntimeError("the GPU caught fire")' in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: RuntimeError: the GPU caught fire")
+
+
+def test_a_shape_error_names_the_dimension_and_sizes_on_the_command_line(tmp_path, small_text):
+    """A component whose width disagrees with the model's: the one line says which dimension,
+    which sizes and where, not jaxtyping's generic opening line."""
+    recipe = broken_recipe(tmp_path, "gpt = gpt2(vocab_size, **vars(model), key=key)\n"
+                           "    return eqx.tree_at(lambda m: m.final_norm, gpt, "
+                           "nn.LayerNorm(model.d_model + 1))")
+    result = gptzoo_cli("train", recipe, *set_args({**TINY, "data.path": str(small_text)}),
+                        "--run-dir", tmp_path / "run")
+    assert_one_line_error(
+        result, "error: ShapeError: weight float32[33] against Float[Array, 'd_model']: the size "
+        "of dimension d_model is 33 which does not equal the existing value of 32, bound by x "
+        "float32[8, 32, 32] (in layer_norm)")
+    assert result.returncode == 1
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused(tmp_path, small_text):
+    result = gptzoo_cli("train", RECIPE, *set_args({**TINY, "trainer.batch_size": "12",
+                                                    "data.path": str(small_text)}),
+                        "--run-dir", tmp_path / "run",
+                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert_one_line_error(result, "trainer.batch_size=12 does not split over 8 devices",
+                          "use a multiple of 8")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step

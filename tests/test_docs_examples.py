@@ -11,18 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_ONE_EVAL
 
 import gptzoo
-from gptzoo.data import SHAKESPEARE
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 RECIPE_NAME = re.compile(r"# (\w+\.py)\b")
-TINY = {"model.n_layers": "1", "model.n_heads": "2", "model.d_model": "32",
-        "model.block_size": "32", "trainer.max_steps": "30", "trainer.batch_size": "8",
-        "trainer.log_interval": "5", "trainer.steps_per_call": "5", "trainer.eval_interval": "30",
-        "trainer.eval_steps": "2", "optimizer.lr": "3e-3", "optimizer.warmup_steps": "5"}
 
 
 def python_blocks(page: Path) -> list[tuple[int, str]]:
@@ -53,18 +49,57 @@ def test_every_page_has_examples_and_the_docs_define_their_recipes():
     assert {"char_shakespeare.py", "llama_style.py", "relu2_mlp.py"} <= doc_recipes().keys()
 
 
+def promised_output(lines: list[str], first: int) -> re.Pattern | None:
+    """What a `print(...)  # OUTPUT: prose` call starting on `lines[first]` promises, as a
+    pattern, or None without comments. A call over several lines may comment each argument. The
+    output is the text before the first ": " or ", Word" (the prose), "..." stands for anything
+    and runs of whitespace for any whitespace."""
+    shown, depth, line = [], 0, first
+    while True:
+        code, _, comment = lines[line].partition("  # ")
+        depth += code.count("(") - code.count(")")
+        if comment:
+            shown.append(re.split(r": |, (?=[A-Za-z])", comment)[0].strip())
+        if depth <= 0:
+            break
+        line += 1
+    if not shown:
+        return None
+    parts = [r"\s+".join(map(re.escape, piece.split())) for piece in " ".join(shown).split("...")]
+    return re.compile(r"\s*.*?\s*".join(parts), re.S)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
-def test_page_examples_run(page, tmp_path, monkeypatch):
+def test_page_examples_run_and_print_what_they_say(page, tmp_path, monkeypatch):
     """A page's blocks run in order, each in a fresh module, in a directory where
     `recipes/` is the repository's (files a block writes, such as run directories, stay there for
-    the blocks after it). Tracebacks point at the page's own line numbers."""
+    the blocks after it). Tracebacks point at the page's own line numbers. A `print` whose line
+    ends in a comment must print what the comment shows."""
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     monkeypatch.chdir(tmp_path)
+    lines = page.read_text().splitlines()
+    checked = []
+
+    def checking_print(*args, **kwargs):
+        print(*args, **kwargs)
+        line = sys._getframe(1).f_lineno - 1
+        while "print(" not in lines[line]:  # a call spread over lines: find its first
+            line -= 1
+        pattern = promised_output(lines, line)
+        if pattern and "sep" not in kwargs and "end" not in kwargs:
+            printed = " ".join(map(str, args))
+            assert pattern.fullmatch(printed), f"{page.name} line {line + 1} printed {printed!r}"
+            checked.append(line)
+
     for i, (line, code) in enumerate(python_blocks(page)):
         name = f"docs_example_{page.stem.replace('-', '_')}_{i}"
         module = types.ModuleType(name)
+        module.print = checking_print
         monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up
         exec(compile("\n" * line + code, str(page), "exec"), module.__dict__)
+    promised = [i for i, text in enumerate(lines)
+                if re.match(r"\s*print\(", text) and promised_output(lines, i)]
+    assert sorted(set(checked)) == promised  # every promised output was printed and checked
 
 
 def test_index_opens_with_the_readme_setup_commands():
@@ -91,7 +126,7 @@ def write_recipe(tmp_path: Path, name: str) -> Path:
 
 def test_llama_style_recipe_builds_and_takes_its_own_keys(tmp_path):
     path = write_recipe(tmp_path, "llama_style.py")
-    recipe = gptzoo.load_recipe(path, {**TINY, "model.n_kv_heads": "1",
+    recipe = gptzoo.load_recipe(path, {**TINY_ONE_EVAL, "model.n_kv_heads": "1",
                                        "model.rotary_fraction": "0.5"})
     assert {"model.n_kv_heads", "model.rotary_fraction", "model.multiple_of"} <= set(recipe.keys())
     model = recipe.build(65, key=jax.random.PRNGKey(0))
@@ -102,11 +137,10 @@ def test_llama_style_recipe_builds_and_takes_its_own_keys(tmp_path):
     assert model(tokens).shape == (2, 32, 65)
 
 
-def test_relu2_recipe_trains_and_samples_from_its_run_directory(tmp_path):
+def test_relu2_recipe_trains_and_samples_from_its_run_directory(tmp_path, small_text):
     path = write_recipe(tmp_path, "relu2_mlp.py")
-    data = tmp_path / "data.txt"
-    data.write_text(SHAKESPEARE.read_text()[:20_000])
-    recipe = gptzoo.load_recipe(path, {**TINY, "data.path": str(data), "model.hidden_mult": "2"})
+    recipe = gptzoo.load_recipe(path, {**TINY_ONE_EVAL, "optimizer.lr": "3e-3",
+                                       "data.path": str(small_text), "model.hidden_mult": "2"})
     run_dir = tmp_path / "run"
     result = gptzoo.train(recipe, run_dir=run_dir)
 

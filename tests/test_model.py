@@ -9,6 +9,7 @@ from jaxtyping import TypeCheckError
 
 from gptzoo.models import gpt2
 from gptzoo.nn import CausalSelfAttention, LayerNorm
+from gptzoo.nn._typecheck import ShapeError
 
 
 def naive_attention(x, w_qkv, b_qkv, w_out, b_out, n_heads):
@@ -60,12 +61,27 @@ def test_changing_a_token_never_changes_earlier_logits(t):
     assert not np.allclose(before[t:], after[t:])
 
 
-def test_wrong_shapes_fail_naming_the_dimension():
+def first_line(error: pytest.ExceptionInfo) -> str:
+    return str(error.value).splitlines()[0]
+
+
+def test_wrong_shapes_fail_naming_the_dimension_and_sizes():
     model = small_gpt()
-    with pytest.raises(TypeCheckError, match="seq"):
-        model(jnp.zeros((2, 3, 4), jnp.float32))  # floats, not token ids
-    with pytest.raises(TypeCheckError, match="d_model"):
+    with pytest.raises(TypeCheckError) as error:  # ShapeError is one, for existing `except`s
         LayerNorm(16)(jnp.ones((3, 15)))
+    assert first_line(error) == (
+        "weight float32[16] against Float[Array, 'd_model']: the size of dimension d_model is 16 "
+        "which does not equal the existing value of 15, bound by x float32[3, 15] (in layer_norm)")
+    with pytest.raises(ShapeError) as error:  # the input's width meets the first projection
+        eqx.filter_jit(CausalSelfAttention(16, 2, key=jax.random.PRNGKey(0)))(jnp.ones((3, 15)))
+    assert first_line(error).startswith(
+        "weight float32[16, 48] against Float[Array, 'd_in d_out']: the size of dimension d_in is "
+        "16 which does not equal the existing value of 15, bound by x float32[3, 15] (in affine)")
+    with pytest.raises(ShapeError) as error:
+        model(jnp.zeros((2, 3, 4), jnp.float32))  # floats, not token ids
+    assert first_line(error).startswith(
+        "tokens float32[2, 3, 4] against Int[Array, '*batch seq']: this array has dtype float32")
+    assert first_line(error).endswith("(in GPT.__call__)")
     with pytest.raises(ValueError, match="block_size=12"):
         model(jnp.zeros(13, jnp.int32))
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_ONE_EVAL, loss_window_by_window
 
 import gptzoo
 from gptzoo import nn
@@ -19,11 +20,6 @@ from gptzoo.models import PerceiverAR, perceiver_ar
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "perceiver_ar_shakespeare.py"
 BLOCK, LATENTS, VOCAB = 24, 8, 11
-TINY = {"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "4",
-        "model.block_size": "32", "model.n_latents": "8", "trainer.batch_size": "8",
-        "trainer.max_steps": "30", "trainer.eval_interval": "30", "trainer.eval_steps": "2",
-        "trainer.checkpoint_interval": "30", "trainer.log_interval": "5",
-        "trainer.steps_per_call": "5", "optimizer.warmup_steps": "5"}
 
 
 def f64(a) -> np.ndarray:
@@ -146,10 +142,9 @@ def test_model_batches_dropout_and_bad_latents(model):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data") / "shakespeare_20k.txt"
-    data.write_text(SHAKESPEARE.read_text()[:20_000])
-    recipe = gptzoo.load_recipe(RECIPE, {**TINY, "data.path": str(data)})
+def trained(tmp_path_factory, small_text):
+    recipe = gptzoo.load_recipe(RECIPE, {**TINY_ONE_EVAL, "model.n_heads": "4",
+                                         "model.n_latents": "8", "data.path": str(small_text)})
     run_dir = tmp_path_factory.mktemp("perceiver_ar")
     return recipe, gptzoo.train(recipe, run_dir=run_dir), run_dir
 
@@ -179,7 +174,11 @@ def test_evaluate_scores_every_validation_token_once(trained):
     val = prepare_corpus(recipe.data).val
     evaluated = gptzoo.evaluate(result.model, val, recipe.model.block_size)
     assert evaluated.n_tokens == len(val) - 1
-    assert evaluated.loss == pytest.approx(result.val_loss, rel=1e-5)
+    loss, count = loss_window_by_window(result.model, val, recipe.model.block_size,
+                                        recipe.model.n_latents)
+    assert count == len(val) - 1
+    assert evaluated.loss == pytest.approx(loss, rel=1e-5)
+    assert result.val_loss == pytest.approx(loss, rel=1e-5)  # training's final evaluation
 
 
 def test_greedy_sampling_reads_the_last_latent_of_a_full_window(trained):

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_ONE_EVAL
 
 import gptzoo
 from gptzoo import nn
@@ -30,11 +31,6 @@ SHARED_KEYS = {
     "trainer.checkpoint_interval", "trainer.seed", "optimizer.lr", "model.n_layers",
     "model.n_heads", "model.d_model", "model.block_size", "model.dropout", "data.path",
 }
-TINY = {"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "4",
-        "model.block_size": "32", "trainer.batch_size": "8", "trainer.max_steps": "30",
-        "trainer.eval_interval": "30", "trainer.checkpoint_interval": "30",
-        "trainer.eval_steps": "2", "trainer.log_interval": "5", "trainer.steps_per_call": "5",
-        "optimizer.warmup_steps": "5"}
 
 
 def recipe_path(name: str) -> Path:
@@ -43,7 +39,7 @@ def recipe_path(name: str) -> Path:
 
 def tiny_overrides(path: Path, data: Path) -> dict[str, str]:
     gqa = {"model.n_kv_heads": "2"} if "model.n_kv_heads" in gptzoo.load_recipe(path).keys() else {}
-    return {**TINY, **gqa, "data.path": str(data)}
+    return {**TINY_ONE_EVAL, "model.n_heads": "4", **gqa, "data.path": str(data)}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +76,33 @@ def build(name: str, overrides: dict | None = None):
     """The recipe's model at its own size, as shapes only (nothing is allocated)."""
     recipe = gptzoo.load_recipe(recipe_path(name), overrides)
     return recipe, eqx.filter_eval_shape(recipe.build, 65, key=jax.random.PRNGKey(0))
+
+
+ALL_RECIPES = sorted((ROOT / "recipes").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_builds_a_tiny_version_of_itself_that_runs(path):
+    """Each file in recipes/, the GPU ones included, loads, takes the shrinking overrides, builds
+    and runs a forward pass (training it is left to the tests above, or to a GPU)."""
+    keys = gptzoo.load_recipe(path).keys()
+    optional = {"model.n_kv_heads": "2", "model.n_latents": "8"}
+    overrides = {"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "4",
+                 "model.block_size": "32", **{k: v for k, v in optional.items() if k in keys}}
+    recipe = gptzoo.load_recipe(path, overrides)
+    model = recipe.build(65, key=jax.random.PRNGKey(0))
+    assert len(model.blocks) == 1 and model.block_size == 32
+    logits = eqx.filter_jit(model)(jax.numpy.zeros((2, 32), jax.numpy.int32))
+    n_predicted = int(overrides.get("model.n_latents", 32))
+    assert logits.shape == (2, n_predicted, 65) and bool(jax.numpy.isfinite(logits).all())
+
+
+def test_the_gpu_recipe_is_nanogpts_shakespeare_char():
+    recipe, model = build("char_shakespeare_gpu")
+    assert (recipe.model.n_layers, recipe.model.n_heads, recipe.model.d_model,
+            recipe.model.block_size, recipe.model.dropout) == (6, 6, 384, 256, 0.2)
+    assert len(model.blocks) == 6 and model.blocks[0].attention.qkv.bias is None  # use_bias=False
+    assert recipe.optimizer.grad_clip == 1.0
 
 
 def test_the_zoo_recipes_are_collected():

@@ -11,10 +11,10 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_ONE_EVAL
 
 import gptzoo
 from gptzoo import nn
-from gptzoo.data import SHAKESPEARE
 from gptzoo.models import GPT, gpt2
 
 
@@ -220,9 +220,9 @@ def small_gpt(**kwargs):
                 **kwargs)
 
 
-def wide_gpt(**kwargs):
+def wide_gpt(n_layers=2, **kwargs):
     """Wide enough for each weight's sample std to lie within a few percent of its init std."""
-    return gpt2(65, n_layers=2, n_heads=4, d_model=64, block_size=32, tie_head=False,
+    return gpt2(65, n_layers=n_layers, n_heads=4, d_model=64, block_size=32, tie_head=False,
                 key=jax.random.PRNGKey(16), **kwargs)
 
 
@@ -254,16 +254,16 @@ def linear_weights(model):
             and "embedding" not in jax.tree_util.keystr(path)}
 
 
-def test_gpt2_init_is_the_default_and_scales_residual_outputs():
-    default, explicit = wide_gpt(), wide_gpt(init="gpt2")
-    for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(explicit), strict=True):
-        np.testing.assert_array_equal(a, b)
-    weights = linear_weights(default)
-    assert len(weights) == 2 * 4 + 1  # qkv, out, up, down per block, and the head
+@pytest.mark.parametrize("n_layers", [2, 8])
+def test_gpt2_init_is_the_default_and_scales_residual_outputs(n_layers):
+    model = wide_gpt(n_layers)  # no `init` given
+    weights = linear_weights(model)
+    assert len(weights) == 4 * n_layers + 1  # qkv, out, up, down per block, and the head
     for name, w in weights.items():
-        std = 0.02 / 2 if name.endswith(("out.weight", "down.weight")) else 0.02  # 1/sqrt(2 * 2)
-        assert abs(w.std() - std) < 0.1 * std, name
-    for table in (default.token_embedding.weight, default.position_embedding.weight):
+        residual_output = name.endswith(("out.weight", "down.weight"))
+        std = 0.02 / math.sqrt(2 * n_layers) if residual_output else 0.02
+        assert abs(w.std() - std) < 0.1 * std, (name, w.std(), std)
+    for table in (model.token_embedding.weight, model.position_embedding.weight):
         assert abs(f64(table).std() - 0.02) < 0.1 * 0.02
 
 
@@ -362,18 +362,13 @@ def build_model(model, vocab_size, *, key):
     return gpt2(vocab_size, **vars(model), key=key)
 '''
 
-TINY = {"model.n_layers": "1", "model.n_heads": "2", "model.d_model": "32",
-        "model.block_size": "32", "trainer.max_steps": "30", "trainer.batch_size": "8",
-        "trainer.log_interval": "5", "trainer.steps_per_call": "5", "trainer.eval_interval": "30",
-        "trainer.eval_steps": "2", "optimizer.lr": "3e-3", "optimizer.warmup_steps": "5"}
 
 
-def train_losses(tmp_path, source, overrides):
-    data = tmp_path / "data.txt"
-    data.write_text(SHAKESPEARE.read_text()[:20_000])
+def train_losses(tmp_path, data, source, overrides):
     path = tmp_path / "recipe.py"
     path.write_text(textwrap.dedent(source))
-    recipe = gptzoo.load_recipe(path, {**TINY, "data.path": str(data), **overrides})
+    recipe = gptzoo.load_recipe(path, {**TINY_ONE_EVAL, "optimizer.lr": "3e-3",
+                                       "data.path": str(data), **overrides})
     result = gptzoo.train(recipe, run_dir=tmp_path / "run")
     assert np.isfinite(result.val_loss)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -400,14 +395,14 @@ def module_types(tree) -> set[type]:
     ({"model.norm": "rms", "model.mlp": "sgu", "model.block": "sequential"},
      (nn.RMSNorm, nn.SGUMLP, nn.Block)),
 ], ids=["rms-swiglu-gptj-headqk", "layernorm-geglu-neox", "rms-sgu-sequential"])
-def test_recipe_composes_zoo_parts_and_trains(tmp_path, parts, kinds):
-    _, model, losses = train_losses(tmp_path, ZOO_RECIPE, parts)
+def test_recipe_composes_zoo_parts_and_trains(tmp_path, small_text, parts, kinds):
+    _, model, losses = train_losses(tmp_path, small_text, ZOO_RECIPE, parts)
     assert set(kinds) <= module_types(model)
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-def test_recipe_trains_with_small_init(tmp_path):
-    recipe, _, losses = train_losses(tmp_path, INIT_RECIPE, {"model.init": "small"})
+def test_recipe_trains_with_small_init(tmp_path, small_text):
+    recipe, _, losses = train_losses(tmp_path, small_text, INIT_RECIPE, {"model.init": "small"})
     initial = recipe.build(65, key=jax.random.PRNGKey(0))
     assert np.abs(initial.token_embedding.weight).max() <= 1e-4
     assert losses[-1] < losses[0] - 0.3, losses
