@@ -15,7 +15,7 @@ from conftest import TINY_ONE_EVAL, loss_window_by_window
 
 import gptzoo
 from gptzoo import nn
-from gptzoo.data import SHAKESPEARE, all_windows, prepare_corpus
+from gptzoo.data import all_windows, prepare_corpus
 from gptzoo.models import PerceiverAR, perceiver_ar
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "perceiver_ar_shakespeare.py"
