@@ -238,6 +238,21 @@ def test_missing_files_fail_with_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_bfloat16_weights_import_exactly(tmp_path):
+    """A bf16 checkpoint (most published LLaMAs) is widened to float32 without loss."""
+    hf = make_hf("llama_tied", tmp_path / "hf").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    model, _ = load(tmp_path / "run")
+    assert max_diff(model, hf.float(), random_tokens(1)) <= TOLERANCE
+
+
+def test_export_refuses_runs_without_a_transformers_equivalent(trained_run, tmp_path):
+    with pytest.raises(GptzooError, match="char tokenizer, which has no Hugging Face equivalent"):
+        export_hf(trained_run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_missing_tensor_is_named(tmp_path):
     hf = make_hf("llama_tied", tmp_path / "hf")
     state = {k: v for k, v in hf.state_dict().items()

@@ -83,7 +83,9 @@ def fill(template, arrays: dict[str, np.ndarray], where: Path):
     if differences:
         raise GptzooError(f"{where}: {differences[0]} ({len(differences)} differences); the "
                           "weights do not match config.json")
-    return replace_arrays(template, {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
+    # Each NumPy array is dropped as it moves to JAX: never two copies of the model.
+    return replace_arrays(template, {k: jnp.asarray(arrays.pop(k), jnp.float32)
+                                     for k in list(arrays)})
 
 
 def _copy(names: tuple[str, ...], source: Path, destination: Path) -> None:
