@@ -103,7 +103,6 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
 
     model, opt_state = eqx.filter_shard((model, opt_state), replicated(mesh))
     schedule = make_schedule(recipe.optimizer, cfg.max_steps)
-    loader = Prefetcher(p.train_batches, _plan(start, cfg), chunk_sharded(mesh))
     reporter = reporter or Reporter(cfg.max_steps, start)
     reporter.print(f"training {recipe.name}: {_count(model):,} parameters, "
                    f"{len(jax.devices())} {jax.devices()[0].platform} device(s), run dir {run_dir}")
@@ -112,6 +111,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         return step % interval == 0 or step == cfg.max_steps
 
     step, compiled, interrupted = start, set(), False
+    loader = Prefetcher(p.train_batches, _plan(start, cfg), chunk_sharded(mesh))
     with _catch_sigint() as sigint, closing(loader):
         clock, timed_steps, steady = time.perf_counter(), 0, True
         for first, n, batches in loader:
