@@ -31,6 +31,9 @@ def bench(session):
     env = {"JAX_PLATFORMS": "cpu"}
     session.run("python", "bench/bench_train.py", *session.posargs, env=env)
     session.run("python", "bench/bench_sample.py", *session.posargs, env=env)
+    session.run("python", "bench/bench_loader.py", *session.posargs, env=env)
+    # Generates a 2 GB corpus (once, under the temp dir) and prepares and trains on it.
+    session.run("python", "bench/bench_scale.py", *session.posargs, env=env)
 
 
 @nox.session

@@ -1,4 +1,4 @@
-"""The `gptzoo` command: train, sample, eval, import-hf, export-hf, keys."""
+"""The `gptzoo` command: train, prepare, sample, eval, import-hf, export-hf, keys."""
 
 import functools
 import sys
@@ -115,12 +115,31 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
               "(an imported model's is the shipped tiny Shakespeare).")
 @friendly_errors
 def evaluate(run_dir, data_path):
-    """Loss and bits per character on the whole validation split."""
+    """Loss, bits per token and bits per byte of text on the whole validation split."""
     from gptzoo.trainer import evaluate_run
 
     result = evaluate_run(run_dir, data_path)
-    click.echo(f"val loss {result.loss:.4f} | {result.bits_per_token:.4f} bits per character "
-               f"| {result.n_tokens:,} tokens")
+    click.echo(f"val loss {result.loss:.4f} | {result.bits_per_token:.4f} bits per token "
+               f"| {result.bits_per_byte:.4f} bits per byte | {result.n_tokens:,} tokens")
+
+
+@main.command()
+@click.argument("recipe_path", metavar="RECIPE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set data.path=corpus/ (repeatable).")
+@friendly_errors
+def prepare(recipe_path, overrides):
+    """Tokenise a RECIPE's corpus into cached token shards (train does it on first use)."""
+    from gptzoo.data import prepare_corpus
+    from gptzoo.recipe import load_recipe, parse_overrides
+
+    recipe = load_recipe(recipe_path, parse_overrides(list(overrides)))
+    corpus = prepare_corpus(recipe.data, log=click.echo)
+    for name, split in (("train", corpus.train), ("val", corpus.val)):
+        click.echo(f"{name}: {len(split):,} tokens, {split.n_bytes:,} bytes "
+                   f"({split.bytes_per_token:.3f} bytes/token)")
+    click.echo(f"tokenizer: {recipe.data.tokenizer}, {corpus.tokenizer.vocab_size:,} tokens; "
+               f"cache {corpus.folder}")
 
 
 @main.command(name="import-hf")

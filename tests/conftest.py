@@ -29,6 +29,13 @@ def gptzoo_cli(*args, env=None, check=False, timeout=600) -> subprocess.Complete
                           timeout=timeout, cwd=ROOT)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def corpus_cache(tmp_path_factory) -> Path:
+    """Token shards go to a temporary cache (children inherit it), not ~/.cache/gptzoo."""
+    os.environ["GPTZOO_CACHE"] = str(tmp_path_factory.mktemp("gptzoo_cache"))
+    return Path(os.environ["GPTZOO_CACHE"])
+
+
 @pytest.fixture(scope="session")
 def small_text(tmp_path_factory) -> Path:
     """The first 20,000 characters of tiny Shakespeare: fast to encode, every common character."""

@@ -14,7 +14,7 @@ import pytest
 
 import gptzoo
 from gptzoo import nn
-from gptzoo.data import SHAKESPEARE, all_windows, read_text, split
+from gptzoo.data import SHAKESPEARE, all_windows, prepare_corpus
 from gptzoo.models import PerceiverAR, perceiver_ar
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "perceiver_ar_shakespeare.py"
@@ -176,8 +176,7 @@ def test_all_windows_score_each_token_once_with_its_true_context(n, block_size, 
 
 def test_evaluate_scores_every_validation_token_once(trained):
     recipe, result, _ = trained
-    tokens = result.tokenizer.encode(read_text(recipe.data.path))
-    _, val = split(tokens, recipe.data.val_fraction, recipe.model.block_size)
+    val = prepare_corpus(recipe.data).val
     evaluated = gptzoo.evaluate(result.model, val, recipe.model.block_size)
     assert evaluated.n_tokens == len(val) - 1
     assert evaluated.loss == pytest.approx(result.val_loss, rel=1e-5)
@@ -186,7 +185,7 @@ def test_evaluate_scores_every_validation_token_once(trained):
 def test_greedy_sampling_reads_the_last_latent_of_a_full_window(trained):
     recipe, result, _ = trained
     model, tokenizer, block_size = result.model, result.tokenizer, recipe.model.block_size
-    prompt = read_text(recipe.data.path)[:40]  # longer than block_size: every window is full
+    prompt = Path(recipe.data.path).read_text()[:40]  # longer than block_size: every window is full
     text = gptzoo.generate(model, tokenizer, prompt, max_new_tokens=20, temperature=0)
     assert text == gptzoo.generate(model, tokenizer, prompt, max_new_tokens=20, temperature=0)
     history = list(tokenizer.encode(prompt))

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import gptzoo
 from gptzoo import nn
 from gptzoo.cli import main
-from gptzoo.data import CharTokenizer, split
+from gptzoo.data import prepare_corpus
 from gptzoo.models import decoder, gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,9 +142,8 @@ def test_alibi_recipe_has_no_learned_positions_and_optional_head_qk():
 def test_alibi_model_trained_on_32_evaluates_on_64_token_windows(trained, small_text):
     recipe, result, _ = trained(recipe_path("alibi_shakespeare"))
     assert recipe.model.block_size == 32
-    text = small_text.read_text()
-    tokens = CharTokenizer.from_text(text).encode(text)
-    _, val = split(tokens, recipe.data.val_fraction, 64)
+    val = prepare_corpus(recipe.data).val
+    assert recipe.data.path == str(small_text)
     short = gptzoo.evaluate(result.model, val, 32).loss
     long = gptzoo.evaluate(result.model, val, 64).loss
     assert np.isfinite(long) and long < math.log(65)  # better than uniform guessing

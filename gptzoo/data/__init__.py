@@ -1,6 +1,8 @@
 """Tokenizers, corpora (token shards on disk) and the batch loader."""
 
-from gptzoo.data.text import SHAKESPEARE, all_windows, random_windows, read_text, split
+from gptzoo.data.corpus import Corpus, TokenSplit, prepare_corpus
+from gptzoo.data.loader import Batches, Prefetcher
+from gptzoo.data.text import SHAKESPEARE, all_windows, eval_windows, n_windows
 from gptzoo.data.tokenizer import (
     ByteTokenizer,
     CharTokenizer,
@@ -11,6 +13,7 @@ from gptzoo.data.tokenizer import (
     train_bpe,
 )
 
-__all__ = ["SHAKESPEARE", "ByteTokenizer", "CharTokenizer", "HFTokenizer", "Tokenizer",
-           "all_windows", "load_tokenizer_file", "random_windows", "read_text", "split",
-           "tokenizer_from_dict", "train_bpe"]
+__all__ = ["SHAKESPEARE", "Batches", "ByteTokenizer", "CharTokenizer", "Corpus", "HFTokenizer",
+           "Prefetcher", "TokenSplit", "Tokenizer", "all_windows", "eval_windows",
+           "load_tokenizer_file", "n_windows", "prepare_corpus", "tokenizer_from_dict",
+           "train_bpe"]

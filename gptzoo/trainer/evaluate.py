@@ -4,9 +4,8 @@ from pathlib import Path
 
 import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 
-from gptzoo.data import all_windows, read_text, split
+from gptzoo.data import eval_windows, n_windows, prepare_corpus
 from gptzoo.recipe import load_run_recipe
 from gptzoo.trainer.checkpoint import load
 from gptzoo.trainer.step import masked_loss_sum
@@ -16,31 +15,34 @@ from gptzoo.trainer.step import masked_loss_sum
 class EvalResult:
     loss: float  # mean cross-entropy in nats per token
     n_tokens: int
+    bytes_per_token: float | None = None  # UTF-8 bytes of the split's text per token
 
     @property
     def bits_per_token(self) -> float:
         return self.loss / math.log(2)
 
+    @property
+    def bits_per_byte(self) -> float | None:
+        """Comparable across tokenizers; equals bits per token for an ASCII char model."""
+        return None if self.bytes_per_token is None else self.bits_per_token / self.bytes_per_token
 
-def evaluate(model, tokens: np.ndarray, block_size: int, batch_size: int = 64) -> EvalResult:
-    """Loss over a whole split: every token after the first predicted exactly once.
+
+def evaluate(model, tokens, block_size: int, batch_size: int = 64,
+             bytes_per_token: float | None = None) -> EvalResult:
+    """Loss over a whole split (an array or a `TokenSplit`): every token after the first predicted
+    exactly once, read `batch_size` windows at a time.
 
     Windows step by the number of positions the model predicts, all of `block_size` for a GPT,
     the latents for Perceiver AR, so each token is predicted with up to `block_size` of context.
     """
     n_predicted = eqx.filter_eval_shape(model, jnp.zeros((1, block_size), jnp.int32)).shape[-2]
-    inputs, targets, mask = all_windows(tokens, block_size, stride=n_predicted)
-    pad = -len(inputs) % batch_size
-    # Padding to whole batches keeps one compiled shape; padded windows are masked out.
-    inputs, targets, mask = (np.concatenate([a, np.zeros((pad, block_size), a.dtype)])
-                             for a in (inputs, targets, mask))
-    total = sum(
-        float(masked_loss_sum(model, inputs[i:i + batch_size], targets[i:i + batch_size],
-                              mask[i:i + batch_size]))
-        for i in range(0, len(inputs), batch_size)
-    )
-    n_tokens = int(mask.sum())
-    return EvalResult(loss=total / n_tokens, n_tokens=n_tokens)
+    total, n_tokens = 0.0, 0
+    for first in range(0, n_windows(len(tokens), n_predicted), batch_size):
+        # Whole batches keep one compiled shape; windows past the end are masked out.
+        inputs, targets, mask = eval_windows(tokens, block_size, n_predicted, first, batch_size)
+        total += float(masked_loss_sum(model, inputs, targets, mask))
+        n_tokens += int(mask.sum())
+    return EvalResult(loss=total / n_tokens, n_tokens=n_tokens, bytes_per_token=bytes_per_token)
 
 
 def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None) -> EvalResult:
@@ -48,6 +50,8 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None) -> Ev
     (or of `data_path`)."""
     model, tokenizer = load(run_dir)
     recipe = load_run_recipe(Path(run_dir))
-    text = read_text(data_path or recipe.data.path)
-    _, val = split(tokenizer.encode(text), recipe.data.val_fraction, recipe.model.block_size)
-    return evaluate(model, val, recipe.model.block_size)
+    if data_path is not None:  # e.g. an imported model's own text to score
+        recipe.set("data.path", str(data_path))
+    val = prepare_corpus(recipe.data, tokenizer).val
+    val.require(recipe.model.block_size + 1, "one window (model.block_size + 1)")
+    return evaluate(model, val, recipe.model.block_size, bytes_per_token=val.bytes_per_token)

@@ -1,9 +1,10 @@
 """The generic training loop: recipe in, trained model and run directory out."""
 
+import math
 import signal
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptzoo.data import CharTokenizer, read_text, split
+from gptzoo.data import Batches, Corpus, Prefetcher, Tokenizer, prepare_corpus
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe, save_recipe
 from gptzoo.trainer.checkpoint import Checkpoints, param_shapes
@@ -21,14 +22,14 @@ from gptzoo.trainer.evaluate import evaluate
 from gptzoo.trainer.init_from import Initial
 from gptzoo.trainer.optimizer import make_optimizer, make_schedule
 from gptzoo.trainer.progress import MetricsLog, Reporter
-from gptzoo.trainer.sharding import make_mesh, replicated
+from gptzoo.trainer.sharding import chunk_sharded, make_mesh, replicated
 from gptzoo.trainer.step import estimate_loss, make_train_chunk
 
 
 @dataclass
 class TrainResult:
     model: eqx.Module
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     run_dir: Path
     step: int
     val_loss: float | None  # over the whole validation split; None if interrupted
@@ -39,9 +40,10 @@ class TrainResult:
 class Prepared:
     """Everything a run needs before its first step, built from the recipe alone."""
 
-    tokenizer: CharTokenizer
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
+    corpus: Corpus
+    tokenizer: Tokenizer
+    train_batches: Batches
+    val_batches: Batches  # the in-training estimate's
     mesh: jax.sharding.Mesh
     model: eqx.Module
     optimizer: optax.GradientTransformation
@@ -50,22 +52,26 @@ class Prepared:
     train_chunk: Callable
 
 
-def prepare(recipe: Recipe, init_from: str | Path | None = None) -> Prepared:
+def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> Prepared:
     """`init_from`: a run directory whose weights and tokenizer the model starts from."""
     cfg, block_size = recipe.trainer, recipe.model.block_size
     initial = Initial.load(init_from) if init_from else None
-    text = read_text(recipe.data.path)
-    tokenizer = initial.tokenizer if initial else CharTokenizer.from_text(text)
-    train_tokens, val_tokens = split(tokenizer.encode(text), recipe.data.val_fraction, block_size)
+    corpus = prepare_corpus(recipe.data, initial.tokenizer if initial else None, log=log)
+    tokenizer = corpus.tokenizer
+    corpus.train.require(cfg.batch_size * block_size + 1,
+                         f"one batch (trainer.batch_size={cfg.batch_size} x "
+                         f"model.block_size={block_size} + 1)")
+    train_batches = Batches(corpus.train, cfg.batch_size, block_size, cfg.seed)
+    val_batches = Batches(corpus.val, cfg.batch_size, block_size, cfg.seed + 1)
     mesh = make_mesh(cfg.batch_size)
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model = recipe.build(tokenizer.vocab_size, key=model_key)
     model = initial.weights_into(model) if initial else model
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
-    train_chunk = make_train_chunk(optimizer, mesh, cfg.batch_size, block_size)
-    return Prepared(tokenizer, train_tokens, val_tokens, mesh, model, optimizer, opt_state,
-                    train_key, train_chunk)
+    train_chunk = make_train_chunk(optimizer, mesh)
+    return Prepared(corpus, tokenizer, train_batches, val_batches, mesh, model, optimizer,
+                    opt_state, train_key, train_chunk)
 
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
@@ -74,7 +80,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     `init_from` (a run directory) starts from its weights and tokenizer."""
     run_dir = Path(run_dir or Path("runs") / recipe.name)
     cfg, block_size = recipe.trainer, recipe.model.block_size
-    p = prepare(recipe, init_from)
+    p = prepare(recipe, init_from=init_from)
     tokenizer, mesh, model, opt_state = p.tokenizer, p.mesh, p.model, p.opt_state
     train_key = p.train_key
     meta = {"tokenizer": tokenizer.to_dict(), "recipe": {"name": recipe.name, **recipe.to_dict()},
@@ -96,14 +102,12 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         model, opt_state = checkpoints.restore(start, model, opt_state)
         train_key = jnp.asarray(saved["key"], dtype=jnp.uint32)
     save_recipe(recipe, run_dir)
+    tokenizer.save(run_dir)
     meta["key"] = np.asarray(train_key).tolist()
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
 
     model, opt_state = eqx.filter_shard((model, opt_state), replicated(mesh))
-    train_data = jax.device_put(p.train_tokens, replicated(mesh))
-    val_data = jax.device_put(p.val_tokens, replicated(mesh))
     schedule = make_schedule(recipe.optimizer, cfg.max_steps)
-    eval_key = jax.random.fold_in(train_key, 2**32 - 1)  # a step index never reached
     reporter = reporter or Reporter(cfg.max_steps, start)
     reporter.print(f"training {recipe.name}: {_count(model):,} parameters, "
                    f"{len(jax.devices())} {jax.devices()[0].platform} device(s), run dir {run_dir}")
@@ -112,15 +116,15 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         return step % interval == 0 or step == cfg.max_steps
 
     step, compiled, interrupted = start, set(), False
-    with _catch_sigint() as sigint:
+    loader = Prefetcher(p.train_batches, _plan(start, cfg), chunk_sharded(mesh))
+    with _catch_sigint() as sigint, closing(loader):
         clock, timed_steps, steady = time.perf_counter(), 0, True
-        while step < cfg.max_steps and not interrupted:
-            n = _next_boundary(step, cfg) - step
+        for first, n, batches in loader:
             steady &= n in compiled  # a new chunk length compiles: keep it out of tokens/s
             compiled.add(n)
-            model, opt_state, losses = p.train_chunk((train_data, train_key, jnp.int32(step)),
-                                                   model, opt_state, n)
-            step, timed_steps, interrupted = step + n, timed_steps + n, sigint.caught
+            model, opt_state, losses = p.train_chunk((batches, train_key, jnp.int32(first)),
+                                                   model, opt_state)
+            step, timed_steps, interrupted = first + n, timed_steps + n, sigint.caught
             if due(cfg.log_interval) or interrupted:
                 loss = float(losses[-1])
                 elapsed = time.perf_counter() - clock
@@ -128,9 +132,10 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                           "tokens_per_sec": (timed_steps * cfg.batch_size * block_size / elapsed
                                              if steady else None)}
                 if due(cfg.eval_interval):
-                    record["val_loss"] = float(estimate_loss(
-                        model, val_data, jax.random.fold_in(eval_key, step), cfg.eval_steps,
-                        cfg.batch_size, block_size))
+                    val = p.val_batches.chunk(step * cfg.eval_steps, cfg.eval_steps)
+                    record["val_loss"] = float(estimate_loss(model, jax.device_put(
+                        val, chunk_sharded(mesh))))
+                    record["val_bpb"] = _bits_per_byte(record["val_loss"], p.corpus)
                 metrics.write(record)
                 reporter.log(record)
                 if not np.isfinite(loss):
@@ -139,16 +144,33 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                 checkpoints.save(step, model, opt_state, meta)
             if due(cfg.log_interval) or due(cfg.checkpoint_interval):
                 clock, timed_steps, steady = time.perf_counter(), 0, True
+            if interrupted:
+                break
     checkpoints.close()
     if interrupted:
         reporter.close()
         reporter.print(f"interrupted: saved step {step} in {run_dir}; continue with --resume")
         return TrainResult(model, tokenizer, run_dir, step, None, True)
-    result = evaluate(model, p.val_tokens, block_size)
+    result = evaluate(model, p.corpus.val, block_size,
+                      bytes_per_token=p.corpus.val.bytes_per_token)
     reporter.close()
-    reporter.print(f"final val loss {result.loss:.4f} ({result.bits_per_token:.4f} bits/token) "
-                   f"over the whole validation split ({result.n_tokens:,} tokens)")
+    reporter.print(f"final val loss {result.loss:.4f} ({result.bits_per_token:.4f} bits/token, "
+                   f"{result.bits_per_byte:.4f} bits/byte) over the whole validation split "
+                   f"({result.n_tokens:,} tokens)")
     return TrainResult(model, tokenizer, run_dir, step, result.loss, False)
+
+
+def _bits_per_byte(loss: float, corpus: Corpus) -> float:
+    return loss / math.log(2) / corpus.val.bytes_per_token
+
+
+def _plan(start: int, cfg) -> list[tuple[int, int]]:
+    """(first step, number of steps) of every chunk from `start` to the end."""
+    plan = []
+    while start < cfg.max_steps:
+        plan.append((start, _next_boundary(start, cfg) - start))
+        start += plan[-1][1]
+    return plan
 
 
 def _next_boundary(step: int, cfg) -> int:
@@ -159,8 +181,9 @@ def _next_boundary(step: int, cfg) -> int:
 
 def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
     if saved["tokenizer"] != current["tokenizer"]:
-        raise GptzooError(f"the data's vocabulary differs from the checkpoint's in {run_dir}; "
-                          "resume with the data.path it was trained on")
+        raise GptzooError(f"the tokenizer of this data (data.tokenizer, data.path) differs from "
+                          f"the checkpoint's in {run_dir}; resume with the data.path and "
+                          f"data.tokenizer of {run_dir}/recipe.json")
     was, now = saved["recipe"]["model"], current["recipe"]["model"]
     changed = [f"model.{k}={now.get(k)!r} (checkpoint: {was.get(k)!r})"
                for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]

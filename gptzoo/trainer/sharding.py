@@ -1,4 +1,4 @@
-"""Data parallelism over a 1-D device mesh: batches split along `data`, everything else replicated."""
+"""Data parallelism over a 1-D device mesh: batches split along `data`, the rest replicated."""
 
 import jax
 import numpy as np
@@ -23,3 +23,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def chunk_sharded(mesh: Mesh) -> NamedSharding:
+    """A stack of batches `(n_steps, batch, ...)`: each batch split along `data`."""
+    return NamedSharding(mesh, PartitionSpec(None, "data"))

@@ -9,7 +9,6 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from gptzoo.data import random_windows
 from gptzoo.trainer.sharding import batch_sharded
 
 
@@ -26,48 +25,47 @@ def predicted(a: Array, logits: Array) -> Array:
     return a[..., a.shape[-1] - logits.shape[-2]:]
 
 
-def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, batch_size: int,
-                     block_size: int):
-    """`train_chunk((tokens, key, start), model, opt_state, n_steps)` runs `n_steps` optimizer steps
-    in one compiled `lax.scan` and returns the updated model and state and each step's loss.
+def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh):
+    """`train_chunk((batches, key, start), model, opt_state)` runs one optimizer step per batch of
+    `batches (n_steps, batch, block + 1)` (a `Batches.chunk`) in one compiled `lax.scan` and
+    returns the updated model and state and each step's loss.
 
-    The batch and dropout randomness of step `s` come from `fold_in(key, s)`, so a run is a pure
-    function of its seed and resumes exactly from any step. Model and state buffers are donated.
+    The dropout randomness of step `s` comes from `fold_in(key, s)` and its batch from the
+    loader's (seed, step), so a run resumes exactly from any step. Model and state are donated.
     """
 
     @eqx.filter_jit(donate="all-except-first")
-    def train_chunk(data, model, opt_state, n_steps: int):
-        tokens, key, start = data
+    def train_chunk(data, model, opt_state):
+        batches, key, start = data
         params, static = eqx.partition(model, eqx.is_array)
 
-        def step(carry, step_index):
+        def step(carry, xs):
             params, opt_state = carry
-            batch_key, dropout_key = jax.random.split(jax.random.fold_in(key, step_index))
-            inputs, targets = random_windows(tokens, batch_key, batch_size, block_size)
-            inputs = jax.lax.with_sharding_constraint(inputs, batch_sharded(mesh))
-            targets = jax.lax.with_sharding_constraint(targets, batch_sharded(mesh))
+            step_index, batch = xs
+            dropout_key = jax.random.fold_in(key, step_index)
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharded(mesh))
+            inputs, targets = batch[:, :-1], batch[:, 1:]
             loss, grads = eqx.filter_value_and_grad(
                 lambda p: loss_fn(eqx.combine(p, static), inputs, targets, dropout_key)
             )(params)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (eqx.apply_updates(params, updates), opt_state), loss
 
-        steps = start + jnp.arange(n_steps)
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), steps)
+        steps = start + jnp.arange(batches.shape[0])
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (steps, batches))
         return eqx.combine(params, static), opt_state, losses
 
     return train_chunk
 
 
 @eqx.filter_jit
-def estimate_loss(model, tokens: Int[Array, " n"], key: PRNGKeyArray, n_batches: int,
-                  batch_size: int, block_size: int) -> Float[Array, ""]:
-    """Mean loss over `n_batches` random windows (dropout off): the in-training eval."""
+def estimate_loss(model, batches: Int[Array, "n batch block_plus_1"]) -> Float[Array, ""]:
+    """Mean loss over a stack of batches (dropout off): the in-training eval."""
 
-    def one(_, k):
-        return None, loss_fn(model, *random_windows(tokens, k, batch_size, block_size))
+    def one(_, batch):
+        return None, loss_fn(model, batch[:, :-1], batch[:, 1:])
 
-    _, losses = jax.lax.scan(one, None, jax.random.split(key, n_batches))
+    _, losses = jax.lax.scan(one, None, batches)
     return losses.mean()
 
 
