@@ -17,11 +17,14 @@ transformers = pytest.importorskip("transformers")
 from click.testing import CliRunner, Result  # noqa: E402
 from conftest import SHAKESPEARE, gptzoo_cli  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from gptzoo.cli import main  # noqa: E402
 from gptzoo.errors import GptzooError  # noqa: E402
-from gptzoo.hf import export_hf, import_hf, read_config  # noqa: E402
+from gptzoo.hf import export_hf, import_hf, read_config, write_config  # noqa: E402
+from gptzoo.hf.weights import FAMILIES, write_params  # noqa: E402
+from gptzoo.models import GPT2Config, LlamaConfig, build_architecture  # noqa: E402
 from gptzoo.models.names import named_leaves  # noqa: E402
 from gptzoo.sample import generate_tokens  # noqa: E402
 from gptzoo.trainer import load  # noqa: E402
@@ -178,6 +181,23 @@ def test_import_export_import_is_bit_identical(imported, name, tmp_path):
         np.testing.assert_array_equal(np.asarray(first[key]), np.asarray(second[key]), key)
     assert json.loads((run / "recipe.json").read_text())["model"] == json.loads(
         (tmp_path / "run" / "recipe.json").read_text())["model"]
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_recipe_models_export_to_transformers(architecture, tmp_path):
+    """A model built from a recipe's config (LLaMA's hidden width from multiple_of, no
+    vocab_size) exports as transformers computes it: same logits from from_pretrained."""
+    config = (GPT2Config(n_layers=2, n_heads=2, d_model=32, block_size=64)
+              if architecture == "gpt2" else
+              LlamaConfig(n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, block_size=64,
+                          multiple_of=32, rotary_base=1000.0))
+    model = build_architecture(architecture, config, VOCAB, key=jax.random.PRNGKey(0))
+    tensors = write_params(FAMILIES[architecture](config),
+                           {k: np.asarray(v) for k, v in named_leaves(model).items()})
+    (tmp_path / "config.json").write_text(json.dumps(write_config(architecture, config, VOCAB)))
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert max_diff(model, hf, random_tokens(2)) <= TOLERANCE
 
 
 def test_both_config_dialects_read_alike(tmp_path):
