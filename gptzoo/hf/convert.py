@@ -88,6 +88,16 @@ def fill(template, arrays: dict[str, np.ndarray], where: Path):
                                      for k in list(arrays)})
 
 
+def _check_exportable(architecture: str, config, run_dir: Path) -> None:
+    """Refuse the bias layouts that transformers' GPT-2 and LLaMA/Qwen2 classes cannot hold."""
+    if architecture == "gpt2" and not config.use_bias:
+        raise GptzooError(f"{run_dir}: GPT-2 without biases (model.use_bias=false) has no "
+                          "transformers equivalent; export a run with biases")
+    if architecture == "llama" and config.use_bias and config.qkv_bias is False:
+        raise GptzooError(f"{run_dir}: biases everywhere but on q/k/v (model.qkv_bias=false) "
+                          "has no transformers equivalent; export a run without that setting")
+
+
 def _copy(names: tuple[str, ...], source: Path, destination: Path) -> None:
     for name in names:
         if (source / name).is_file():
@@ -102,9 +112,7 @@ def export_hf(run_dir: str | Path, out: str | Path) -> Path:
     if recipe.architecture not in FAMILIES:
         raise GptzooError(f"{run_dir} was trained from a custom recipe; export-hf writes runs of "
                           f"the built-in architectures {', '.join(FAMILIES)}")
-    if recipe.architecture == "gpt2" and not recipe.model.use_bias:
-        raise GptzooError(f"{run_dir}: GPT-2 without biases (model.use_bias=false) has no "
-                          "transformers equivalent; export a run with biases")
+    _check_exportable(recipe.architecture, recipe.model, run_dir)
     model, tokenizer = load(run_dir)
     if not isinstance(tokenizer, HFTokenizer):
         raise GptzooError(f"{run_dir} uses gptzoo's {tokenizer.to_dict()['kind']} tokenizer, "
