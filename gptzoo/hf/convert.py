@@ -56,10 +56,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, block_size: int | None = None
     save_recipe(recipe, out)
     checkpoints = Checkpoints(out)
     # No optimizer state: fine-tuning (--init-from) starts a fresh one. Orbax refuses an empty
-    # item, so a scalar stands in.
+    # item, so a named scalar stands in.
     meta = {"tokenizer": tokenizer.to_dict(), "imported_from": str(hf_dir.absolute()),
             "recipe": {"name": recipe.name, **recipe.to_dict()}}
-    checkpoints.save(0, model, jnp.int32(0), meta)
+    checkpoints.save(0, model, {"none": jnp.int32(0)}, meta)
     checkpoints.close()
     return out
 
