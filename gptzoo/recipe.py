@@ -245,10 +245,7 @@ def _python_recipe(path: Path) -> Recipe:
 
 def _read_json_recipe(path: Path) -> Recipe:
     """A recipe of a built-in architecture from the `recipe.json` a run directory holds."""
-    try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GptzooError(f"{path} is not valid JSON ({e}); restore it from the run") from e
+    values = _read_json(path)
     architecture = values.get("architecture")
     if architecture is None:
         raise GptzooError(f"{path} names no built-in architecture; pass the run's recipe.py")
@@ -260,6 +257,13 @@ def _read_json_recipe(path: Path) -> Recipe:
         raise GptzooError(f"{path}: {e}; remove the key or fix its name") from e
     return Recipe(name=values.get("name", path.parent.name), source=path, build_model=None,
                   architecture=architecture, **sections)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptzooError(f"{path} is not valid JSON ({e}); restore it from the run") from e
 
 
 def _check_architecture(architecture: Any, path: Path) -> None:
@@ -300,7 +304,7 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     """The recipe a run directory was trained with, as `save_recipe` left it: read from
     `recipe.json` for a built-in architecture, else by executing the run's `recipe.py`."""
     source, resolved = run_dir / "recipe.py", run_dir / "recipe.json"
-    if resolved.is_file() and "architecture" in json.loads(resolved.read_text()):
+    if resolved.is_file() and "architecture" in _read_json(resolved):
         return _read_json_recipe(resolved)
     if not source.is_file() or not resolved.is_file():
         raise GptzooError(f"{run_dir} holds no recipe.py/recipe.json; point --ckpt at a run "

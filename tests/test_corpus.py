@@ -47,6 +47,12 @@ def test_a_file_splits_by_bytes_into_shards_that_round_trip(tmp_path, monkeypatc
     starts = np.array([0, 90, 96, 97, 150, len(corpus.train) - 40])
     np.testing.assert_array_equal(corpus.train.windows(starts, 40),
                                   flat[starts[:, None] + np.arange(40)])
+    # A cut inside a character moves past it: the whole character stays in training.
+    emoji = ("line of text\n" * 70)[:898] + "🙂" + "b" * 98  # 1,000 bytes: byte 900 is inside
+    path.write_text(emoji)
+    corpus = prepare_corpus(cfg, log=lambda _: None)
+    assert decode_split(corpus, corpus.train).endswith("🙂") and len(corpus.train) == 902
+    assert decode_split(corpus, corpus.val) == "b" * 98
     shard = np.fromfile(corpus.folder / corpus.manifest["splits"]["train"]["shards"][0]["file"],
                         dtype=np.uint16)
     assert len(shard) == 97  # two bytes a token on disk
@@ -60,7 +66,7 @@ def test_char_split_is_the_old_token_split_and_documents_join_with_end_of_text(t
     assert decode_split(corpus, corpus.train) == text[:900]
     assert decode_split(corpus, corpus.val) == text[900:] and corpus.val.bytes_per_token == 1.0
 
-    records = [{"body": f"document {i} " + "words " * i} for i in range(30)]
+    records = [{"body": f"document {i} é " + "words " * i} for i in range(30)]
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
     corpus = prepare_corpus(DataConfig(path=str(jsonl), tokenizer="bpe", vocab_size=300,
@@ -68,6 +74,8 @@ def test_char_split_is_the_old_token_split_and_documents_join_with_end_of_text(t
                             log=lambda _: None)
     both = decode_split(corpus, corpus.train) + "<|endoftext|>" + decode_split(corpus, corpus.val)
     assert both == "<|endoftext|>".join(r["body"] for r in records)
+    n_bytes = sum(len(r["body"].encode()) for r in records)
+    assert corpus.train.n_bytes + corpus.val.n_bytes == n_bytes
     assert 257 < corpus.manifest["vocab_size"] <= 300  # fewer when the text runs out of pairs
 
 

@@ -14,11 +14,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from click.testing import CliRunner, Result  # noqa: E402
 from conftest import SHAKESPEARE, gptzoo_cli  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from gptzoo.cli import main  # noqa: E402
 from gptzoo.errors import GptzooError  # noqa: E402
-from gptzoo.hf import export_hf, import_hf, read_config  # noqa: E402
+from gptzoo.hf import export_hf, import_hf, read_config, write_config  # noqa: E402
+from gptzoo.hf.weights import FAMILIES, write_params  # noqa: E402
+from gptzoo.models import GPT2Config, LlamaConfig, build_architecture  # noqa: E402
 from gptzoo.models.names import named_leaves  # noqa: E402
 from gptzoo.sample import generate_tokens  # noqa: E402
 from gptzoo.trainer import load  # noqa: E402
@@ -90,13 +96,21 @@ def make_hf(name: str, folder: Path):
     return model
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def imported(request, tmp_path_factory):
-    """(name, transformers model, HF folder, run directory)."""
-    root = tmp_path_factory.mktemp(request.param)
-    hf = make_hf(request.param, root / "hf")
-    import_hf(root / "hf", root / "run")
-    return request.param, hf, root / "hf", root / "run"
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """`imported(name)`: (transformers model, HF folder, run directory) of CONFIGS[name], made
+    and imported once per module."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            root = tmp_path_factory.mktemp(name)
+            hf = make_hf(name, root / "hf")
+            import_hf(root / "hf", root / "run")
+            made[name] = hf, root / "hf", root / "run"
+        return made[name]
+
+    return get
 
 
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
@@ -104,7 +118,7 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
         return model(torch.tensor(tokens)).logits.numpy()
 
 
-def random_tokens(seed: int, shape=(3, 40)) -> np.ndarray:
+def random_tokens(seed: int, shape=(3, 32)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, shape)
 
 
@@ -113,24 +127,28 @@ def max_diff(model, hf, tokens) -> float:
     return float(np.abs(ours - hf_logits(hf, tokens)).max())
 
 
-def test_saved_layouts_are_the_ones_named(imported):
-    name, _, folder, _ = imported
+@pytest.mark.parametrize("name", CONFIGS)
+def test_saved_layouts_are_the_ones_named(imported, name):
+    _, folder, _ = imported(name)
     save = CONFIGS[name]["save"]
     files = {p.name for p in folder.iterdir()}
     assert {"bin": "pytorch_model.bin", "sharded": "model.safetensors.index.json",
             "safetensors": "model.safetensors"}[save] in files
 
 
-def test_imported_logits_match_transformers(imported):
-    name, hf, _, run = imported
+@pytest.mark.parametrize("name", CONFIGS)
+def test_imported_logits_match_transformers(imported, name):
+    hf, _, run = imported(name)
     model, _ = load(run)
-    diff = max(max_diff(model, hf, random_tokens(seed)) for seed in range(2))
+    diff = max_diff(model, hf, random_tokens(0, (4, 48)))
     print(f"{name}: max |logit difference| {diff:.2e}")
     assert diff <= TOLERANCE
 
 
-def test_greedy_generation_matches_transformers(imported):
-    _, hf, _, run = imported
+# One of each family, for time: learned positions (the sampler crops) and rotary (it slides).
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa_llama3"])
+def test_greedy_generation_matches_transformers(imported, name):
+    hf, _, run = imported(name)
     model, _ = load(run)
     prompt = random_tokens(7, (1, 6))
     with torch.no_grad():
@@ -141,8 +159,9 @@ def test_greedy_generation_matches_transformers(imported):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
-    _, hf, _, run = imported
+@pytest.mark.parametrize("name", CONFIGS)
+def test_export_loads_in_transformers_with_the_same_logits(imported, name, tmp_path):
+    hf, _, run = imported(name)
     export_hf(run, tmp_path / "out")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens = random_tokens(3)
@@ -151,8 +170,9 @@ def test_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
             == Tokenizer.from_file(str(run / "tokenizer.json")).to_str())
 
 
-def test_import_export_import_is_bit_identical(imported, tmp_path):
-    _, _, _, run = imported
+@pytest.mark.parametrize("name", CONFIGS)
+def test_import_export_import_is_bit_identical(imported, name, tmp_path):
+    _, _, run = imported(name)
     export_hf(run, tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "run")
     first, second = (named_leaves(load(r)[0]) for r in (run, tmp_path / "run"))
@@ -161,6 +181,23 @@ def test_import_export_import_is_bit_identical(imported, tmp_path):
         np.testing.assert_array_equal(np.asarray(first[key]), np.asarray(second[key]), key)
     assert json.loads((run / "recipe.json").read_text())["model"] == json.loads(
         (tmp_path / "run" / "recipe.json").read_text())["model"]
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_recipe_models_export_to_transformers(architecture, tmp_path):
+    """A model built from a recipe's config (LLaMA's hidden width from multiple_of, no
+    vocab_size) exports as transformers computes it: same logits from from_pretrained."""
+    config = (GPT2Config(n_layers=2, n_heads=2, d_model=32, block_size=64)
+              if architecture == "gpt2" else
+              LlamaConfig(n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, block_size=64,
+                          multiple_of=32, rotary_base=1000.0))
+    model = build_architecture(architecture, config, VOCAB, key=jax.random.PRNGKey(0))
+    tensors = write_params(FAMILIES[architecture](config),
+                           {k: np.asarray(v) for k, v in named_leaves(model).items()})
+    (tmp_path / "config.json").write_text(json.dumps(write_config(architecture, config, VOCAB)))
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert max_diff(model, hf, random_tokens(2)) <= TOLERANCE
 
 
 def test_both_config_dialects_read_alike(tmp_path):
@@ -221,6 +258,21 @@ def test_missing_files_fail_with_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_bfloat16_weights_import_exactly(tmp_path):
+    """A bf16 checkpoint (most published LLaMAs) is widened to float32 without loss."""
+    hf = make_hf("llama_tied", tmp_path / "hf").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    model, _ = load(tmp_path / "run")
+    assert max_diff(model, hf.float(), random_tokens(1)) <= TOLERANCE
+
+
+def test_export_refuses_runs_without_a_transformers_equivalent(trained_run, tmp_path):
+    with pytest.raises(GptzooError, match="char tokenizer, which has no Hugging Face equivalent"):
+        export_hf(trained_run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_missing_tensor_is_named(tmp_path):
     hf = make_hf("llama_tied", tmp_path / "hf")
     state = {k: v for k, v in hf.state_dict().items()
@@ -231,28 +283,34 @@ def test_a_missing_tensor_is_named(tmp_path):
         import_hf(tmp_path / "hf", tmp_path / "run")
 
 
+def cli(*args) -> Result:
+    """The command line, in this process (a fresh one costs seconds of imports)."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
 @pytest.fixture(scope="module")
-def llama_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    make_hf("llama_gqa_llama3", root / "hf")
-    done = gptzoo_cli("import-hf", root / "hf", "--out", root / "run", "--block-size", "64")
-    assert done.returncode == 0, done.stderr
-    return root / "run"
+def llama_run(imported, tmp_path_factory):
+    _, folder, _ = imported("llama_gqa_llama3")
+    run = tmp_path_factory.mktemp("cli") / "run"
+    result = cli("import-hf", folder, "--out", run, "--block-size", "64")
+    assert result.exit_code == 0, result.output
+    return run
 
 
 def test_cli_import_sample_eval_export(llama_run, tmp_path, small_text):
     recipe = json.loads((llama_run / "recipe.json").read_text())
     assert recipe["architecture"] == "llama" and recipe["model"]["block_size"] == 64
     assert not (llama_run / "recipe.py").exists()  # nothing to execute when loading it
-    sample = gptzoo_cli("sample", "--ckpt", llama_run, "--prompt", "ROMEO:", "--max-new-tokens",
-                        "8", "--temperature", "0", check=True).stdout
-    assert sample.startswith("ROMEO:") and len(sample) > len("ROMEO:\n")
-    evaluated = gptzoo_cli("eval", "--ckpt", llama_run, "--data", small_text, check=True).stdout
-    assert float(evaluated.split("val loss ")[1].split()[0]) > 0
-    gptzoo_cli("export-hf", llama_run, "--out", tmp_path / "hf", check=True)
+    sample = cli("sample", "--ckpt", llama_run, "--prompt", "ROMEO:", "--max-new-tokens", "8",
+                 "--temperature", "0")
+    assert sample.exit_code == 0 and sample.stdout.startswith("ROMEO:"), sample.output
+    assert len(sample.stdout) > len("ROMEO:\n")
+    evaluated = cli("eval", "--ckpt", llama_run, "--data", small_text)
+    assert float(evaluated.stdout.split("val loss ")[1].split()[0]) > 0, evaluated.output
+    assert cli("export-hf", llama_run, "--out", tmp_path / "hf").exit_code == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"][
         "rope_type"] == "llama3"
-    with __import__("safetensors").safe_open(tmp_path / "hf" / "model.safetensors", "np") as f:
+    with safe_open(tmp_path / "hf" / "model.safetensors", "np") as f:
         assert f.metadata() == {"format": "pt"}
 
 
@@ -264,8 +322,9 @@ def test_init_from_takes_the_weights_and_tokenizer(llama_run, tmp_path, small_te
                  "trainer.checkpoint_interval": 2, "trainer.steps_per_call": 1,
                  "optimizer.lr": 1e-12, "optimizer.warmup_steps": 1}
     args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
-    gptzoo_cli("train", llama_run / "recipe.json", *args, "--init-from", llama_run,
-               "--run-dir", tmp_path / "tuned", check=True)
+    result = cli("train", llama_run / "recipe.json", *args, "--init-from", llama_run,
+                 "--run-dir", tmp_path / "tuned")
+    assert result.exit_code == 0, result.output
     (before, tokenizer), (after, tuned_tokenizer) = load(llama_run), load(tmp_path / "tuned")
     assert tuned_tokenizer.to_dict() == tokenizer.to_dict()
     for name, array in named_leaves(before).items():
@@ -273,9 +332,9 @@ def test_init_from_takes_the_weights_and_tokenizer(llama_run, tmp_path, small_te
 
 
 def test_init_from_a_different_shape_names_the_parameters(llama_run, tmp_path):
-    result = gptzoo_cli("train", llama_run / "recipe.json", "--set", "model.d_hidden=96",
-                        "--init-from", llama_run, "--run-dir", tmp_path / "tuned")
-    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    result = cli("train", llama_run / "recipe.json", "--set", "model.d_hidden=96",
+                 "--init-from", llama_run, "--run-dir", tmp_path / "tuned")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
     assert ("checkpoint has blocks.0.mlp.down.weight (80, 48); the recipe builds (96, 48)"
             in result.stderr), result.stderr
     assert not (tmp_path / "tuned" / "checkpoints").exists()

@@ -320,7 +320,7 @@ def _text_pieces(path: Path, cut: int, _field, advance) -> Iterator[Piece]:
             end = (data.rfind(b"\n") + 1 or len(data)) if block else len(data)
             step = -1  # a cut must not fall inside a character: move it back to the last start
             if position < cut < position + end:
-                end, step = cut - position, 1  # the split: its first character goes to val
+                end, step = cut - position, 1  # the split; a character across it trains
             while 0 < end < len(data) and data[end] & 0xC0 == 0x80:
                 end += step
             end = end or len(data)

@@ -30,13 +30,16 @@ class Batches:
         self.n_windows = (len(split) - self.spread) // block_size
         self._epoch: tuple[int, int, np.ndarray] | None = None
 
-    def starts(self, step: int, rows: range | None = None) -> Int[np.ndarray, " rows"]:
-        """Token offsets of the windows in rows `rows` (default: all) of batch `step`."""
-        rows = range(self.batch_size) if rows is None else rows
-        index = step * self.batch_size + np.asarray(rows, dtype=np.int64)
+    def starts(self, step: int, n_steps: int = 1, rows: range | None = None
+               ) -> Int[np.ndarray, " n_steps_x_rows"]:
+        """Token offsets of the windows in rows `rows` (default: all) of batches `step` to
+        `step + n_steps - 1`, batch by batch."""
+        rows = np.arange(self.batch_size) if rows is None else np.asarray(rows, dtype=np.int64)
+        steps = np.arange(step, step + n_steps, dtype=np.int64)
+        index = (steps[:, None] * self.batch_size + rows[None, :]).reshape(-1)
         epochs, positions = np.divmod(index, self.n_windows)
         starts = np.empty(len(index), np.int64)
-        for epoch in np.unique(epochs):
+        for epoch in np.unique(epochs):  # a chunk spans at most a few epochs
             offset, order = self._order(int(epoch))
             here = epochs == epoch
             starts[here] = offset + self.block_size * order[positions[here]]
@@ -45,9 +48,8 @@ class Batches:
     def chunk(self, step: int, n_steps: int, rows: range | None = None
               ) -> Int[np.ndarray, "n_steps rows block_plus_1"]:
         """The batches of steps `step .. step + n_steps - 1`, stacked."""
-        starts = np.concatenate([self.starts(s, rows) for s in range(step, step + n_steps)])
-        return self.split.windows(starts, self.block_size + 1).reshape(n_steps, -1,
-                                                                        self.block_size + 1)
+        windows = self.split.windows(self.starts(step, n_steps, rows), self.block_size + 1)
+        return windows.reshape(n_steps, -1, self.block_size + 1)
 
     def _order(self, epoch: int) -> tuple[int, np.ndarray]:
         if self._epoch is None or self._epoch[0] != epoch:  # one epoch's permutation in memory

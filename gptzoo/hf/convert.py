@@ -56,10 +56,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, block_size: int | None = None
     save_recipe(recipe, out)
     checkpoints = Checkpoints(out)
     # No optimizer state: fine-tuning (--init-from) starts a fresh one. Orbax refuses an empty
-    # item, so a scalar stands in.
+    # item, so a named scalar stands in.
     meta = {"tokenizer": tokenizer.to_dict(), "imported_from": str(hf_dir.absolute()),
             "recipe": {"name": recipe.name, **recipe.to_dict()}}
-    checkpoints.save(0, model, jnp.int32(0), meta)
+    checkpoints.save(0, model, {"none": jnp.int32(0)}, meta)
     checkpoints.close()
     return out
 
@@ -83,7 +83,19 @@ def fill(template, arrays: dict[str, np.ndarray], where: Path):
     if differences:
         raise GptzooError(f"{where}: {differences[0]} ({len(differences)} differences); the "
                           "weights do not match config.json")
-    return replace_arrays(template, {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
+    # Each NumPy array is dropped as it moves to JAX: never two copies of the model.
+    return replace_arrays(template, {k: jnp.asarray(arrays.pop(k), jnp.float32)
+                                     for k in list(arrays)})
+
+
+def _check_exportable(architecture: str, config, run_dir: Path) -> None:
+    """Refuse the bias layouts that transformers' GPT-2 and LLaMA/Qwen2 classes cannot hold."""
+    if architecture == "gpt2" and not config.use_bias:
+        raise GptzooError(f"{run_dir}: GPT-2 without biases (model.use_bias=false) has no "
+                          "transformers equivalent; export a run with biases")
+    if architecture == "llama" and config.use_bias and config.qkv_bias is False:
+        raise GptzooError(f"{run_dir}: biases everywhere but on q/k/v (model.qkv_bias=false) "
+                          "has no transformers equivalent; export a run without that setting")
 
 
 def _copy(names: tuple[str, ...], source: Path, destination: Path) -> None:
@@ -100,9 +112,7 @@ def export_hf(run_dir: str | Path, out: str | Path) -> Path:
     if recipe.architecture not in FAMILIES:
         raise GptzooError(f"{run_dir} was trained from a custom recipe; export-hf writes runs of "
                           f"the built-in architectures {', '.join(FAMILIES)}")
-    if recipe.architecture == "gpt2" and not recipe.model.use_bias:
-        raise GptzooError(f"{run_dir}: GPT-2 without biases (model.use_bias=false) has no "
-                          "transformers equivalent; export a run with biases")
+    _check_exportable(recipe.architecture, recipe.model, run_dir)
     model, tokenizer = load(run_dir)
     if not isinstance(tokenizer, HFTokenizer):
         raise GptzooError(f"{run_dir} uses gptzoo's {tokenizer.to_dict()['kind']} tokenizer, "

@@ -55,7 +55,7 @@ class Prepared:
     train_chunk: Callable
 
 
-def prepare(recipe: Recipe, init_from: str | Path | None = None, log=print) -> Prepared:
+def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> Prepared:
     """`init_from`: a run directory whose weights and tokenizer the model starts from."""
     cfg, block_size = recipe.trainer, recipe.model.block_size
     initial = Initial.load(init_from) if init_from else None
@@ -84,7 +84,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     run_dir = Path(run_dir or Path("runs") / recipe.name)
     cfg, block_size = recipe.trainer, recipe.model.block_size
     ensure_writable(run_dir)
-    p = prepare(recipe, init_from)
+    p = prepare(recipe, init_from=init_from)
     tokenizer, mesh, model, opt_state = p.tokenizer, p.mesh, p.model, p.opt_state
     train_key = p.train_key
     meta = {"tokenizer": tokenizer.to_dict(), "recipe": {"name": recipe.name, **recipe.to_dict()}}
