@@ -216,7 +216,7 @@ def test_bad_corpora_are_one_line_naming_the_culprit(tmp_path):
     assert_one_line_error(gptzoo_cli("train", RECIPE, *set_args({**TINY,
                                                                   "data.path": str(short)})),
                           str(short), "training split", f"has {n_train} tokens",
-                          "trainer.batch_size=8 x model.block_size=32 + 1) = 257")
+                          "trainer.batch_size x model.block_size + 1 = 8 x 32 + 1) = 257")
     unreadable = tmp_path / "tokenizer.json"
     unreadable.write_text("{not json")
     assert_one_line_error(prepare(f"data.path={short}", f"data.tokenizer={unreadable}"),

@@ -62,8 +62,8 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     corpus = prepare_corpus(recipe.data, initial.tokenizer if initial else None, log=log)
     tokenizer = corpus.tokenizer
     corpus.train.require(cfg.batch_size * block_size + 1,
-                         f"one batch (trainer.batch_size={cfg.batch_size} x "
-                         f"model.block_size={block_size} + 1)")
+                         f"one batch (trainer.batch_size x model.block_size + 1 = "
+                         f"{cfg.batch_size} x {block_size} + 1)")
     train_batches = Batches(corpus.train, cfg.batch_size, block_size, cfg.seed)
     val_batches = Batches(corpus.val, cfg.batch_size, block_size, cfg.seed + 1)
     mesh = make_mesh(cfg.batch_size)
