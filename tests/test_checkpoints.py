@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
 
 import gptzoo
-from conftest import RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
 from gptzoo.errors import GptzooError
 from gptzoo.trainer import loop
 from gptzoo.trainer.checkpoint import Checkpoints, named_arrays

@@ -12,9 +12,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import RECIPE, ROOT, TINY, gptzoo_cli, set_args
 
 import gptzoo
-from conftest import RECIPE, ROOT, TINY, gptzoo_cli, set_args
 from gptzoo.errors import GptzooError
 from gptzoo.trainer.progress import MetricsLog
 

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import RECIPE, TINY
 
 import gptzoo
-from conftest import RECIPE, TINY
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import OptimizerConfig
 from gptzoo.trainer.checkpoint import Checkpoints

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conftest import RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
 
 import gptzoo
-from conftest import RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
 from gptzoo.recipe import OptimizerConfig
 from gptzoo.trainer.checkpoint import Checkpoints
 from gptzoo.trainer.optimizer import make_optimizer
