@@ -20,7 +20,8 @@ def lint(session):
 
 @nox.session
 def slow(session):
-    """The full default recipe, with its validation-loss bar (about 10 minutes on 2 cores)."""
+    """The full default recipe, with its validation-loss bar (about 10 minutes on 2 cores), and
+    the kill test: 20 SIGKILLs of a training run, then --resume (a few minutes)."""
     session.install("-e", ".[test]")
     session.run("pytest", "-q", "-m", "slow", "-s", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
 
