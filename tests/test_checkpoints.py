@@ -128,14 +128,18 @@ def test_resume_refuses_another_vocabulary(tmp_path, trained_run):
     other = tmp_path / "other.txt"
     other.write_text("abc " * 5_000)
     run_dir = copy_run(trained_run, tmp_path)
-    with pytest.raises(GptzooError, match="vocabulary differs"):
+    with pytest.raises(GptzooError, match="tokenizer of this data .* differs"):
         gptzoo.train(tiny_recipe(other), run_dir=run_dir, resume=True)
 
 
 def test_resume_names_the_parameters_a_changed_recipe_builds(tmp_path, trained_run, small_text):
     recipe_file = tmp_path / "deeper.py"  # the same ModelConfig, but one more block is built
     recipe_file.write_text(RECIPE.read_text().replace(
-        "gpt2(vocab_size, **vars(model),", "gpt2(vocab_size, **{**vars(model), 'n_layers': 2},"))
+        'architecture = "gpt2"',
+        "from gptzoo.models import build_architecture\n\n\n"
+        "def build_model(model, vocab_size, *, key):\n"
+        "    deeper = GPT2Config(**{**vars(model), 'n_layers': 2})\n"
+        "    return build_architecture('gpt2', deeper, vocab_size, key=key)\n"))
     recipe = gptzoo.load_recipe(recipe_file, {**TINY, "data.path": str(small_text)})
     recipe.name = "char_shakespeare"
     with pytest.raises(GptzooError) as error:
