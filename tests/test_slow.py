@@ -1,4 +1,4 @@
-"""Full-length trainings: `nox -s slow` (about 10 minutes on a 2-core CPU). Not run by `nox -s tests`."""
+"""Full-length trainings: `nox -s slow` (about 10 minutes on a 2-core CPU), not `nox -s tests`."""
 
 import re
 import subprocess

@@ -15,7 +15,7 @@ from gptzoo.errors import GptzooError
 from gptzoo.hf.config import read_config, write_config
 from gptzoo.hf.weights import FAMILIES, open_tensors, read_params, write_params
 from gptzoo.models import build_architecture
-from gptzoo.models.names import is_shape, named_leaves, replace_arrays, shape_differences
+from gptzoo.models.names import is_shape, named_leaves, replace_arrays, shape_differences, shapes
 from gptzoo.recipe import (
     DataConfig,
     OptimizerConfig,
@@ -79,7 +79,7 @@ def read_tokenizer(hf_dir: Path, vocab_size: int) -> HFTokenizer:
 def fill(template, arrays: dict[str, np.ndarray], where: Path):
     """`template` (a model of shapes) with every array taken from `arrays` by module path."""
     expected = named_leaves(template, is_shape)
-    differences = shape_differences(expected, arrays, f"{where}", "config.json")
+    differences = shape_differences(shapes(expected), shapes(arrays), f"{where}", "config.json")
     if differences:
         raise GptzooError(f"{where}: {differences[0]} ({len(differences)} differences); the "
                           "weights do not match config.json")

@@ -21,22 +21,26 @@ def is_shape(leaf) -> bool:
     return isinstance(leaf, jax.ShapeDtypeStruct)
 
 
+def shapes(named: Mapping) -> dict[str, tuple[int, ...]]:
+    """`{name: shape}` of a name -> array (or shape struct) map."""
+    return {name: tuple(a.shape) for name, a in named.items()}
+
+
 def shape_differences(expected: Mapping, given: Mapping, given_name: str,
                       expected_name: str) -> list[str]:
-    """What differs between two name -> array (or shape struct) maps, one phrase per name:
+    """What differs between two name -> shape maps, one phrase per name:
     "checkpoint has blocks.0.mlp.up.weight (128, 512); the recipe builds (128, 384)"."""
     lines = []
     for name in sorted(expected.keys() | given.keys()):
         mine, theirs = expected.get(name), given.get(name)
         if theirs is None:
-            lines.append(f"{expected_name} builds {name} {tuple(mine.shape)}, {given_name} "
-                         "lacks it")
+            lines.append(f"{expected_name} builds {name} {tuple(mine)}, {given_name} lacks it")
         elif mine is None:
-            lines.append(f"{given_name} has {name} {tuple(theirs.shape)}; {expected_name} "
+            lines.append(f"{given_name} has {name} {tuple(theirs)}; {expected_name} "
                          "builds no such parameter")
-        elif tuple(mine.shape) != tuple(theirs.shape):
-            lines.append(f"{given_name} has {name} {tuple(theirs.shape)}; {expected_name} "
-                         f"builds {tuple(mine.shape)}")
+        elif tuple(mine) != tuple(theirs):
+            lines.append(f"{given_name} has {name} {tuple(theirs)}; {expected_name} "
+                         f"builds {tuple(mine)}")
     return lines
 
 

@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from gptzoo.errors import GptzooError
+from gptzoo.models.names import named_leaves, replace_arrays, shape_differences, shapes
 
 T = TypeVar("T")
 _SAVE_MARGIN_BYTES = 1_000_000  # orbax's metadata and the JSON record, with room to spare
@@ -35,19 +36,9 @@ def _is_array(x) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
-def _paths_and_arrays(tree) -> tuple[list[tuple[str, Any]], Any]:
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, _is_array))
-    return [(jax.tree_util.keystr(path, simple=True, separator="."), a)
-            for path, a in with_path], treedef
-
-
 def named_arrays(tree) -> dict[str, Any]:
     """The arrays of a module or optimizer state keyed by path, e.g. `blocks.0.mlp.fc.weight`."""
-    return dict(_paths_and_arrays(tree)[0])
-
-
-def _shapes(tree) -> dict[str, list[int]]:
-    return {name: list(a.shape) for name, a in named_arrays(tree).items()}
+    return named_leaves(tree, _is_array)
 
 
 def _abstract(tree) -> dict[str, jax.ShapeDtypeStruct]:
@@ -55,27 +46,6 @@ def _abstract(tree) -> dict[str, jax.ShapeDtypeStruct]:
     return {name: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                        sharding=getattr(a, "sharding", None) or default)
             for name, a in named_arrays(tree).items()}
-
-
-def _fill(template, arrays: dict[str, Any]):
-    """`template` with each array replaced by the one of the same name."""
-    pairs, treedef = _paths_and_arrays(template)
-    filled = jax.tree.unflatten(treedef, [arrays[name] for name, _ in pairs])
-    return eqx.combine(filled, eqx.filter(template, _is_array, inverse=True))
-
-
-def shape_differences(saved: dict[str, list[int]], built: dict[str, list[int]]) -> list[str]:
-    """How the arrays `saved` in a checkpoint differ from those the recipe `built` (both
-    name -> shape), one phrase per name; empty when every name and shape agrees."""
-    differences = []
-    for name in sorted(saved.keys() | built.keys()):
-        has, builds = saved.get(name), built.get(name)
-        if has == builds:
-            continue
-        has = f"{name} {tuple(has)}" if has is not None else f"no {name}"
-        builds = tuple(builds) if builds is not None else "no such array"
-        differences.append(f"checkpoint has {has}; the recipe builds {builds}")
-    return differences
 
 
 def _warn(message: str) -> None:
@@ -109,13 +79,12 @@ class Checkpoints:
         free = shutil.disk_usage(self.directory).free
         if free < needed + _SAVE_MARGIN_BYTES:  # refuse before orbax writes half a checkpoint
             self._failed(step, f"it needs about {needed / 1e6:,.1f} MB, {free / 1e6:,.1f} MB free")
-        shapes = {item: {name: list(a.shape) for name, a in tree.items()}
-                  for item, tree in arrays.items()}
+        item_shapes = {item: shapes(tree) for item, tree in arrays.items()}
         try:
             self.manager.save(step, force=True, args=ocp.args.Composite(
                 model=ocp.args.StandardSave(arrays["model"]),
                 opt_state=ocp.args.StandardSave(arrays["opt_state"]),
-                meta=ocp.args.JsonSave({**meta, "step": step, "shapes": shapes}),
+                meta=ocp.args.JsonSave({**meta, "step": step, "shapes": item_shapes}),
             ))
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax wraps OSErrors in many kinds
@@ -141,16 +110,17 @@ class Checkpoints:
         """How `step`'s arrays differ from those of `model` (and `opt_state`, whose names get an
         `opt_state.` prefix) by name and shape, e.g. `["checkpoint has blocks.0.mlp.fc.weight
         (128, 512); the recipe builds (128, 384)"]`; empty when they fit."""
-        shapes = self.meta(step).get("shapes")
-        if shapes is None:
+        saved_shapes = self.meta(step).get("shapes")
+        if saved_shapes is None:
             raise UnreadableCheckpoint(
                 f"checkpoint {self.directory / str(step)} predates arrays keyed by name; "
                 "retrain it with this version of gptzoo")
-        saved, built = shapes["model"], _shapes(model)
+        saved, built = saved_shapes["model"], shapes(named_arrays(model))
         if opt_state is not None:
-            saved = {**saved, **{f"opt_state.{k}": v for k, v in shapes["opt_state"].items()}}
-            built = {**built, **{f"opt_state.{k}": v for k, v in _shapes(opt_state).items()}}
-        return shape_differences(saved, built)
+            saved = {**saved, **{f"opt_state.{k}": v for k, v in saved_shapes["opt_state"].items()}}
+            built = {**built, **{f"opt_state.{k}": v
+                                 for k, v in shapes(named_arrays(opt_state)).items()}}
+        return shape_differences(built, saved, "checkpoint", "the recipe")
 
     def restore(self, step: int, model, opt_state=None):
         """Fill the arrays of `model` (and `opt_state`) templates, which may be abstract, by name;
@@ -165,8 +135,9 @@ class Checkpoints:
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
         restored = self._restore(step, **items)
-        model = _fill(model, restored["model"])
-        return model if opt_state is None else (model, _fill(opt_state, restored["opt_state"]))
+        model = replace_arrays(model, restored["model"])
+        return (model if opt_state is None
+                else (model, replace_arrays(opt_state, restored["opt_state"])))
 
     def restore_newest(self, restore: Callable[[int], T], discard_unreadable: bool = False,
                        warn: Callable[[str], None] = _warn) -> tuple[int, T] | None:

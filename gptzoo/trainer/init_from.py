@@ -8,7 +8,7 @@ import equinox as eqx
 
 from gptzoo.data import Tokenizer
 from gptzoo.errors import GptzooError
-from gptzoo.models.names import named_leaves, replace_arrays, shape_differences
+from gptzoo.models.names import named_leaves, replace_arrays, shape_differences, shapes
 from gptzoo.trainer.checkpoint import load
 
 
@@ -29,7 +29,7 @@ class Initial:
         """`model` (the recipe's) with every array taken, by module path, from this run's;
         refused, naming the parameters, when the two differ in names or shapes."""
         ours, theirs = named_leaves(model), named_leaves(self.model)
-        differences = shape_differences(ours, theirs, "checkpoint", "the recipe")
+        differences = shape_differences(shapes(ours), shapes(theirs), "checkpoint", "the recipe")
         if differences:
             more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
             raise GptzooError(f"--init-from {self.run_dir} does not fit the recipe: "

@@ -14,7 +14,7 @@ def make_schedule(cfg: OptimizerConfig, max_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimizerConfig, max_steps: int) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay on matrices only (not biases or norm scales)."""
+    """AdamW with global-norm clipping; weight decay on matrices only (not biases, norm scales)."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(
