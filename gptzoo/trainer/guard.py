@@ -1,6 +1,7 @@
 """Counting the steps the train step skipped because their loss or gradients were not finite,
 and stopping a run that keeps producing them."""
 
+import jax
 import numpy as np
 
 from gptzoo.errors import GptzooError
@@ -14,21 +15,30 @@ class BadSteps:
         self.streak = 0
         self.since_record = 0
         self.diverged_at: int | None = None
+        self.pending: list[tuple[int, jax.Array]] = []
 
-    def count(self, first_step: int, finite: np.ndarray) -> None:
-        """Record a chunk whose steps `first_step + 1, ...` were `finite` or skipped."""
-        for i, ok in enumerate(finite):
-            self.streak = 0 if ok else self.streak + 1
-            self.since_record += not ok
-            if self.streak >= self.limit and self.diverged_at is None:
-                self.diverged_at = first_step + i + 1
+    def count(self, first_step: int, finite: jax.Array) -> None:
+        """Note a chunk whose steps `first_step + 1, ...` were `finite` or skipped. The flags stay
+        on the device until the next record or check, so counting adds no host sync."""
+        self.pending.append((first_step, finite))
+
+    def _settle(self) -> None:
+        for first_step, finite in self.pending:
+            for i, ok in enumerate(np.asarray(finite)):
+                self.streak = 0 if ok else self.streak + 1
+                self.since_record += not ok
+                if self.streak >= self.limit and self.diverged_at is None:
+                    self.diverged_at = first_step + i + 1
+        self.pending.clear()
 
     def take(self) -> int:
         """The skipped steps since the previous call (a metrics record's `bad_steps`)."""
+        self._settle()
         n, self.since_record = self.since_record, 0
         return n
 
     def stop_if_diverged(self) -> None:
+        self._settle()
         if self.diverged_at is not None:
             raise GptzooError(
                 f"training diverged: {self.limit} steps in a row up to step {self.diverged_at} had "

@@ -123,7 +123,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             compiled.add(n)
             model, opt_state, stats = p.train_chunk((batches, train_key, jnp.int32(first)),
                                                   model, opt_state)
-            bad_steps.count(first, np.asarray(stats.finite))
+            bad_steps.count(first, stats.finite)
             step, timed_steps, interrupted = first + n, timed_steps + n, sigint.caught
             if due(cfg.log_interval) or interrupted:
                 elapsed = time.perf_counter() - clock
@@ -140,7 +140,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                     record["val_bpb"] = _bits_per_byte(record["val_loss"], p.corpus)
                 sinks.write(record)
                 reporter.log(record)
-            bad_steps.stop_if_diverged()
+                bad_steps.stop_if_diverged()  # at records only: no host sync between them
             if due(cfg.checkpoint_interval) or interrupted:
                 checkpoints.save(step, model, opt_state, meta)
             if due(cfg.log_interval) or due(cfg.checkpoint_interval):
