@@ -80,7 +80,12 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
     """Generate text from a trained run, printing it as it is produced."""
     from pathlib import Path
 
-    from gptzoo.sample import check_sampling_args, enable_compilation_cache, stream_batch
+    from gptzoo.sample import (
+        check_context,
+        check_sampling_args,
+        enable_compilation_cache,
+        stream_batch,
+    )
     from gptzoo.trainer import load
 
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, context, keep)
@@ -95,6 +100,7 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
         prompts += Path(prompt_file).read_text(encoding="utf-8").splitlines()
     prompts = prompts or [""]
     model, tokenizer = load(run_dir)
+    check_context(model, context, use_cache=not no_cache)
     for p in prompts:
         tokenizer.encode(p)  # fail on unknown characters before printing anything
     rows = [(p, seed + i) for p in prompts for i in range(num_samples)]

@@ -90,6 +90,16 @@ def has_cache(model) -> bool:
     return getattr(model, "cacheable", False)
 
 
+def check_context(model, context: str, use_cache: bool = True) -> None:
+    """`context="slide"` needs the cache of a model whose attention carries the positions."""
+    if context != "slide" or (use_cache and has_cache(model) and model.slides_window):
+        return
+    why = ("has learned positions, which end at block_size" if use_cache and has_cache(model)
+           else "is sampled without a KV cache")
+    raise GptzooError(f"--context slide needs a cached model with rotary or ALiBi positions; "
+                      f"this one {why}: use --context shift or crop")
+
+
 class State(NamedTuple):
     """Every row's generation so far; `token` is sampled (and emitted) but not yet fed."""
 
@@ -212,11 +222,7 @@ def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, context, keep)
     use_cache = use_cache and has_cache(model)
     w = model.block_size
-    if context == "slide" and not (use_cache and model.slides_window):
-        raise GptzooError("--context slide needs a cached model whose attention carries the "
-                          "positions (rotary, ALiBi); this one " + (
-                              "has learned positions" if use_cache else "is sampled without a "
-                              "cache") + ": use --context shift or crop")
+    check_context(model, context, use_cache)
     prompts = [np.asarray(p[-w:], dtype=np.int32) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GptzooError("a prompt is empty after tokenizing; pass at least one character")
