@@ -284,13 +284,14 @@ def test_slide_is_refused_for_learned_positions():
 
 
 def test_use_cache_true_decodes_and_false_recomputes():
-    """A model whose `decode` is made wrong: the cached text follows it, the uncached does not."""
+    """A model whose one-token `decode` steps are made wrong (its prefill is right): the cached
+    text follows them, the uncached text does not."""
     model = build("llama")
 
     class WrongDecode(GPT):
         def decode(self, tokens, positions, cache):
             logits, cache = super().decode(tokens, positions, cache)
-            return -logits, cache
+            return (-logits if tokens.shape[0] == 1 else logits), cache
 
     wrong = WrongDecode(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
     expected = greedy_shifted(model, PROMPT, N_NEW)

@@ -130,7 +130,7 @@ class CausalSelfAttention(eqx.Module):
         # Query heads grouped by the key/value head they share: no copy of the cache per group.
         group = self.n_heads // self.n_kv_heads
         q = q.reshape(seq, self.n_kv_heads, group, self.head_dim)
-        scores = jnp.einsum("qkgd,ksd->kgqs", q, cache.k) / math.sqrt(self.head_dim)
+        scores = jnp.einsum("qkgd,kds->kgqs", q, cache.k) / math.sqrt(self.head_dim)
         if bias is not None:
             scores = scores + bias.reshape(self.n_kv_heads, group, seq, cache.size)
         weights = jax.nn.softmax(jnp.where(cache.mask(positions), scores, -jnp.inf), axis=-1)
