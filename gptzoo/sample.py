@@ -224,7 +224,9 @@ def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
     w = model.block_size
     check_context(model, context, use_cache)
     prompts = [np.asarray(p[-w:], dtype=np.int32) for p in prompts]
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if not prompts:
+        raise GptzooError("no prompts to generate from; pass at least one")
+    if any(len(p) == 0 for p in prompts):
         raise GptzooError("a prompt is empty after tokenizing; pass at least one character")
     if max_new_tokens == 0:
         return
