@@ -1,124 +1,194 @@
-"""Sampling speed with and without the KV cache, for the default char_shakespeare recipe's model
-and a GPT-2-small-shaped model (random weights), through `gptzoo.sample.generate_tokens`.
+"""Sampling speed against the machine's memory-bandwidth bound, through
+`gptzoo.sample.generate_tokens`, and `gptzoo sample` end to end against nanoGPT.
 
     python bench/bench_sample.py [--quick]
+
+Every figure is printed, none asserted; the targets of issue 11 are printed beside them.
 """
 
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import numpy as np
 
 from gptzoo.errors import GptzooError
 from gptzoo.models import gpt2
 from gptzoo.recipe import load_recipe
-from gptzoo.sample import CHUNK, generate_tokens
+from gptzoo.sample import generate_tokens
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "char_shakespeare.py"
-PROMPT = np.array([0])  # one token: the longest run before learned positions reach block_size
-EDGE = 100  # the first and last this many tokens of the longest cached generation
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = np.array([0])  # one token: the longest run inside the window
 
 
-def models(quick: bool) -> dict[str, object]:
+def bandwidth() -> float:
+    """Bytes per second of a 256 MB array copy (read + write), the best of five."""
+    a = np.ones(64 * 2 ** 20, np.float32)
+    b = np.empty_like(a)
+    best = min(_timed(lambda: np.copyto(b, a)) for _ in range(5))
+    return 2 * a.nbytes / best
+
+
+def _timed(f) -> float:
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start
+
+
+def shapes(quick: bool) -> dict[str, object]:
     key = jax.random.PRNGKey(0)
     if quick:
-        tiny = {"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "2",
-                "model.block_size": "32"}
-        return {"char_shakespeare, tiny": load_recipe(RECIPE, tiny).build(65, key=key),
-                "GPT-2 shape, tiny": gpt2(512, n_layers=2, n_heads=2, d_model=64, block_size=64,
-                                          key=key)}
-    return {"char_shakespeare": load_recipe(RECIPE).build(65, key=key),
+        return {"6-layer char": gpt2(65, n_layers=2, n_heads=2, d_model=64, block_size=64,
+                                     use_bias=False, key=key),
+                "GPT-2 small": gpt2(512, n_layers=2, n_heads=2, d_model=64, block_size=128,
+                                    key=key)}
+    return {"6-layer char": gpt2(65, n_layers=6, n_heads=6, d_model=384, block_size=256,
+                                 use_bias=False, key=key),
             "GPT-2 small": gpt2(50257, n_layers=12, n_heads=12, d_model=768, block_size=1024,
                                 key=key)}
 
 
-# Left out so that a run takes about 10 minutes on 2 cores. Without the cache every token
-# recomputes a full block_size window: GPT-2 small takes ~1.6 s per token and row, so only these
-# (batch -> lengths, added to the usual ones) are measured without it; and its cached 1,024 tokens
-# at batch 8 took 340 s.
-UNCACHED_ONLY = {"GPT-2 small": {1: (16,)}}
-CACHED_SKIP = {("GPT-2 small", 8, 1024)}
+def bytes_per_step(model, batch: int) -> int:
+    """The weights once, and every row's whole preallocated KV cache (each step reads it all)."""
+    weights = sum(a.nbytes for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    cache = sum(a.nbytes for a in jax.tree.leaves(model.init_cache()))
+    return weights + batch * cache
 
 
-def chunk_arrivals(model, batch: int, n_new: int, use_cache: bool) -> np.ndarray:
-    """Seconds from the call to each chunk's arrival on the host, for a generation whose prefill
-    and decode chunk were compiled by a first call that stops after one chunk."""
-    def generation():
-        return generate_tokens(model, [PROMPT] * batch, max_new_tokens=n_new, temperature=1.0,
-                               seeds=list(range(batch)), use_cache=use_cache)
-
-    warmup = generation()
-    next(warmup)
-    warmup.close()
-    start, arrivals = time.perf_counter(), []
-    for _ in generation():  # each chunk is a NumPy array: it has been computed
-        arrivals.append(time.perf_counter() - start)
-    return np.array(arrivals)
+def tokens_per_s(model, batch: int, n_new: int, **kwargs) -> float:
+    """All rows' tokens per second of a generation whose programs a first call compiled."""
+    def generation(n):
+        return generate_tokens(model, [PROMPT] * batch, max_new_tokens=n, temperature=1.0,
+                               seeds=list(range(batch)), **kwargs)
+    for _ in generation(min(n_new, 20)):  # compiles the prefill and the decode chunk
+        pass
+    start = time.perf_counter()
+    for _ in generation(n_new):
+        pass
+    return batch * n_new / (time.perf_counter() - start)
 
 
-def seconds_per_token(arrivals: np.ndarray, first: int, last: int) -> float:
-    """Mean seconds per generation step over tokens [first, last), each chunk's time spread
-    evenly over its CHUNK tokens (the first chunk's includes the prefill)."""
-    per_token = np.repeat(np.diff(arrivals, prepend=0.0) / CHUNK, CHUNK)
-    return float(per_token[first:last].mean())
-
-
-def cells(seconds: float | None, tokens: int) -> list[str]:
-    return ["skipped"] * 2 if seconds is None else [f"{seconds:.3g}", f"{tokens / seconds:,.1f}"]
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
+def table(header: list[str], rows: list[list[str]]) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
     for row in rows:
-        print("| " + " | ".join(row) + " |")
+        print("| " + " | ".join(row) + " |", flush=True)
     print()
+
+
+def decoding(models: dict, bw: float, quick: bool) -> dict:
+    """Tokens/s per model and batch inside the window, beside the bandwidth bound."""
+    lengths = {"6-layer char": 16 if quick else 200, "GPT-2 small": 16 if quick else 48}
+    rows, speed = [], {}
+    for name, model in models.items():
+        for batch in (1, 8):
+            rate = tokens_per_s(model, batch, lengths[name])
+            bound = batch * bw / bytes_per_step(model, batch)
+            speed[name, batch] = rate
+            rows.append([name, str(batch), f"{bytes_per_step(model, batch) / 1e6:,.0f}",
+                         f"{bound:,.0f}", f"{rate:,.1f}", f"{rate / bound:.0%}"])
+    table(["model", "batch", "MB read per step", "bound tok/s", "tok/s", "of bound"], rows)
+    return speed
+
+
+def ratios(models: dict, speed: dict, quick: bool) -> None:
+    char = models["6-layer char"]
+    n = 16 if quick else 100
+    cached = tokens_per_s(char, 1, n)
+    uncached = tokens_per_s(char, 1, n, use_cache=False)
+    for name, value, target in [
+            ("6-layer char in-window cached / --no-cache", cached / uncached, 10),
+            ("6-layer char batch 8 / batch 1 total tok/s",
+             speed["6-layer char", 8] / speed["6-layer char", 1], 5),
+            ("GPT-2 small batch 8 / batch 1 total tok/s",
+             speed["GPT-2 small", 8] / speed["GPT-2 small", 1], 5)]:
+        print(f"{name}: {value:.1f}x (target >= {target}x)")
+    print()
+
+
+def train_run(run_dir: Path, quick: bool) -> None:
+    """A run of the 6-layer, 256-context learned-position shape (a few steps: speed only)."""
+    overrides = {"trainer.max_steps": "2", "trainer.batch_size": "2", "trainer.eval_interval": "2",
+                 "trainer.eval_steps": "1", "trainer.checkpoint_interval": "2",
+                 "trainer.log_interval": "1", "trainer.steps_per_call": "1"}
+    if quick:
+        overrides.update({"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "2",
+                          "model.block_size": "32"})
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    subprocess.run([sys.executable, "-c", "from gptzoo.cli import main; main()", "train",
+                    ROOT / "recipes" / "char_shakespeare_gpu.py", *sets, "--run-dir", run_dir],
+                   check=True, capture_output=True, env=os.environ | {"JAX_PLATFORMS": "cpu"})
+
+
+def sample_process(run_dir: Path, cache_dir: Path, n: int) -> tuple[float, float]:
+    """Seconds from process start to the first generated character, and to exit."""
+    env = os.environ | {"GPTZOO_COMPILE_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1",
+                        "JAX_PLATFORMS": "cpu"}
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", "from gptzoo.cli import main; main()",
+                                "sample", "--ckpt", run_dir, "--prompt", "ROMEO:",
+                                "--max-new-tokens", str(n)], stdout=subprocess.PIPE, env=env)
+    process.stdout.read(len("ROMEO:") + 1)
+    first = time.perf_counter() - start
+    process.communicate()
+    if process.returncode:
+        raise GptzooError(f"gptzoo sample exited with {process.returncode}")
+    return first, time.perf_counter() - start
+
+
+def end_to_end(quick: bool) -> None:
+    n = 50 if quick else 500
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, cache_dir = Path(tmp) / "run", Path(tmp) / "jax-cache"
+        train_run(run_dir, quick)
+        first_ttft, first_total = sample_process(run_dir, cache_dir, n)
+        second_ttft, second_total = sample_process(run_dir, cache_dir, n)
+    shape = (["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32"]
+             if quick else [])
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "bench" / "nanogpt.py"), "--tokens", str(n),
+                    *shape], check=True, capture_output=True)
+    nanogpt = time.perf_counter() - start
+    print(f"{n} tokens from 'ROMEO:', process start to exit: gptzoo sample {first_total:.2f} s "
+          f"(first invocation), {second_total:.2f} s (second); nanoGPT generate {nanogpt:.2f} s: "
+          f"{nanogpt / second_total:.1f}x (target >= 10x)")
+    print(f"time to first token: {first_ttft:.2f} s first invocation, {second_ttft:.2f} s second "
+          "(compilation cache; target < 1.5 s)\n")
+
+
+def perceiver(quick: bool) -> None:
+    """Perceiver AR (no cache: every token recomputes the window) at the recipe's shape."""
+    overrides = ({"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "2",
+                  "model.block_size": "64", "model.n_latents": "16"} if quick else {})
+    model = load_recipe(ROOT / "recipes" / "perceiver_ar_shakespeare.py", overrides).build(
+        65, key=jax.random.PRNGKey(0))
+    print(f"Perceiver AR recipe shape, batch 1: {tokens_per_s(model, 1, 16 if quick else 64):.1f}"
+          " tok/s (recomputed every token)\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models and lengths (a smoke "
-                        "test)")
+    parser.add_argument("--quick", action="store_true", help="tiny models (a smoke test)")
     args = parser.parse_args()
-    lengths, batches = ((16, 208), (1, 2)) if args.quick else ((64, 256, 1024), (1, 8))
-
     devices = jax.devices()
-    print(f"jax {jax.__version__}, {len(devices)} x {devices[0].platform} "
-          f"({devices[0].device_kind}), {os.cpu_count()} CPU cores, load average "
-          f"{os.getloadavg()[0]:.2f} at the start (other work makes the numbers noisy)")
-    print(f"Random weights, a {len(PROMPT)}-token prompt, temperature 1; tokens/s counts every "
-          "row's tokens, prefill included; compilation excluded.\n")
-
-    speed, edges = [], []
-    for name, model in models(args.quick).items():
-        for batch in batches:
-            uncached_only = UNCACHED_ONLY.get(name, {}).get(batch)
-            for n_new in sorted({*lengths, *(uncached_only or ())}):
-                cached = uncached = None
-                if (name, batch, n_new) not in CACHED_SKIP:
-                    arrivals = chunk_arrivals(model, batch, n_new, use_cache=True)
-                    cached = arrivals[-1]
-                    if n_new == max(lengths):
-                        first = seconds_per_token(arrivals, 0, EDGE)
-                        last = seconds_per_token(arrivals, n_new - EDGE, n_new)
-                        edges.append([name, str(batch), f"{1e3 * first:.2f}",
-                                      f"{1e3 * last:.2f}", f"{last / first:.2f}"])
-                if name not in UNCACHED_ONLY or n_new in (uncached_only or ()):
-                    uncached = chunk_arrivals(model, batch, n_new, use_cache=False)[-1]
-                speed.append([name, str(batch), f"{n_new:,}", *cells(cached, batch * n_new),
-                              *cells(uncached, batch * n_new),
-                              "" if None in (cached, uncached) else f"{uncached / cached:.1f}x"])
-                print("measured:", " | ".join(speed[-1]), file=sys.stderr, flush=True)
-
-    print_table(["model", "batch", "new tokens", "cached s", "cached tok/s", "uncached s",
-                 "uncached tok/s", "cached speed-up"], speed)
-    print(f"Milliseconds per generation step (all rows at once) over the first and last {EDGE} "
-          f"tokens of a {max(lengths):,}-token cached generation, from chunk arrival times:\n")
-    print_table(["model", "batch", f"first {EDGE}", f"last {EDGE}", "last / first"], edges)
+    print(f"jax {jax.__version__}, {len(devices)} x {devices[0].platform}, {os.cpu_count()} CPU "
+          f"cores, load average {os.getloadavg()[0]:.2f} at the start")
+    bw = bandwidth()
+    print(f"memory bandwidth (256 MB copy): {bw / 1e9:.1f} GB/s. Random weights, float32, a "
+          "1-token prompt, temperature 1, compilation excluded; the bound is bandwidth / bytes "
+          "read per step (weights + every row's whole cache), times the batch.\n")
+    models = shapes(args.quick)
+    speed = decoding(models, bw, args.quick)
+    print("Targets: batch 1 >= 50% of the bound for both models.\n")
+    ratios(models, speed, args.quick)
+    perceiver(args.quick)
+    end_to_end(args.quick)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 

@@ -78,18 +78,31 @@ def train(recipe_path, overrides, run_dir, resume, init_from):
 @click.option("--num-samples", default=1, show_default=True, type=int,
               help="Samples per prompt, with seeds seed, seed+1, ...")
 @click.option("--no-cache", is_flag=True, help="Recompute the context every token (slow).")
+@click.option("--context", default="shift", show_default=True,
+              type=click.Choice(["shift", "crop", "slide"]),
+              help="Past the window: keep its last --keep and re-encode it (shift), recompute "
+              "the last block_size tokens every token (crop, nanoGPT), or slide the cache "
+              "(rotary/ALiBi only).")
+@click.option("--keep", default=0.5, show_default=True, type=float,
+              help="Fraction of the window that --context shift keeps.")
 @friendly_errors
 def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, top_p, stop, seed,
-           num_samples, no_cache):
+           num_samples, no_cache, context, keep):
     """Generate text from a trained run, printing it as it is produced."""
     from pathlib import Path
 
-    from gptzoo.sample import check_sampling_args, stream_batch
+    from gptzoo.sample import (
+        check_context,
+        check_sampling_args,
+        enable_compilation_cache,
+        stream_batch,
+    )
     from gptzoo.trainer import load
 
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, context, keep)
+    enable_compilation_cache()
     if num_samples < 1:
-        raise GptzooError(f"--num-samples={num_samples} must be at least 1")
+        raise GptzooError(f"--num-samples={num_samples} must be at least 1; pass 1 or more")
     prompts = list(prompts)
     if prompt_file:
         if not Path(prompt_file).is_file():
@@ -98,12 +111,14 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
         prompts += Path(prompt_file).read_text(encoding="utf-8").splitlines()
     prompts = prompts or [""]
     model, tokenizer = load(run_dir)
+    check_context(model, context, use_cache=not no_cache)
     for p in prompts:
         tokenizer.encode(p)  # fail on unknown characters before printing anything
     rows = [(p, seed + i) for p in prompts for i in range(num_samples)]
     pieces = stream_batch(model, tokenizer, [p for p, _ in rows], seeds=[s for _, s in rows],
                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, stop=stop, use_cache=not no_cache)
+                          top_p=top_p, stop=stop, use_cache=not no_cache, context=context,
+                          keep=keep)
     if len(rows) == 1:  # one sample streams as it is produced
         click.echo(prompts[0], nl=False)
         for (piece,) in pieces:

@@ -3,13 +3,21 @@
 A model opts into the cache with `cacheable = True` and, per example,
   `init_cache() -> cache` (a PyTree preallocated to `block_size` positions),
   `decode(tokens[seq], positions[seq], cache) -> (logits[seq, vocab], cache)`, and
-  `slides_window: bool` (True: past `block_size` the oldest positions drop out of the cache, as
-  rotary/ALiBi attention allows; False: learned positions, so past `block_size` the context is
-  cropped to the last `block_size` tokens and recomputed each step, as nanoGPT does).
-Any other model (a user's component, say) is sampled by recomputing the cropped context each step.
+  `slides_window: bool` (True: positions come from attention, e.g. rotary/ALiBi, so the cache may
+  slide past `block_size`; False: learned positions, which end at `block_size`).
+Any other model (a user's component, say) is sampled by recomputing its context every token.
+
+What the context is once it holds `block_size` tokens (`context`):
+  "shift": keep its last `keep` fraction, re-encode those tokens at positions 0.. in one prefill
+     and continue from the cache (llama.cpp's context shift): the cost per token stays flat;
+  "crop": the last `block_size` tokens, recomputed every token (nanoGPT's `generate`);
+  "slide": the cache keeps the last `block_size` positions of every layer (rotary/ALiBi only).
 """
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -20,8 +28,9 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from gptzoo.data import Tokenizer
 from gptzoo.errors import GptzooError
 
-CHUNK = 16  # tokens per compiled decode call; the host streams text between calls
+CHUNK = 16  # most tokens per compiled decode call; the host streams text between calls
 BUCKET = 64  # prompts are padded to a multiple of this, so few prompt lengths compile
+CONTEXTS = ("shift", "crop", "slide")
 
 
 def sample_logits(logits: Float[Array, " vocab"], key: PRNGKeyArray, temperature: float,
@@ -44,7 +53,8 @@ def sample_logits(logits: Float[Array, " vocab"], key: PRNGKeyArray, temperature
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None = None,
-                        top_p: float | None = None) -> None:
+                        top_p: float | None = None, context: str = "shift",
+                        keep: float = 0.5) -> None:
     if max_new_tokens < 0:
         raise GptzooError(f"--max-new-tokens={max_new_tokens} is negative; pass 0 or more")
     if temperature < 0:
@@ -53,106 +63,203 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
         raise GptzooError(f"--top-k={top_k} must be at least 1; omit it to sample from all tokens")
     if top_p is not None and not 0 < top_p <= 1:
         raise GptzooError(f"--top-p={top_p} must be in (0, 1]; omit it to sample from all tokens")
+    if context not in CONTEXTS:
+        raise GptzooError(f"--context={context} is not one of {', '.join(CONTEXTS)}")
+    if not 0 < keep <= 1:
+        raise GptzooError(f"--keep={keep} must be in (0, 1]: the fraction of the window kept "
+                          "when it is full")
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled programs under the user's cache directory ($XDG_CACHE_HOME or ~/.cache,
+    /gptzoo/jax), so a second `gptzoo sample` of a run starts without compiling.
+
+    `GPTZOO_NO_COMPILE_CACHE=1` turns it off; `GPTZOO_COMPILE_CACHE=DIR` puts it elsewhere.
+    """
+    if os.environ.get("GPTZOO_NO_COMPILE_CACHE", "") not in ("", "0"):
+        return
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = os.environ.get("GPTZOO_COMPILE_CACHE") or base / "gptzoo" / "jax"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Every program, however quick to compile: the sampler's small ones add up at start-up.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def has_cache(model) -> bool:
     return getattr(model, "cacheable", False)
 
 
-def _last_window_logits(model, history: Int[Array, " n"], position: Int[Array, ""]):
-    """Next-token logits after `history[position]`, from a full forward over the (cropped) context.
+def check_context(model, context: str, use_cache: bool = True) -> None:
+    """`context="slide"` needs the cache of a model whose attention carries the positions."""
+    if context != "slide" or (use_cache and has_cache(model) and model.slides_window):
+        return
+    why = ("has learned positions, which end at block_size" if use_cache and has_cache(model)
+           else "is sampled without a KV cache")
+    raise GptzooError(f"--context slide needs a cached model with rotary or ALiBi positions; "
+                      f"this one {why}: use --context shift or crop")
 
-    The window is padded on the right; causality hides the padding from the position we read.
+
+class State(NamedTuple):
+    """Every row's generation so far; `token` is sampled (and emitted) but not yet fed."""
+
+    cache: object  # the model's cache with a leading batch axis; None when recomputing
+    token: Int[Array, " batch"]
+    position: Int[Array, " batch"]  # the position `token` is fed at
+    ring: Int[Array, "batch block_size"]  # the token at position p in slot p % block_size
+    keys: PRNGKeyArray
+    t: Int[Array, ""]  # index of the next token to sample, for each row's key
+
+
+def _window(ring: Int[Array, " w"], position: Int[Array, ""]) -> Int[Array, " w"]:
+    """The last `w` tokens up to `position` in order, or tokens 0..position right-padded."""
+    w = ring.shape[0]
+    return jnp.where(position < w, ring, ring[(position + 1 + jnp.arange(w)) % w])
+
+
+def _window_logits(model, window: Int[Array, " w"], index: Int[Array, ""]):
+    """Next-token logits after `window[index]`, from a full forward over the window.
+
+    Causality hides the right padding from the position we read. Models may predict only the
+    window's last n positions (Perceiver AR), which must include `index`: a shorter context
+    starts the window before it, left-padded with token 0.
     """
-    block_size = model.block_size
-    # Models may predict only the window's last n positions (Perceiver AR), which must include
-    # `position`: a shorter history starts the window before it, left-padded with token 0.
-    n = eqx.filter_eval_shape(model, history[:block_size]).shape[-2]
-    start = jnp.minimum(jnp.maximum(position + 1 - block_size, 0), position + n - block_size)
-    history = jnp.pad(history, (block_size - n, 0))
-    window = jax.lax.dynamic_slice(history, (start + block_size - n,), (block_size,))
-    return model(window)[position - start - (block_size - n)]
+    w = window.shape[0]
+    n = eqx.filter_eval_shape(model, window).shape[-2]
+    start = jnp.minimum(0, index + n - w)
+    window = jax.lax.dynamic_slice(jnp.pad(window, (w - n, 0)), (start + w - n,), (w,))
+    return model(window)[index - start - (w - n)]
+
+
+def _sample_rows(logits, keys, t, temperature, top_k, top_p):
+    return jax.vmap(lambda lg, k: sample_logits(lg, jax.random.fold_in(k, t), temperature, top_k,
+                                                top_p))(logits, keys)
+
+
+def _emit(state: State, logits, sampling) -> State:
+    """Sample each row's next token from `logits` and make it the token to feed."""
+    token = _sample_rows(logits, state.keys, state.t, *sampling)
+    position = state.position + 1
+    ring = jax.vmap(lambda r, p, tok: r.at[p % r.shape[0]].set(tok))(state.ring, position, token)
+    return State(state.cache, token, position, ring, state.keys, state.t + 1)
+
+
+def _prefill_cache(model, tokens: Int[Array, "batch n"], last: Int[Array, " batch"]):
+    """A fresh cache per row holding `tokens` at positions 0.., and the logits at `last`."""
+    def one(tokens, last):
+        logits, cache = model.decode(tokens, jnp.arange(tokens.shape[0]), model.init_cache())
+        return cache, logits[last]
+    return jax.vmap(one)(tokens, last)
 
 
 @eqx.filter_jit
-def _prefill(model, history: Int[Array, "batch n"], lengths: Int[Array, " batch"], bucket: int,
-             use_cache: bool):
-    """The prompts (`history[:, :bucket]`, right-padded) in one forward pass."""
-    if not use_cache:
-        return None, jax.vmap(lambda h, n: _last_window_logits(model, h, n - 1))(history, lengths)
+def _prefill(model, prompts: Int[Array, "batch bucket"], lengths: Int[Array, " batch"], keys,
+             sampling: tuple, use_cache: bool) -> State:
+    """The prompts (right-padded) in one forward pass, and each row's first new token."""
+    w = model.block_size
+    ring = jnp.pad(prompts, ((0, 0), (0, w - prompts.shape[1])))
+    if use_cache:
+        cache, logits = _prefill_cache(model, prompts, lengths - 1)
+    else:
+        cache, logits = None, jax.vmap(lambda r, n: _window_logits(model, r, n))(ring, lengths - 1)
+    return _emit(State(cache, lengths * 0, lengths - 1, ring, keys, jnp.int32(0)), logits,
+                 sampling)
 
-    def one(tokens, length):
-        logits, cache = model.decode(tokens, jnp.arange(bucket), model.init_cache())
-        return cache, logits[length - 1]
 
-    return jax.vmap(one)(history[:, :bucket], lengths)
+def _step(model, state: State, sampling: tuple, recompute: bool) -> State:
+    """Feed every row's token and sample the next one."""
+    if recompute:
+        logits = jax.vmap(lambda r, p: _window_logits(model, _window(r, p), jnp.minimum(
+            p, r.shape[0] - 1)))(state.ring, state.position)
+        return _emit(state, logits, sampling)
+    logits, cache = jax.vmap(model.decode)(state.token[:, None], state.position[:, None],
+                                           state.cache)
+    return _emit(state._replace(cache=cache), logits[:, 0], sampling)
 
 
 @eqx.filter_jit(donate="all-except-first")
-def _decode_chunk(model, state, n_steps: int, temperature: float, top_k: int | None,
-                  top_p: float | None, use_cache: bool):
-    """`n_steps` tokens for every row: sample from the current logits, then advance by one."""
+def _decode_chunk(model, state: State, n_steps: Int[Array, ""], sampling: tuple,
+                  recompute: bool) -> tuple[State, Int[Array, "batch chunk"]]:
+    """`n_steps <= CHUNK` tokens for every row (a traced count: one compilation serves all)."""
+    def body(i, carry):
+        state, out = carry
+        state = _step(model, state, sampling, recompute)
+        return state, out.at[:, i].set(state.token)
 
-    def step(state, _):
-        cache, logits, positions, history, keys, t = state
-        tokens = jax.vmap(lambda lg, k: sample_logits(lg, jax.random.fold_in(k, t), temperature,
-                                                      top_k, top_p))(logits, keys)
-        history = jax.vmap(lambda h, p, tok: h.at[p].set(tok))(history, positions, tokens)
+    out = jnp.zeros((state.token.shape[0], CHUNK), jnp.int32)
+    return jax.lax.fori_loop(0, n_steps, body, (state, out))
 
-        def recompute(cache):
-            window_logits = jax.vmap(lambda h, p: _last_window_logits(model, h, p))
-            return cache, window_logits(history, positions)
 
-        def cached(cache):
-            def one(c, tok, p):
-                logits, c = model.decode(tok[None], p[None], c)
-                return c, logits[0]
-            return jax.vmap(one)(cache, tokens, positions)
-
-        if not use_cache:
-            cache, logits = recompute(cache)
-        elif model.slides_window:
-            cache, logits = cached(cache)
-        else:
-            full = jnp.any(positions >= model.block_size)
-            cache, logits = jax.lax.cond(full, recompute, cached, cache)
-        return (cache, logits, positions + 1, history, keys, t + 1), tokens
-
-    state, tokens = jax.lax.scan(step, state, None, length=n_steps)
-    return state, tokens.T
+@eqx.filter_jit(donate="all-except-first")
+def _shift(model, state: State, full: Array, keep: int, sampling: tuple) -> State:
+    """One token for every row; a `full` row first keeps its last `keep` tokens (the one to feed
+    included) at positions 0..keep-1 and, with a cache, re-encodes them in one prefill."""
+    w = model.block_size
+    kept = jax.vmap(lambda r, p: r[(p - keep + 1 + jnp.arange(keep)) % w])(state.ring,
+                                                                          state.position)
+    ring = jnp.where(full[:, None], jnp.pad(kept, ((0, 0), (0, w - keep))), state.ring)
+    shifted = state._replace(ring=ring, position=jnp.where(full, keep - 1, state.position))
+    if state.cache is None:
+        return _step(model, shifted, sampling, recompute=True)
+    cache, logits = _prefill_cache(model, kept, jnp.full(full.shape, keep - 1))
+    on = _step(model, state, sampling, recompute=False)  # rows that are not full decode as usual
+    off = _emit(shifted._replace(cache=cache), logits, sampling)
+    return jax.tree.map(
+        lambda a, b: a if a.ndim == 0 else jnp.where(full.reshape(-1, *[1] * (a.ndim - 1)), a, b),
+        off, on)
 
 
 def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
                     temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, seeds: list[int] | None = None,
-                    use_cache: bool = True) -> Iterator[np.ndarray]:
-    """Yield `(batch, k)` arrays of new tokens, `CHUNK` steps at a time, for prompts of any lengths.
+                    use_cache: bool = True, context: str = "shift",
+                    keep: float = 0.5) -> Iterator[np.ndarray]:
+    """Yield `(batch, k)` arrays of new tokens, at most `CHUNK` at a time, for prompts of any
+    lengths; `context` and `keep` as in the module docstring.
 
     Row i draws its randomness from `seeds[i]` alone, so a row equals generating it by itself.
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, context, keep)
     use_cache = use_cache and has_cache(model)
-    block_size = model.block_size
-    prompts = [np.asarray(p[-block_size:], dtype=np.int32) for p in prompts]
+    w = model.block_size
+    check_context(model, context, use_cache)
+    prompts = [np.asarray(p[-w:], dtype=np.int32) for p in prompts]
+    if not prompts:
+        raise GptzooError("no prompts to generate from; pass at least one")
     if any(len(p) == 0 for p in prompts):
         raise GptzooError("a prompt is empty after tokenizing; pass at least one character")
+    if max_new_tokens == 0:
+        return
+    # Batches padded to a power of two (with copies of the first row) share compilations.
+    n_rows = len(prompts)
+    seeds = list(seeds or [0] * n_rows)
+    extra = (1 << (n_rows - 1).bit_length()) - n_rows
+    prompts, seeds = prompts + prompts[:1] * extra, seeds + seeds[:1] * extra
     lengths = np.array([len(p) for p in prompts], dtype=np.int32)
-    bucket = min(-(-lengths.max() // BUCKET) * BUCKET, block_size)
-    n_chunks = -(-max_new_tokens // CHUNK)
-    # Room for the prompt, every generated token and a full window past the last one.
-    history = np.zeros((len(prompts), bucket + n_chunks * CHUNK + block_size), dtype=np.int32)
-    for row, p in zip(history, prompts):
+    bucket = min(-(-lengths.max() // BUCKET) * BUCKET, w)
+    padded = np.zeros((len(prompts), bucket), dtype=np.int32)
+    for row, p in zip(padded, prompts):
         row[: len(p)] = p
-    cache, logits = _prefill(model, jnp.asarray(history), jnp.asarray(lengths), int(bucket),
-                             use_cache)
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in (seeds or [0] * len(prompts))])
-    state = (cache, logits, jnp.asarray(lengths), jnp.asarray(history), keys, jnp.int32(0))
-    remaining = max_new_tokens
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    sampling = (float(temperature), top_k, top_p)
+    state = _prefill(model, jnp.asarray(padded), jnp.asarray(lengths), keys, sampling, use_cache)
+    yield np.asarray(state.token)[:n_rows, None]
+    position, remaining = lengths.copy(), max_new_tokens - 1  # tracked on the host as well
+    n_keep = max(1, int(keep * w))
     while remaining > 0:
-        state, tokens = _decode_chunk(model, state, CHUNK, float(temperature), top_k, top_p,
-                                      use_cache)
-        yield np.asarray(tokens[:, :remaining])
-        remaining -= CHUNK
+        full = position >= w  # rows whose next token does not fit the window
+        if context == "shift" and full.any():
+            state = _shift(model, state, jnp.asarray(full), n_keep, sampling)
+            position, remaining = np.where(full, n_keep, position + 1), remaining - 1
+            yield np.asarray(state.token)[:n_rows, None]
+            continue
+        recompute = bool(not use_cache or (context == "crop" and full.any()))
+        n = min(CHUNK, remaining)
+        if context == "shift" or (context == "crop" and not recompute):
+            n = min(n, w - position.max())  # stop where the window fills
+        state, tokens = _decode_chunk(model, state, jnp.int32(n), sampling, recompute)
+        position, remaining = position + n, remaining - n
+        yield np.asarray(tokens[:n_rows, :n])
 
 
 def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> np.ndarray:
@@ -163,12 +270,14 @@ def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> np.ndarray:
 def stream_batch(model, tokenizer: Tokenizer, prompts: list[str], *,
                  max_new_tokens: int = 500, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seeds: list[int] | None = None,
-                 stop: str | None = None, use_cache: bool = True) -> Iterator[list[str]]:
+                 stop: str | None = None, use_cache: bool = True, context: str = "shift",
+                 keep: float = 0.5) -> Iterator[list[str]]:
     """Yield, for each prompt, the next piece of its continuation; after `stop` a row yields ''."""
     texts = ["" for _ in prompts]
     for tokens in generate_tokens(model, [_encode_prompt(tokenizer, p) for p in prompts],
                                   max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seeds=seeds, use_cache=use_cache):
+                                  top_k=top_k, top_p=top_p, seeds=seeds, use_cache=use_cache,
+                                  context=context, keep=keep):
         pieces = [_until_stop(t, tokenizer.decode(row), stop) for t, row in zip(texts, tokens)]
         texts = [t + p for t, p in zip(texts, pieces)]
         yield pieces
@@ -198,7 +307,8 @@ def generate(model, tokenizer: Tokenizer, prompt: str | list[str] = "", *, seed:
     """Each prompt followed by its continuation.
 
     Options: `max_new_tokens` (500), `temperature` (1.0; 0 is greedy), `top_k`, `top_p`,
-    `stop` (a string that ends a row's text), `use_cache` (True). Every row uses `seed`.
+    `stop` (a string that ends a row's text), `use_cache` (True), `context` ("shift", "crop" or
+    "slide") and `keep` (0.5), as in `gptzoo.sample`. Every row uses `seed`.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     texts = list(prompts)

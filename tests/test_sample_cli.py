@@ -77,3 +77,15 @@ def test_missing_prompt_file_is_a_one_line_error(trained_run, tmp_path):
     result = gptzoo_cli("sample", "--ckpt", trained_run, "--prompt-file", tmp_path / "nope.txt")
     assert result.returncode == 1 and result.stdout == ""
     assert_one_line_error(result, "--prompt-file", "nope.txt", "does not exist")
+
+
+def test_num_samples_0_is_a_one_line_error(trained_run):
+    result = gptzoo_cli("sample", "--ckpt", trained_run, "--num-samples", "0")
+    assert result.returncode == 1 and result.stdout == ""
+    assert_one_line_error(result, "--num-samples=0", "at least 1")
+
+
+def test_slide_on_learned_positions_is_a_one_line_error(trained_run):
+    result = gptzoo_cli("sample", "--ckpt", trained_run, "--context", "slide")
+    assert result.returncode == 1 and result.stdout == ""
+    assert_one_line_error(result, "--context slide", "learned positions", "shift or crop")

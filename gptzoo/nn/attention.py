@@ -119,13 +119,29 @@ class CausalSelfAttention(eqx.Module):
     ) -> tuple[Float[Array, "seq d_model"], KVCache]:
         """Attention for one example's new positions over its cache, which they are added to.
 
-        Keys are cached before the position hook and go through it with the queries, exactly as
-        in `__call__`, so cached decoding equals the full forward.
+        Keys are cached after the position hook (a rotary key depends on its own position only),
+        so a step reads each cached key once and cached decoding equals the full forward.
         """
+        seq = x.shape[0]
         q, k, v = self._heads(x)
+        bias = None
+        if self.positional is not None:
+            q, k, _ = self.positional(q, k, positions, positions)
         cache = cache.update(k, v, positions)
-        return self._attend(q, cache.k, cache.v, positions, cache.positions,
-                            cache.mask(positions), None), cache
+        if self.positional is not None:
+            # A bias (ALiBi) depends on the positions alone: the keys passed are placeholders,
+            # and a hook that returns no bias (rotary) is compiled away.
+            placeholder = jnp.zeros((cache.size, self.n_kv_heads, self.head_dim), q.dtype)
+            _, _, bias = self.positional(q, placeholder, positions, cache.positions)
+        # Query heads grouped by the key/value head they share: no copy of the cache per group.
+        group = self.n_heads // self.n_kv_heads
+        q = q.reshape(seq, self.n_kv_heads, group, self.head_dim)
+        scores = jnp.einsum("qkgd,kds->kgqs", q, cache.k) / math.sqrt(self.head_dim)
+        if bias is not None:
+            scores = scores + bias.reshape(self.n_kv_heads, group, seq, cache.size)
+        weights = jax.nn.softmax(jnp.where(cache.mask(positions), scores, -jnp.inf), axis=-1)
+        y = jnp.einsum("kgqs,ksd->qkgd", weights, cache.v).reshape(seq, -1)
+        return self.out(y), cache
 
     def _heads(self, x):
         qkv = self.qkv(x).reshape(*x.shape[:-1], self.n_heads + 2 * self.n_kv_heads, -1)
