@@ -12,7 +12,7 @@ import pytest
 from conftest import RECIPE, TINY_ONE_EVAL, loss_window_by_window
 
 import gptzoo
-from gptzoo.data import split
+from gptzoo.data import prepare_corpus
 from gptzoo.recipe import OptimizerConfig
 from gptzoo.trainer.optimizer import make_optimizer
 
@@ -82,8 +82,8 @@ def test_dropout_changes_training_and_leaves_evaluation_deterministic(tmp_path, 
     assert model.embed_dropout.p == 0.3
     # Same seed, same batches, same initial weights: only dropout tells the two runs apart.
     assert not np.allclose(losses, plain_losses, rtol=1e-3), (losses, plain_losses)
-    tokens = result.tokenizer.encode(small_text.read_text())
-    _, val = split(tokens, recipe.data.val_fraction, recipe.model.block_size)
+    val_split = prepare_corpus(recipe.data).val
+    val = val_split[:len(val_split)]
     window = jnp.asarray(val[:32])
     np.testing.assert_array_equal(model(window), model(window))  # no key: no dropout
     assert not np.allclose(model(window, key=jax.random.PRNGKey(0)), model(window), atol=1e-4)
