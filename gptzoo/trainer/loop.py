@@ -25,7 +25,7 @@ from gptzoo.trainer.optimizer import make_optimizer, make_schedule
 from gptzoo.trainer.progress import MetricsLog, Reporter
 from gptzoo.trainer.run_status import RunStatus
 from gptzoo.trainer.sharding import chunk_sharded, make_mesh, replicated
-from gptzoo.trainer.sinks import open_sinks
+from gptzoo.trainer.sinks import Sinks, open_sinks
 from gptzoo.trainer.step import estimate_loss, make_train_chunk
 
 
@@ -85,43 +85,25 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     cfg, block_size = recipe.trainer, recipe.model.block_size
     ensure_writable(run_dir)
     p = prepare(recipe, init_from=init_from)
-    tokenizer, mesh, model, opt_state = p.tokenizer, p.mesh, p.model, p.opt_state
-    train_key = p.train_key
-    meta = {"tokenizer": tokenizer.to_dict(), "recipe": {"name": recipe.name, **recipe.to_dict()}}
-
-    saved_steps = run_dir / "checkpoints"
-    if not resume and saved_steps.is_dir() and any(saved_steps.iterdir()):
-        raise GptzooError(f"{run_dir} already holds checkpoints; pass --resume to continue that "
-                          "run or --run-dir NEW_DIR to start a new one")
-    checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
-    start = 0
-    if resume:
-        start, model, opt_state, train_key = _resume(checkpoints, meta, model, opt_state, run_dir)
-    save_recipe(recipe, run_dir)
-    tokenizer.save(run_dir)
-    meta["key"] = np.asarray(train_key).tolist()
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
-    sinks = open_sinks(recipe, run_dir, metrics, resume_step=start if resume else None)
-    status = RunStatus.begin(run_dir, resume, parameters=_count(model))
-
-    model, opt_state = eqx.filter_shard((model, opt_state), replicated(mesh))
+    run = _open_run(recipe, run_dir, p, resume)
+    model, opt_state = eqx.filter_shard((run.model, run.opt_state), replicated(p.mesh))
     schedule = make_schedule(recipe.optimizer, cfg.max_steps)
     bad_steps = BadSteps(cfg.max_bad_steps, recipe.optimizer.lr)
-    loader = Prefetcher(p.train_batches, _plan(start, cfg), chunk_sharded(mesh))
-    reporter = reporter or Reporter(cfg.max_steps, start)
+    loader = Prefetcher(p.train_batches, _plan(run.start, cfg), chunk_sharded(p.mesh))
+    reporter = reporter or Reporter(cfg.max_steps, run.start)
     reporter.print(f"training {recipe.name}: {_count(model):,} parameters, "
                    f"{len(jax.devices())} {jax.devices()[0].platform} device(s), run dir {run_dir}")
 
     def due(interval: int) -> bool:
         return step % interval == 0 or step == cfg.max_steps
 
-    step, compiled, interrupted = start, set(), False
-    with _catch_sigint() as sigint, closing(loader), status.recording():
+    step, compiled, interrupted = run.start, set(), False
+    with _catch_sigint() as sigint, closing(loader), run.status.recording():
         clock, timed_steps, steady = time.perf_counter(), 0, True
         for first, n, batches in loader:
             steady &= n in compiled  # a new chunk length compiles: keep it out of tokens/s
             compiled.add(n)
-            model, opt_state, stats = p.train_chunk((batches, train_key, jnp.int32(first)),
+            model, opt_state, stats = p.train_chunk((batches, run.train_key, jnp.int32(first)),
                                                   model, opt_state)
             bad_steps.count(first, stats.finite)
             step, timed_steps, interrupted = first + n, timed_steps + n, sigint.caught
@@ -132,40 +114,90 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                           "lr": float(schedule(step - 1)),
                           "tokens_per_sec": (timed_steps * cfg.batch_size * block_size / elapsed
                                              if steady else None),
-                          "wall_time": status.wall_time()}
+                          "wall_time": run.status.wall_time()}
                 if due(cfg.eval_interval):
-                    val = p.val_batches.chunk(step * cfg.eval_steps, cfg.eval_steps)
-                    record["val_loss"] = float(estimate_loss(model, jax.device_put(
-                        val, chunk_sharded(mesh))))
-                    record["val_bpb"] = _bits_per_byte(record["val_loss"], p.corpus)
-                sinks.write(record)
+                    record.update(_validation_estimate(model, p, step, cfg.eval_steps))
+                run.sinks.write(record)
                 reporter.log(record)
                 bad_steps.stop_if_diverged()  # at records only: no host sync between them
             if due(cfg.checkpoint_interval) or interrupted:
-                checkpoints.save(step, model, opt_state, meta)
+                run.checkpoints.save(step, model, opt_state, run.meta)
             if due(cfg.log_interval) or due(cfg.checkpoint_interval):
                 clock, timed_steps, steady = time.perf_counter(), 0, True
             if interrupted:
                 break
-    checkpoints.close()
-    sinks.close()
+    run.checkpoints.close()
+    run.sinks.close()
+    return _finish(run, p, model, step, interrupted, reporter, block_size)
+
+
+@dataclass
+class _Run:
+    """A run directory opened for training: the state it starts from and what it writes to."""
+
+    run_dir: Path
+    start: int
+    model: eqx.Module
+    opt_state: optax.OptState
+    train_key: jax.Array
+    meta: dict  # saved with every checkpoint
+    checkpoints: Checkpoints
+    sinks: Sinks
+    status: RunStatus
+
+
+def _open_run(recipe: Recipe, run_dir: Path, p: Prepared, resume: bool) -> _Run:
+    """Refuse to overwrite a run unless resuming it; restore the newest checkpoint if resuming;
+    write the recipe and tokenizer; open the metrics sinks and the run's status."""
+    meta = {"tokenizer": p.tokenizer.to_dict(),
+            "recipe": {"name": recipe.name, **recipe.to_dict()}}
+    saved_steps = run_dir / "checkpoints"
+    if not resume and saved_steps.is_dir() and any(saved_steps.iterdir()):
+        raise GptzooError(f"{run_dir} already holds checkpoints; pass --resume to continue that "
+                          "run or --run-dir NEW_DIR to start a new one")
+    checkpoints = Checkpoints(run_dir, keep=recipe.trainer.keep_checkpoints)
+    start, model, opt_state, train_key = 0, p.model, p.opt_state, p.train_key
+    if resume:
+        start, model, opt_state, train_key = _resume(checkpoints, meta, model, opt_state, run_dir)
+    save_recipe(recipe, run_dir)
+    p.tokenizer.save(run_dir)
+    meta["key"] = np.asarray(train_key).tolist()
+    resume_step = start if resume else None
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
+    sinks = open_sinks(recipe, run_dir, metrics, resume_step=resume_step)
+    status = RunStatus.begin(run_dir, resume, parameters=_count(model))
+    return _Run(run_dir, start, model, opt_state, train_key, meta, checkpoints, sinks, status)
+
+
+def _validation_estimate(model, p: Prepared, step: int, eval_steps: int) -> dict[str, float]:
+    """`val_loss` and `val_bpb` on `eval_steps` batches of the validation split, different at
+    each evaluation step and the same in a resumed run."""
+    batches = p.val_batches.chunk(step * eval_steps, eval_steps)
+    loss = float(estimate_loss(model, jax.device_put(batches, chunk_sharded(p.mesh))))
+    return {"val_loss": loss, "val_bpb": _bits_per_byte(loss, p.corpus)}
+
+
+def _finish(run: _Run, p: Prepared, model, step: int, interrupted: bool, reporter: Reporter,
+            block_size: int) -> TrainResult:
+    """Evaluate on the whole validation split unless interrupted (a Ctrl-C here stops as one
+    during training does: the last step is saved), and record how the run ended."""
     if not interrupted:
         try:
-            with status.recording():
+            with run.status.recording():
                 result = evaluate(model, p.corpus.val, block_size,
                                   bytes_per_token=p.corpus.val.bytes_per_token)
-        except KeyboardInterrupt:  # the last step is saved: stop as a Ctrl-C in training does
+        except KeyboardInterrupt:
             interrupted = True
     reporter.close()
     if interrupted:
-        status.end("interrupted", step=step)
-        reporter.print(f"interrupted: saved step {step} in {run_dir}; continue with --resume")
-        return TrainResult(model, tokenizer, run_dir, step, None, True)
-    status.end("finished", step=step, val_loss=result.loss)
+        run.status.end("interrupted", step=step)
+        reporter.print(f"interrupted: saved step {step} in {run.run_dir}; continue with --resume")
+        return TrainResult(model, p.tokenizer, run.run_dir, step, None, True)
+    run.status.end("finished", step=step, val_loss=result.loss)
     reporter.print(f"final val loss {result.loss:.4f} ({result.bits_per_token:.4f} bits/token, "
                    f"{result.bits_per_byte:.4f} bits/byte) over the whole validation split "
                    f"({result.n_tokens:,} tokens)")
-    return TrainResult(model, tokenizer, run_dir, step, result.loss, False)
+    return TrainResult(model, p.tokenizer, run.run_dir, step, result.loss, False)
 
 
 def _bits_per_byte(loss: float, corpus: Corpus) -> float:
