@@ -151,13 +151,17 @@ def end_to_end(quick: bool) -> None:
         second_ttft, second_total = sample_process(run_dir, cache_dir, n)
     shape = (["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32"]
              if quick else [])
-    start = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "bench" / "nanogpt.py"), "--tokens", str(n),
-                    *shape], check=True, capture_output=True)
-    nanogpt = time.perf_counter() - start
     print(f"{n} tokens from 'ROMEO:', process start to exit: gptzoo sample {first_total:.2f} s "
-          f"(first invocation), {second_total:.2f} s (second); nanoGPT generate {nanogpt:.2f} s: "
-          f"{nanogpt / second_total:.1f}x (target >= 10x)")
+          f"(first invocation), {second_total:.2f} s (second)")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "nanogpt.py"), "--tokens",
+                             str(n), *shape], capture_output=True, text=True)
+    nanogpt = time.perf_counter() - start
+    if result.returncode:  # torch is a test extra: pip install -e .[test]
+        print(f"nanoGPT skipped: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    else:
+        print(f"nanoGPT generate, the same shape and length: {nanogpt:.2f} s: gptzoo sample's "
+              f"second invocation {nanogpt / second_total:.1f}x faster (target >= 10x)")
     print(f"time to first token: {first_ttft:.2f} s first invocation, {second_ttft:.2f} s second "
           "(compilation cache; target < 1.5 s)\n")
 

@@ -185,10 +185,12 @@ def test_greedy_sampling_reads_the_last_latent_of_a_full_window(trained):
     recipe, result, _ = trained
     model, tokenizer, block_size = result.model, result.tokenizer, recipe.model.block_size
     prompt = Path(recipe.data.path).read_text()[:40]  # longer than block_size: every window is full
-    text = gptzoo.generate(model, tokenizer, prompt, max_new_tokens=20, temperature=0)
-    assert text == gptzoo.generate(model, tokenizer, prompt, max_new_tokens=20, temperature=0)
+    text = gptzoo.generate(model, tokenizer, prompt, max_new_tokens=20, temperature=0,
+                           context="crop")
+    assert text == gptzoo.generate(model, tokenizer, prompt, max_new_tokens=20, temperature=0,
+                                   context="crop")
     history = list(tokenizer.encode(prompt))
-    for _ in range(20):  # the last row predicts the token after the window
+    for _ in range(20):  # the last row predicts the token after the window (nanoGPT's crop)
         window = jnp.asarray(history[-block_size:])
         history.append(int(jnp.argmax(forward(model, window)[-1])))
     assert text == tokenizer.decode(history)
