@@ -274,15 +274,40 @@ def stream_batch(model, tokenizer: Tokenizer, prompts: list[str], *,
                  keep: float = 0.5) -> Iterator[list[str]]:
     """Yield, for each prompt, the next piece of its continuation; after `stop` a row yields ''."""
     texts = ["" for _ in prompts]
+    decoders = [TextStream(tokenizer) for _ in prompts]
     for tokens in generate_tokens(model, [_encode_prompt(tokenizer, p) for p in prompts],
                                   max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seeds=seeds, use_cache=use_cache,
                                   context=context, keep=keep):
-        pieces = [_until_stop(t, tokenizer.decode(row), stop) for t, row in zip(texts, tokens)]
+        pieces = [_until_stop(t, d.push(row), stop) for t, d, row in zip(texts, decoders, tokens)]
         texts = [t + p for t, p in zip(texts, pieces)]
         yield pieces
         if stop is not None and all(stop in t for t in texts):
             return
+    rest = [_until_stop(t, d.flush(), stop) for t, d in zip(texts, decoders)]
+    if any(rest):  # a character cut short by the end of generation
+        yield rest
+
+
+class TextStream:
+    """Decodes one row's tokens as they arrive. A byte-level tokenizer may split a UTF-8
+    character across tokens, and so across chunks: a piece that ends inside a character
+    (decoded as U+FFFD) is held back until the rest arrives, for at most `hold` tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, hold: int = 8):
+        self.tokenizer, self.hold, self.pending = tokenizer, hold, []
+
+    def push(self, tokens) -> str:
+        self.pending += [int(t) for t in tokens]
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < self.hold:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text, self.pending = self.tokenizer.decode(self.pending) if self.pending else "", []
+        return text
 
 
 def _until_stop(text: str, piece: str, stop: str | None) -> str:

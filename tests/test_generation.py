@@ -481,3 +481,18 @@ def test_max_new_tokens_0_generates_nothing():
 def test_an_empty_prompt_is_an_error():
     with pytest.raises(GptzooError, match="prompt is empty"):
         generate(build("gpt2"), [PROMPT, np.array([], np.int32)])
+
+
+def test_a_character_split_across_chunks_is_streamed_whole():
+    from gptzoo.data import ByteTokenizer
+    from gptzoo.sample import TextStream
+
+    tokenizer = ByteTokenizer()
+    text = "héllo, 世界"
+    data = list(text.encode("utf-8"))
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(data[i:i + 2]) for i in range(0, len(data), 2)] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    cut_short = TextStream(tokenizer)
+    assert cut_short.push(data[-3:-1]) == "" and cut_short.flush() == "\ufffd"  # 界 cut short
