@@ -28,7 +28,7 @@ def slow(session):
 
 @nox.session
 def bench(session):
-    session.install("-e", ".")
+    session.install("-e", ".[test]")  # torch: bench/nanogpt.py, the sampling comparison
     env = {"JAX_PLATFORMS": "cpu"}
     session.run("python", "bench/bench_train.py", *session.posargs, env=env)
     session.run("python", "bench/bench_sample.py", *session.posargs, env=env)
