@@ -16,6 +16,10 @@ Short runs favour the larger vocabularies (each step covers more text). 2,048 is
 would split the 1 MB training text into only ~350k tokens (about 28 epochs in 2,400 steps, ~85
 occurrences per token type) with an embedding as large as the rest of the model, where
 overfitting is likely; compare the two over the full run before changing it.
+
+Full run (2,400 steps, idle machine): val 2.340 bits/byte, against 2.175 for the char recipe; it
+overfits already (train loss 2.59, val 4.15 per token), so a smaller vocabulary, fewer steps or
+dropout is the next thing to try on a text this small.
 """
 
 from gptzoo.models import gpt2
