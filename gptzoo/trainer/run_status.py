@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gptzoo.atomic import write_text_atomic
 from gptzoo.errors import GptzooError
 from gptzoo.trainer.sinks import read_records
 
@@ -45,7 +46,7 @@ class RunStatus:
 
     def update(self, state: str, **fields: Any) -> None:
         self.fields.update(fields, status=state, wall_time=round(self.wall_time(), 3))
-        write_atomic(self.path, json.dumps(self.fields, indent=2) + "\n")
+        write_text_atomic(self.path, json.dumps(self.fields, indent=2) + "\n")
 
     def end(self, state: str, **fields: Any) -> None:
         self.update(state, ended=datetime.now(UTC).isoformat(timespec="seconds"), **fields)
@@ -65,12 +66,6 @@ class RunStatus:
             self.end("failed", error=line if isinstance(e, GptzooError) else
                      f"{type(e).__name__}: {line}")
             raise
-
-
-def write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
