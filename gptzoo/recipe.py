@@ -72,11 +72,26 @@ class TrainerConfig:
     seed: int = 0
     wandb: bool = False  # also log to Weights & Biases (pip install -e .[wandb])
     wandb_project: str = "gptzoo"
+    precision: str = "float32"  # float32, or bfloat16 compute over float32 master weights
+    remat: str = "none"  # none, full, or a jax.checkpoint_policies name, per block
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size stays the global)
+    # [(step, batch size), ...]: the global batch from each listed step on; None: batch_size
+    batch_schedule: list | None = None
 
 
-SECTIONS = ("model", "data", "optimizer", "trainer")
+@dataclasses.dataclass
+class MeshConfig:
+    """How the devices are arranged: the batch is split over data x fsdp, parameters and optimizer
+    state over fsdp, attention heads and MLP width over tensor. -1 takes the devices left."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+SECTIONS = ("model", "data", "optimizer", "trainer", "mesh")
 DEFAULTS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
-            "trainer": TrainerConfig}
+            "trainer": TrainerConfig, "mesh": MeshConfig}
 # (key, predicate, what it must be) checked after overrides, so bad values fail before training.
 _CHECKS = [
     ("trainer.max_steps", lambda v: v > 0, "a positive integer"),
@@ -88,6 +103,8 @@ _CHECKS = [
     ("trainer.steps_per_call", lambda v: v > 0, "a positive integer"),
     ("trainer.keep_checkpoints", lambda v: v > 0, "a positive integer"),
     ("trainer.max_bad_steps", lambda v: v > 0, "a positive integer"),
+    ("trainer.grad_accum_steps", lambda v: v > 0, "a positive integer"),
+    ("trainer.precision", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
     ("optimizer.lr", lambda v: v > 0, "positive"),
     ("model.n_layers", lambda v: v > 0, "a positive integer"),
     ("model.n_heads", lambda v: v > 0, "a positive integer"),
@@ -108,6 +125,7 @@ class Recipe:
     data: DataConfig
     optimizer: OptimizerConfig
     trainer: TrainerConfig
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     architecture: str | None = None  # a built-in, built from `model` without build_model
 
     def build(self, vocab_size: int, *, key) -> Any:
