@@ -24,7 +24,7 @@ from gptzoo.trainer.init_from import Initial
 from gptzoo.trainer.optimizer import make_optimizer, make_schedule
 from gptzoo.trainer.progress import MetricsLog, Reporter
 from gptzoo.trainer.run_status import RunStatus
-from gptzoo.trainer.sharding import chunk_sharded, make_mesh, replicated
+from gptzoo.trainer.sharding import chunk_sharded, make_mesh, shard
 from gptzoo.trainer.sinks import Sinks, open_sinks
 from gptzoo.trainer.step import estimate_loss, make_train_chunk
 
@@ -66,12 +66,12 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
                          f"{cfg.batch_size} x {block_size} + 1)")
     train_batches = Batches(corpus.train, cfg.batch_size, block_size, cfg.seed)
     val_batches = Batches(corpus.val, cfg.batch_size, block_size, cfg.seed + 1)
-    mesh = make_mesh(cfg.batch_size)
+    mesh = make_mesh(recipe)
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model = recipe.build(tokenizer.vocab_size, key=model_key)
-    model = initial.weights_into(model) if initial else model
+    model = shard(initial.weights_into(model) if initial else model, mesh)
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    opt_state = shard(optimizer.init(eqx.filter(model, eqx.is_array)), mesh)
     train_chunk = make_train_chunk(optimizer, mesh)
     return Prepared(corpus, tokenizer, train_batches, val_batches, mesh, model, optimizer,
                     opt_state, train_key, train_chunk)
@@ -86,7 +86,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     ensure_writable(run_dir)
     p = prepare(recipe, init_from=init_from)
     run = _open_run(recipe, run_dir, p, resume)
-    model, opt_state = eqx.filter_shard((run.model, run.opt_state), replicated(p.mesh))
+    model, opt_state = run.model, run.opt_state  # placed by the rules: see prepare, _resume
     schedule = make_schedule(recipe.optimizer, cfg.max_steps)
     bad_steps = BadSteps(cfg.max_bad_steps, recipe.optimizer.lr)
     loader = Prefetcher(p.train_batches, _plan(run.start, cfg), chunk_sharded(p.mesh))
@@ -185,7 +185,7 @@ def _finish(run: _Run, p: Prepared, model, step: int, interrupted: bool, reporte
         try:
             with run.status.recording():
                 result = evaluate(model, p.corpus.val, block_size,
-                                  bytes_per_token=p.corpus.val.bytes_per_token)
+                                  bytes_per_token=p.corpus.val.bytes_per_token, mesh=p.mesh)
         except KeyboardInterrupt:
             interrupted = True
     reporter.close()

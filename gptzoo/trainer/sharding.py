@@ -1,20 +1,152 @@
-"""Data parallelism over a 1-D device mesh: batches split along `data`, the rest replicated."""
+"""Where arrays live: a mesh of devices with named axes `data`, `fsdp` and `tensor`, and the rules
+that place each parameter, optimizer statistic and batch on it.
 
+The batch is split over `data` x `fsdp`. Parameters and their optimizer statistics are split
+according to their logical axes (`gptzoo.models.axes`) by `RULES`: FSDP shards them over `fsdp`
+(XLA gathers each weight where the step uses it and reduce-scatters its gradient), tensor
+parallelism splits attention heads and the MLP's hidden units over `tensor` (column-split in,
+row-split out, as in Megatron-LM). A parameter without logical axes is replicated.
+"""
+
+import math
+from collections.abc import Sequence
+
+import equinox as eqx
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gptzoo.errors import GptzooError
+from gptzoo.models.axes import logical_axes
+from gptzoo.models.names import path_name
+from gptzoo.recipe import MeshConfig, Recipe
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+# Logical axis -> the mesh axes its dimension is split over (MaxText's logical_axis_rules);
+# a logical axis not listed (layers, positions, norm) is never split.
+RULES: dict[str, tuple[str, ...]] = {
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+}
 
 
-def make_mesh(batch_size: int) -> Mesh:
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """`(data, fsdp, tensor)` sizes from the recipe's `mesh` section, its one `-1` filled with the
+    devices left; a one-line error names the key to change when they do not fit `n_devices`."""
+    sizes = {axis: getattr(cfg, axis) for axis in AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    bad = [axis for axis, size in sizes.items() if size == 0 or size < -1]
+    if bad:
+        raise GptzooError(f"mesh.{bad[0]}={sizes[bad[0]]} must be a positive number of devices "
+                          f"or -1 (the devices left); fix it with --set mesh.{bad[0]}=...")
+    if len(free) > 1:
+        raise GptzooError(f"mesh.{free[0]} and mesh.{free[1]} are both -1; only one axis can take "
+                          f"the devices left: set --set mesh.{free[1]}=1")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free and n_devices % fixed == 0:
+        sizes[free[0]] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        shown = " x ".join(f"mesh.{a}={sizes[a]}" for a in AXES)
+        hint = (f"set mesh.{free[0]}=-1 with a product of the others that divides {n_devices}"
+                if free else "set one of them to -1 to take the devices left")
+        raise GptzooError(f"{shown} does not cover the {n_devices} devices here; {hint}")
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The training mesh of `recipe` over `devices` (default: all of them, across processes),
+    refusing a batch that does not split over `data` x `fsdp` or heads that do not split over
+    `tensor`."""
+    devices = jax.devices() if devices is None else devices
+    data, fsdp, tensor = mesh_shape(recipe.mesh, len(devices))
+    batch = recipe.trainer.batch_size
+    if batch % (data * fsdp):
+        raise GptzooError(f"trainer.batch_size={batch} does not split over {data * fsdp} devices "
+                          f"(mesh.data={data} x mesh.fsdp={fsdp}); use a multiple of "
+                          f"{data * fsdp}, or change mesh.data or mesh.fsdp")
+    n_heads = getattr(recipe.model, "n_heads", None)
+    if n_heads is not None and n_heads % tensor:
+        raise GptzooError(f"model.n_heads={n_heads} does not split over mesh.tensor={tensor}; "
+                          f"set mesh.tensor to a divisor of {n_heads}")
+    return _mesh((data, fsdp, tensor), devices)
+
+
+def eval_mesh(recipe: Recipe) -> Mesh:
+    """The mesh to evaluate a run on: its recipe's when that fits the devices here (a run trained
+    on eight devices may be evaluated on one), else every device on `fsdp`."""
     devices = jax.devices()
-    if batch_size % len(devices):
-        raise GptzooError(
-            f"trainer.batch_size={batch_size} does not split over {len(devices)} devices; "
-            f"use a multiple of {len(devices)}"
-        )
-    return Mesh(np.array(devices), ("data",))
+    try:
+        shape = mesh_shape(recipe.mesh, len(devices))
+    except GptzooError:
+        shape = (1, len(devices), 1)
+    return _mesh(shape, devices)
+
+
+def _mesh(shape: tuple[int, int, int], devices: Sequence[jax.Device]) -> Mesh:
+    # Auto axes: XLA propagates shardings from the placed inputs and the constraints below.
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many pieces a batch is split into."""
+    return math.prod(mesh.shape[axis] for axis in BATCH)
+
+
+def partition_spec(path: str, shape: tuple[int, ...], mesh) -> PartitionSpec:
+    """How `RULES` split the parameter (or optimizer statistic) at `path` over `mesh`.
+
+    A dimension whose size the mesh axes do not divide (a vocabulary of 65 over 4 devices) is
+    replicated rather than split unevenly; so is one whose mesh axes an earlier dimension took.
+    """
+    axes = logical_axes(path, len(shape))
+    if axes is None:
+        return PartitionSpec()
+    spec, used = [], set()
+    for name, size in zip(axes, shape):
+        split = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1 and a not in used)
+        if not split or size % math.prod(mesh.shape[a] for a in split):
+            spec.append(None)
+            continue
+        spec.append(split[0] if len(split) == 1 else split)
+        used.update(split)
+    return PartitionSpec(*spec)
+
+
+def shardings(tree, mesh: Mesh):
+    """A `NamedSharding` for each array of `tree`, a model, its gradients or an optimizer state,
+    by module path; None for its other leaves. An optimizer statistic's path ends with its
+    parameter's (`1.0.mu.blocks.0.mlp.up.weight`), so it is split as its parameter is; scalars
+    such as the step count are replicated."""
+
+    def one(path, leaf):
+        return _sharding(path, leaf, mesh) if eqx.is_array(leaf) else None
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def shard(tree, mesh: Mesh):
+    """`tree` placed by `shardings`: moved there outside `jit`, constrained to it inside."""
+    return eqx.filter_shard(tree, shardings(tree, mesh))
+
+
+def sharded_shapes(tree, mesh: Mesh):
+    """`tree` (from `eqx.filter_eval_shape`) with each `ShapeDtypeStruct` given the sharding
+    `shard` would give its array: the targets a checkpoint is restored into."""
+
+    def one(path, leaf):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding(path, leaf, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _sharding(path, leaf, mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(path_name(path), leaf.shape, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -22,9 +154,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec("data"))
+    """A batch `(batch, ...)` split over `data` x `fsdp`."""
+    return NamedSharding(mesh, PartitionSpec(BATCH))
 
 
 def chunk_sharded(mesh: Mesh) -> NamedSharding:
-    """A stack of batches `(n_steps, batch, ...)`: each batch split along `data`."""
-    return NamedSharding(mesh, PartitionSpec(None, "data"))
+    """A stack of batches `(n_steps, batch, ...)`: each batch split over `data` x `fsdp`."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH))

@@ -11,7 +11,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from gptzoo.trainer.sharding import batch_sharded
+from gptzoo.trainer.sharding import batch_sharded, shard
 
 
 def loss_fn(model, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
@@ -76,12 +76,16 @@ def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh):
             loss, grads = eqx.filter_value_and_grad(
                 lambda p: loss_fn(eqx.combine(p, static), inputs, targets, dropout_key)
             )(params)
+            # Gradients split as their parameters: reduce-scattered over fsdp, not all-reduced.
+            grads = shard(grads, mesh)
             params, opt_state, grad_norm, finite = guarded_update(optimizer, loss, grads, params,
                                                                   opt_state)
-            return (params, opt_state), StepStats(loss, grad_norm, finite)
+            # Each step's parameters and state split by the rules, as they came in.
+            return shard((params, opt_state), mesh), StepStats(loss, grad_norm, finite)
 
         steps = start + jnp.arange(batches.shape[0])
         (params, opt_state), stats = jax.lax.scan(step, (params, opt_state), (steps, batches))
+        params, opt_state = shard((params, opt_state), mesh)  # else XLA picks the outputs'
         return eqx.combine(params, static), opt_state, stats
 
     return train_chunk
