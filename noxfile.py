@@ -1,4 +1,4 @@
-"""Sessions: tests (what CI runs), lint, slow (full trainings), bench, docs."""
+"""Sessions: tests (what CI runs), lint, slow (full trainings), dist (many devices), bench, docs."""
 
 import nox
 
@@ -24,6 +24,13 @@ def slow(session):
     the kill test: 20 SIGKILLs of a training run, then --resume (a few minutes)."""
     session.install("-e", ".[test]")
     session.run("pytest", "-q", "-m", "slow", "-s", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
+
+
+@nox.session
+def dist(session):
+    """Many fake CPU devices and several processes: meshes against one device (a few minutes)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-q", "-m", "dist", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
 
 
 @nox.session

@@ -1,0 +1,218 @@
+"""Sharding over a (data, fsdp, tensor) mesh: the mesh section's errors, the logical-axes table,
+the rules, and (`-m dist`) training on eight CPU devices against one, restored across meshes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+from conftest import RECIPE, ROOT, TINY, gptzoo_cli, set_args
+from jax.sharding import AbstractMesh, PartitionSpec
+
+import gptzoo
+from gptzoo.errors import GptzooError
+from gptzoo.models.axes import logical_axes
+from gptzoo.models.names import named_leaves
+from gptzoo.recipe import MeshConfig
+from gptzoo.trainer import evaluate_run
+from gptzoo.trainer.sharding import make_mesh, mesh_shape, partition_spec
+
+
+def test_the_mesh_section_resolves_minus_one_and_refuses_what_does_not_fit():
+    assert mesh_shape(MeshConfig(), 8) == (8, 1, 1)
+    assert mesh_shape(MeshConfig(data=2, fsdp=-1), 8) == (2, 4, 1)
+    assert mesh_shape(MeshConfig(data=1, fsdp=2, tensor=4), 8) == (1, 2, 4)
+    with pytest.raises(GptzooError, match=r"mesh.data and mesh.fsdp are both -1.*mesh.fsdp=1"):
+        mesh_shape(MeshConfig(data=-1, fsdp=-1), 8)
+    with pytest.raises(GptzooError, match=r"mesh.data=2 x mesh.fsdp=2 x mesh.tensor=1 does not "
+                                          r"cover the 8 devices here; set one of them to -1"):
+        mesh_shape(MeshConfig(data=2, fsdp=2), 8)
+    with pytest.raises(GptzooError, match=r"mesh.data=-1 x mesh.fsdp=3 .* set mesh.data=-1 with"):
+        mesh_shape(MeshConfig(fsdp=3), 8)
+    with pytest.raises(GptzooError, match=r"mesh.tensor=0 must be a positive number"):
+        mesh_shape(MeshConfig(tensor=0), 8)
+
+
+def test_a_batch_or_heads_that_do_not_split_are_refused_naming_the_key():
+    eight = [jax.devices()[0]] * 8  # checked before any mesh is built
+    recipe = gptzoo.load_recipe(RECIPE, {**TINY, "mesh.fsdp": "4", "trainer.batch_size": "6"})
+    with pytest.raises(GptzooError, match=r"trainer.batch_size=6 does not split over 8 devices "
+                                          r"\(mesh.data=2 x mesh.fsdp=4\); use a multiple of 8"):
+        make_mesh(recipe, eight)
+    recipe = gptzoo.load_recipe(RECIPE, {**TINY, "mesh.tensor": "4"})  # TINY has 2 heads
+    with pytest.raises(GptzooError, match=r"model.n_heads=2 does not split over mesh.tensor=4; "
+                                          r"set mesh.tensor to a divisor of 2"):
+        make_mesh(recipe, eight)
+
+
+# What the zoo's own components leave without logical axes, replicated on purpose: the spatial
+# gating unit's (block_size x block_size) mixing matrix and its bias, and head-QK's projections.
+UNDECLARED = {"mlp.sgu.weight", "mlp.sgu.bias", "head_qk.q.weight", "head_qk.k.weight"}
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.py")), ids=lambda p: p.stem)
+def test_every_parameter_of_the_zoo_recipes_has_logical_axes(recipe):
+    model = eqx.filter_eval_shape(gptzoo.load_recipe(recipe).build, 64, key=jax.random.PRNGKey(0))
+    for path, leaf in named_leaves(model, lambda x: isinstance(x, jax.ShapeDtypeStruct)).items():
+        axes = logical_axes(path, leaf.ndim)
+        assert (axes is None) == any(path.endswith(u) for u in UNDECLARED), path
+        assert axes is None or len(axes) == leaf.ndim
+
+
+def test_the_rules_split_heads_and_mlp_over_tensor_and_the_rest_over_fsdp():
+    mesh = AbstractMesh((1, 2, 4), ("data", "fsdp", "tensor"))
+    assert partition_spec("blocks.0.attention.qkv.weight", (32, 96), mesh) == PartitionSpec(
+        "fsdp", "tensor")
+    assert partition_spec("blocks.0.attention.out.weight", (32, 32), mesh) == PartitionSpec(
+        "tensor", "fsdp")
+    assert partition_spec("blocks.0.mlp.gate_up.weight", (32, 256), mesh) == PartitionSpec(
+        "fsdp", "tensor")
+    # Blocks stacked for lax.scan: the extra leading axis is `layers`, never split.
+    assert partition_spec("blocks.layers.mlp.down.weight", (6, 128, 32), mesh) == PartitionSpec(
+        None, "tensor", "fsdp")
+    # A vocabulary of 65 does not split over 4 devices: that dimension stays whole.
+    assert partition_spec("token_embedding.weight", (65, 32), mesh) == PartitionSpec(None, "fsdp")
+    assert partition_spec("token_embedding.weight", (64, 32), mesh) == PartitionSpec(
+        "tensor", "fsdp")
+    # Adam's statistics split as their parameter; its step count and a user's own part do not.
+    assert partition_spec("1.0.mu.blocks.0.attention.qkv.weight", (32, 96), mesh) == (
+        partition_spec("blocks.0.attention.qkv.weight", (32, 96), mesh))
+    assert partition_spec("1.0.count", (), mesh) == PartitionSpec()
+    assert partition_spec("blocks.0.mlp.my_gate.weight", (32, 96), mesh) == PartitionSpec()
+    assert partition_spec("blocks.0.attn_norm.weight", (32,), mesh) == PartitionSpec(None)
+
+
+# --- eight CPU devices against one (about 5 minutes on a busy 2-core machine: nox -s dist) ---
+
+MESHES = {"data8": (8, 1, 1), "data2_fsdp4": (2, 4, 1), "data2_tensor4": (2, 1, 4),
+          "fsdp2_tensor4": (1, 2, 4)}
+EVALUATED = ("one", "fsdp2_tensor4")  # its mesh does not fit one device: eval falls back
+RUN = {**TINY, "model.n_heads": "4", "trainer.max_steps": "10", "trainer.log_interval": "1",
+       "trainer.checkpoint_interval": "5", "trainer.eval_interval": "10"}
+
+# Runs in a subprocess with eight CPU devices: every mesh of MESHES, then the one-device run's
+# step-5 checkpoint resumed with FSDP over all eight; prints as JSON each mesh's shard shapes and
+# what `gptzoo eval` finds for two runs on the eight devices.
+_ON_EIGHT_DEVICES = """
+import json, sys
+from pathlib import Path
+import gptzoo
+from gptzoo.trainer import evaluate_run
+from gptzoo.trainer.checkpoint import named_arrays
+from gptzoo.trainer.loop import prepare
+
+out, overrides, meshes = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+back, recipe_path, evaluated = sys.argv[4], sys.argv[5], json.loads(sys.argv[6])
+shards = {}
+for name, (data, fsdp, tensor) in meshes.items():
+    mesh = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor}
+    recipe = gptzoo.load_recipe(recipe_path, {**overrides, **mesh})
+    model = gptzoo.train(recipe, out / name).model
+    state = prepare(recipe, log=lambda *a: None).opt_state
+    arrays = {**named_arrays(model),
+              **{"opt_state." + k: v for k, v in named_arrays(state).items()}}
+    shards[name] = {k: [list(s.data.shape) for s in a.addressable_shards]
+                    for k, a in arrays.items()}
+recipe = gptzoo.load_recipe(recipe_path, {**overrides, "mesh.data": 1, "mesh.fsdp": -1})
+gptzoo.train(recipe, back, resume=True)
+evals = {name: evaluate_run(out / name).loss for name in evaluated}
+print(json.dumps({"vocab": model.token_embedding.weight.shape[0], "shards": shards,
+                  "evals": evals}))
+"""
+
+
+def _losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records}
+
+
+def _without_last_checkpoint(run_dir, copy):
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "10")
+    return copy
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory, small_text):
+    """The one-device reference run, every mesh's run (and its shard shapes) on eight devices,
+    and both restores across meshes: one device -> eight (FSDP), and eight (FSDP) -> one."""
+    root = tmp_path_factory.mktemp("meshes")
+    run = {**RUN, "data.path": str(small_text)}
+    gptzoo_cli("train", RECIPE, *set_args(run), "--run-dir", root / "one", check=True)
+    back = _without_last_checkpoint(root / "one", root / "one_to_eight")
+    eight = subprocess.run(
+        [sys.executable, "-c", _ON_EIGHT_DEVICES, str(root), json.dumps(run), json.dumps(MESHES),
+         str(back), str(RECIPE), json.dumps(EVALUATED)],
+        capture_output=True, text=True, cwd=ROOT, timeout=1800,
+        env={**os.environ, "JAX_PLATFORMS": "cpu",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert eight.returncode == 0, eight.stderr[-3000:]
+    there = _without_last_checkpoint(root / "data2_fsdp4", root / "eight_to_one")
+    gptzoo_cli("train", RECIPE, *set_args(run), "--run-dir", there, "--resume", check=True)
+    return root, json.loads(eight.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mesh", MESHES)
+def test_each_mesh_logs_the_losses_of_one_device(eight_devices, mesh):
+    root, _ = eight_devices
+    one, sharded = _losses(root / "one"), _losses(root / mesh)
+    assert list(sharded) == list(range(1, 11))
+    np.testing.assert_allclose([sharded[s] for s in one], list(one.values()), rtol=1e-5)
+
+
+def _expected_shards(mesh: str, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Each device's piece of the tiny model's weights (d_model 32, 4 heads, MLP 128) as the
+    rules split them: embed over fsdp; heads and MLP units over tensor; vocab over tensor only
+    when it divides; norms whole."""
+    _, fsdp, tensor = MESHES[mesh]
+    v = vocab // tensor if vocab % tensor == 0 else vocab
+    return {
+        "token_embedding.weight": (v, 32 // fsdp),
+        "position_embedding.weight": (32, 32 // fsdp),
+        "blocks.0.attention.qkv.weight": (32 // fsdp, 96 // tensor),
+        "blocks.0.attention.qkv.bias": (96 // tensor,),
+        "blocks.0.attention.out.weight": (32 // tensor, 32 // fsdp),
+        "blocks.0.attention.out.bias": (32 // fsdp,),
+        "blocks.0.mlp.up.weight": (32 // fsdp, 128 // tensor),
+        "blocks.0.mlp.down.weight": (128 // tensor, 32 // fsdp),
+        "blocks.0.attn_norm.weight": (32,),
+        "final_norm.bias": (32,),
+        "opt_state.1.0.mu.blocks.0.attention.qkv.weight": (32 // fsdp, 96 // tensor),
+        "opt_state.1.0.nu.blocks.0.mlp.down.weight": (128 // tensor, 32 // fsdp),
+        "opt_state.1.0.count": (),
+    }
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mesh", MESHES)
+def test_each_device_holds_the_shards_the_rules_imply(eight_devices, mesh):
+    _, found = eight_devices
+    for name, shape in _expected_shards(mesh, found["vocab"]).items():
+        assert found["shards"][mesh][name] == [list(shape)] * 8, name
+
+
+@pytest.mark.dist
+def test_a_checkpoint_restores_across_meshes(eight_devices):
+    """Step 5 of a one-device run resumed with FSDP over eight devices, and step 5 of an eight-
+    device FSDP run resumed on one, each log the steps after it as the unbroken run did."""
+    root, _ = eight_devices
+    for resumed, unbroken in (("one_to_eight", "one"), ("eight_to_one", "data2_fsdp4")):
+        a, b = _losses(root / resumed), _losses(root / unbroken)
+        assert list(a) == list(range(1, 11))
+        np.testing.assert_allclose([a[s] for s in range(6, 11)], [b[s] for s in range(6, 11)],
+                                   rtol=1e-5)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("run", EVALUATED)
+def test_gptzoo_eval_on_eight_devices_equals_one(eight_devices, run):
+    root, found = eight_devices
+    """The same loss whether `gptzoo eval` splits its batches over eight devices or reads them on
+    one, where the fsdp2_tensor4 run's own mesh does not fit."""
+    np.testing.assert_allclose(found["evals"][run], evaluate_run(root / run).loss, rtol=1e-5)
