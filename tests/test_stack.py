@@ -55,7 +55,8 @@ def test_blocks_that_differ_stay_a_tuple():
     wider = gpt2(65, n_layers=1, n_heads=2, d_model=64, block_size=16, key=KEY).blocks[0]
     assert Stack.from_blocks([a, b]) is not None
     assert Stack.from_blocks([a, wider]) is None
-    assert Stack.from_blocks([a, eqx.tree_at(lambda m: m.attention.resid_dropout.p, b, 0.5)]) is None
+    more_dropout = eqx.tree_at(lambda m: m.attention.resid_dropout.p, b, 0.5)
+    assert Stack.from_blocks([a, more_dropout]) is None
 
 
 def test_weight_decay_skips_stacked_norms_and_biases():
