@@ -24,6 +24,7 @@ from gptzoo.atomic import write_text_atomic
 from gptzoo.data.text import SHAKESPEARE
 from gptzoo.errors import GptzooError
 from gptzoo.models import ARCHITECTURES, build_architecture
+from gptzoo.nn.stack import REMAT_POLICIES
 
 
 @dataclasses.dataclass
@@ -35,6 +36,7 @@ class ModelConfig:
     dropout: float = 0.0
     use_bias: bool = True
     tie_head: bool = True
+    scan_layers: bool = True  # identical blocks stacked and run with lax.scan
 
 
 @dataclasses.dataclass
@@ -105,6 +107,7 @@ _CHECKS = [
     ("trainer.max_bad_steps", lambda v: v > 0, "a positive integer"),
     ("trainer.grad_accum_steps", lambda v: v > 0, "a positive integer"),
     ("trainer.precision", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
+    ("trainer.remat", lambda v: v in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}"),
     ("optimizer.lr", lambda v: v > 0, "positive"),
     ("model.n_layers", lambda v: v > 0, "a positive integer"),
     ("model.n_heads", lambda v: v > 0, "a positive integer"),

@@ -51,4 +51,4 @@ def build_model(model: AlibiConfig, vocab_size: int, *, key):
     return decoder(vocab_size, block=block, n_layers=model.n_layers, d_model=d,
                    block_size=model.block_size, final_norm=nn.LayerNorm(d, use_bias=model.use_bias),
                    positions=None, tie_head=model.tie_head, dropout=model.dropout,
-                   head_qk=head_qk, key=blocks_key)
+                   head_qk=head_qk, scan_layers=model.scan_layers, key=blocks_key)

@@ -59,7 +59,9 @@ def test_arrays_are_restored_by_name_not_by_position(tmp_path):
 def test_module_paths_name_the_arrays():
     model = gptzoo.load_recipe(RECIPE, TINY).build(65, key=jax.random.PRNGKey(0))
     names = named_arrays(model)
-    assert "blocks.0.attention.qkv.weight" in names and "token_embedding.weight" in names
+    # The recipe's identical blocks are one Stack: each parameter has a leading layer axis.
+    assert names["blocks.layers.attention.qkv.weight"].shape == (1, 32, 96)
+    assert "token_embedding.weight" in names
 
 
 def test_a_checkpoint_that_does_not_fit_names_the_differences(tmp_path):
@@ -144,9 +146,9 @@ def test_resume_names_the_parameters_a_changed_recipe_builds(tmp_path, trained_r
     recipe.name = "char_shakespeare"
     with pytest.raises(GptzooError) as error:
         gptzoo.train(recipe, run_dir=copy_run(trained_run, tmp_path), resume=True)
-    assert "does not fit the recipe: the recipe builds blocks.1." in str(error.value)
-    assert "checkpoint lacks it" in str(error.value)
-    assert "the recipe builds" in str(error.value)
+    # Stacked layers: the layer axis of every block parameter differs.
+    assert ("does not fit the recipe: checkpoint has blocks.layers.attention.out.bias (1, 32); "
+            "the recipe builds (2, 32)") in str(error.value)
 
 
 def test_a_second_ctrl_c_stops_at_once_and_leaves_a_resumable_run(tmp_path, small_text):

@@ -15,7 +15,13 @@ from gptzoo.errors import GptzooError
 from gptzoo.hf.config import read_config, write_config
 from gptzoo.hf.weights import FAMILIES, open_tensors, read_params, write_params
 from gptzoo.models import build_architecture
-from gptzoo.models.names import is_shape, named_leaves, replace_arrays, shape_differences, shapes
+from gptzoo.models.names import (
+    is_shape,
+    per_layer_leaves,
+    replace_per_layer,
+    shape_differences,
+    shapes,
+)
 from gptzoo.recipe import (
     DataConfig,
     OptimizerConfig,
@@ -78,13 +84,13 @@ def read_tokenizer(hf_dir: Path, vocab_size: int) -> HFTokenizer:
 
 def fill(template, arrays: dict[str, np.ndarray], where: Path):
     """`template` (a model of shapes) with every array taken from `arrays` by module path."""
-    expected = named_leaves(template, is_shape)
+    expected = per_layer_leaves(template, is_shape)
     differences = shape_differences(shapes(expected), shapes(arrays), f"{where}", "config.json")
     if differences:
         raise GptzooError(f"{where}: {differences[0]} ({len(differences)} differences); the "
                           "weights do not match config.json")
     # Each NumPy array is dropped as it moves to JAX: never two copies of the model.
-    return replace_arrays(template, {k: jnp.asarray(arrays.pop(k), jnp.float32)
+    return replace_per_layer(template, {k: jnp.asarray(arrays.pop(k), jnp.float32)
                                      for k in list(arrays)})
 
 
@@ -118,7 +124,7 @@ def export_hf(run_dir: str | Path, out: str | Path) -> Path:
         raise GptzooError(f"{run_dir} uses gptzoo's {tokenizer.to_dict()['kind']} tokenizer, "
                           "which has no Hugging Face equivalent; train with data.tokenizer=bpe "
                           "or a tokenizer.json to export")
-    arrays = {k: np.asarray(v) for k, v in named_leaves(model).items()}
+    arrays = {k: np.asarray(v) for k, v in per_layer_leaves(model).items()}
     vocab_size = arrays["token_embedding.weight"].shape[0]
     tensors = write_params(FAMILIES[recipe.architecture](recipe.model), arrays)
     out.mkdir(parents=True, exist_ok=True)

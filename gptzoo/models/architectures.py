@@ -28,6 +28,7 @@ class GPT2Config:
     norm_eps: float = 1e-5
     approximate_gelu: bool = True
     init: str = "gpt2"
+    scan_layers: bool = True  # identical blocks stacked and run with lax.scan
     vocab_size: int | None = None
 
 
@@ -51,6 +52,7 @@ class LlamaConfig:
     rope_scaling: dict | None = None
     norm_eps: float = 1e-6
     qkv_bias: bool | None = None
+    scan_layers: bool = True  # identical blocks stacked and run with lax.scan
     vocab_size: int | None = None
 
 

@@ -16,20 +16,28 @@ from gptzoo.nn import (
     PositionalEmbedding,
 )
 from gptzoo.nn._typecheck import typecheck
-from gptzoo.nn.kv_cache import KVCache
+from gptzoo.nn.stack import (
+    Stack,
+    block_kinds,
+    decode_blocks,
+    init_caches,
+    run_blocks,
+    stack_blocks,
+)
 
 
 class GPT(eqx.Module):
     """A decoder-only language model: embeddings, a stack of blocks, a final norm and a head.
 
     It composes whatever parts it is given; `gpt2(...)` below builds the classic layout.
+    `blocks` is a tuple of blocks, or a `Stack` of identical ones run with `jax.lax.scan`.
     `head=None` ties the output head to the token embedding. `head_qk` (e.g. `nn.HeadQK`), when
     given, maps the final-norm output and the tokens to extra logits added to the head's.
     """
 
     token_embedding: Embedding
     position_embedding: PositionalEmbedding | None
-    blocks: tuple[eqx.Module, ...]
+    blocks: Stack | tuple[eqx.Module, ...]
     final_norm: eqx.Module
     head: Linear | None
     embed_dropout: eqx.nn.Dropout
@@ -44,11 +52,10 @@ class GPT(eqx.Module):
 
         Dropout is active only when `key` is given.
         """
-        keys = jax.random.split(key, len(self.blocks) + 1) if key is not None else None
+        embed_key, blocks_key = jax.random.split(key) if key is not None else (None, None)
         x = self._embed(tokens, jnp.arange(tokens.shape[-1]))
-        x = self.embed_dropout(x, key=None if keys is None else keys[-1], inference=key is None)
-        for i, block in enumerate(self.blocks):
-            x = block(x, key=None if keys is None else keys[i])
+        x = self.embed_dropout(x, key=embed_key, inference=key is None)
+        x = run_blocks(self.blocks, x, key=blocks_key)
         return self._logits(self.final_norm(x), tokens)
 
     # The KV-cache protocol of gptzoo.sample: per example, positions below block_size.
@@ -58,7 +65,7 @@ class GPT(eqx.Module):
         attention (a spatial gating unit, head-QK), which a per-token step could not."""
         parts = jax.tree.leaves(self, is_leaf=_mixes_positions)
         return (not any(_mixes_positions(p) for p in parts)
-                and all(hasattr(b, "decode") for b in self.blocks))
+                and all(hasattr(b, "decode") for b in block_kinds(self.blocks)))
 
     @property
     def slides_window(self) -> bool:
@@ -66,20 +73,17 @@ class GPT(eqx.Module):
         crops the context and recomputes, as nanoGPT does."""
         return self.position_embedding is None
 
-    def init_cache(self) -> tuple[KVCache, ...]:
-        return tuple(b.attention.init_cache(self.block_size) for b in self.blocks)
+    def init_cache(self):
+        """Each block's KV cache: a tuple of them, or one with a layer axis for a `Stack`."""
+        return init_caches(self.blocks, lambda b: b.attention.init_cache(self.block_size))
 
     @typecheck
     def decode(
-        self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"], cache: tuple
-    ) -> tuple[Float[Array, "seq vocab"], tuple]:
+        self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"], cache
+    ) -> tuple[Float[Array, "seq vocab"], object]:
         """Logits for one example's new tokens at `positions`, and the cache extended by them."""
-        x = self._embed(tokens, positions)
-        new_cache = []
-        for block, block_cache in zip(self.blocks, cache):
-            x, block_cache = block.decode(x, positions, block_cache)
-            new_cache.append(block_cache)
-        return self._logits(self.final_norm(x), tokens), tuple(new_cache)
+        x, cache = decode_blocks(self.blocks, self._embed(tokens, positions), positions, cache)
+        return self._logits(self.final_norm(x), tokens), cache
 
     def _embed(self, tokens, positions):
         x = self.token_embedding(tokens)
@@ -97,14 +101,16 @@ def decoder(
     vocab_size: int, *, block: Callable[[PRNGKeyArray], eqx.Module], n_layers: int, d_model: int,
     block_size: int, final_norm: eqx.Module, positions: str | None = "learned",
     tie_head: bool = True, dropout: float = 0.0, init_std: float = 0.02,
-    head_qk: eqx.Module | None = None, key: PRNGKeyArray,
+    head_qk: eqx.Module | None = None, scan_layers: bool = True, key: PRNGKeyArray,
 ) -> GPT:
     """A GPT around `n_layers` blocks made by `block(key)`: how recipes assemble zoo models.
 
     Token embedding, learned positions (`positions="learned"`; None when the blocks' attention
     carries positions itself, e.g. `Rotary` or `ALiBi`), the blocks, `final_norm` and an output
     head tied to the token embedding (`tie_head`) or its own. Embeddings and an untied head start
-    at N(0, init_std); `head_qk` is passed on to `GPT`.
+    at N(0, init_std); `head_qk` is passed on to `GPT`. With `scan_layers`, blocks identical in
+    structure are stacked into a `Stack` and run with `jax.lax.scan` (one block to compile
+    whatever the depth); otherwise, or when they differ, they stay a tuple.
     """
     if positions not in ("learned", None):
         raise ValueError(f"positions={positions!r} is not a position scheme decoder knows; pass "
@@ -115,7 +121,7 @@ def decoder(
         token_embedding=Embedding(vocab_size, d_model, init_std=init_std, key=tok_key),
         position_embedding=(PositionalEmbedding(block_size, d_model, init_std=init_std,
                                                 key=pos_key) if positions == "learned" else None),
-        blocks=tuple(block(k) for k in block_keys),
+        blocks=stack_blocks([block(k) for k in block_keys], scan_layers),
         final_norm=final_norm,
         head=None if tie_head else Linear(d_model, vocab_size, use_bias=False,
                                           init_std=init_std, key=head_key),
@@ -128,7 +134,8 @@ def decoder(
 def gpt2(
     vocab_size: int, *, n_layers: int, n_heads: int, d_model: int, block_size: int,
     dropout: float = 0.0, use_bias: bool = True, tie_head: bool = True, init: str = "gpt2",
-    norm_eps: float = 1e-5, approximate_gelu: bool = True, key: PRNGKeyArray,
+    norm_eps: float = 1e-5, approximate_gelu: bool = True, scan_layers: bool = True,
+    key: PRNGKeyArray,
 ) -> GPT:
     """GPT-2: learned positions, LayerNorm (epsilon `norm_eps`), GELU MLP (tanh approximation
     unless `approximate_gelu=False`), pre-norm blocks.
@@ -138,7 +145,7 @@ def gpt2(
     `init="small"`: every weight matrix, residual outputs and an untied head included,
     N(0, sqrt(2 / (5 d_model))) (small init, Nguyen & Salazar 2019), and token and position
     embeddings uniform(-1e-4, 1e-4) (BlinkDL's small embedding init). Biases start at zero and norms
-    at one either way.
+    at one either way. `scan_layers`: see `decoder`.
     """
     if init == "gpt2":
         # GPT-2 scales the init of each residual-stream output by 1/sqrt(2 * n_layers).
@@ -165,7 +172,8 @@ def gpt2(
     model = decoder(vocab_size, block=block, n_layers=n_layers, d_model=d_model,
                     block_size=block_size,
                     final_norm=LayerNorm(d_model, use_bias=use_bias, eps=norm_eps),
-                    tie_head=tie_head, dropout=dropout, init_std=std, key=key)
+                    tie_head=tie_head, dropout=dropout, init_std=std, scan_layers=scan_layers,
+                    key=key)
     if init == "small":  # BlinkDL's small embeddings, drawn from the keys decoder used
         tok_key, pos_key = jax.random.split(key, n_layers + 3)[:2]
         model = eqx.tree_at(lambda m: (m.token_embedding.weight, m.position_embedding.weight),

@@ -12,7 +12,8 @@ def llama(
     n_kv_heads: int | None = None, head_dim: int | None = None, d_hidden: int | None = None,
     multiple_of: int = 256, rotary_base: float = 10000.0, rope_scaling: dict | None = None,
     norm_eps: float = 1e-6, dropout: float = 0.0, use_bias: bool = False,
-    qkv_bias: bool | None = None, tie_head: bool = False, key: PRNGKeyArray,
+    qkv_bias: bool | None = None, tie_head: bool = False, scan_layers: bool = True,
+    key: PRNGKeyArray,
 ) -> GPT:
     """LLaMA (Touvron et al. 2023): RMSNorm, rotary positions, SwiGLU and grouped-query attention.
 
@@ -23,6 +24,7 @@ def llama(
     "low_freq_factor": ..., "high_freq_factor": ..., "original_max_position_embeddings": ...}`;
     RMSNorm epsilon `norm_eps`. `qkv_bias=True` with `use_bias=False` is Qwen2's layout. Weights
     start at N(0, 0.02), residual-stream outputs at N(0, 0.02 / sqrt(2 * n_layers)) as in GPT-2.
+    `scan_layers`: see `decoder`.
     """
     head_dim = d_model // n_heads if head_dim is None else head_dim
     out_std = 0.02 / math.sqrt(2 * n_layers)
@@ -52,4 +54,5 @@ def llama(
 
     return decoder(vocab_size, block=block, n_layers=n_layers, d_model=d_model,
                    block_size=block_size, final_norm=RMSNorm(d_model, eps=norm_eps),
-                   positions=None, tie_head=tie_head, dropout=dropout, key=key)
+                   positions=None, tie_head=tie_head, dropout=dropout,
+                   scan_layers=scan_layers, key=key)

@@ -1,10 +1,16 @@
 """Parameters by module path (`blocks.3.attention.qkv.weight`): the names that tie a model to
-weights from elsewhere (another run, a Hugging Face checkpoint) whatever the order of fields."""
+weights from elsewhere (another run, a Hugging Face checkpoint) whatever the order of fields.
+
+A model that scans its layers holds them stacked (`blocks.layers.attention.qkv.weight`, shape
+`(n_layers, ...)`); `per_layer_leaves` and `replace_per_layer` name its weights per layer, as an
+unscanned model's, so weights move between the two layouts and to and from other formats."""
 
 from collections.abc import Callable, Mapping
 
 import equinox as eqx
 import jax
+
+from gptzoo.nn.stack import same_layout, unstacked
 
 
 def named_leaves(tree, keep: Callable[[object], bool] = eqx.is_array) -> dict:
@@ -52,3 +58,14 @@ def replace_arrays(template, arrays: Mapping):
         return arrays[path_name(path)] if eqx.is_array(leaf) or is_shape(leaf) else leaf
 
     return jax.tree_util.tree_map_with_path(one, template)
+
+
+def per_layer_leaves(tree, keep: Callable[[object], bool] = eqx.is_array) -> dict:
+    """`named_leaves` with every `Stack` seen as its blocks (`blocks.3.mlp.up.weight`), whether
+    `tree` scans its layers or not."""
+    return named_leaves(unstacked(tree), keep)
+
+
+def replace_per_layer(template, arrays: Mapping):
+    """`replace_arrays` from per-layer names (`per_layer_leaves`), in `template`'s layout."""
+    return same_layout(template, replace_arrays(unstacked(template), arrays))

@@ -16,6 +16,7 @@ from gptzoo.nn import (
     PositionalEmbedding,
 )
 from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.stack import Stack, run_blocks, stack_blocks
 
 
 class PerceiverAR(eqx.Module):
@@ -35,7 +36,7 @@ class PerceiverAR(eqx.Module):
     cross_attention: CausalCrossAttention
     cross_mlp_norm: eqx.Module
     cross_mlp: eqx.Module
-    blocks: tuple[eqx.Module, ...]
+    blocks: Stack | tuple[eqx.Module, ...]
     final_norm: eqx.Module
     head: Linear | None
     block_size: int = eqx.field(static=True)
@@ -51,17 +52,15 @@ class PerceiverAR(eqx.Module):
         self, tokens: Int[Array, "*batch seq"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "*batch latents vocab"]:
         """Next-token logits at the last `min(n_latents, seq)` positions; dropout with `key`."""
-        n_keys = len(self.blocks) + 3
-        keys = jax.random.split(key, n_keys) if key is not None else [None] * n_keys
-        embed_key, cross_key, mlp_key, *block_keys = keys
+        keys = jax.random.split(key, 4) if key is not None else [None] * 4
+        embed_key, cross_key, mlp_key, blocks_key = keys
         seq = tokens.shape[-1]
         x = self.token_embedding(tokens) + self.position_embedding(jnp.arange(seq))
         x = self.embed_dropout(x, key=embed_key, inference=key is None)
         z = x[..., seq - min(self.n_latents, seq):, :]
         z = z + self.cross_attention(z, x, key=cross_key)
         z = z + self.cross_mlp(self.cross_mlp_norm(z), key=mlp_key)
-        for block, block_key in zip(self.blocks, block_keys):
-            z = block(z, key=block_key)
+        z = run_blocks(self.blocks, z, key=blocks_key)
         z = self.final_norm(z)
         return self.token_embedding.unembed(z) if self.head is None else self.head(z)
 
@@ -69,12 +68,13 @@ class PerceiverAR(eqx.Module):
 def perceiver_ar(
     vocab_size: int, *, n_layers: int, n_heads: int, d_model: int, block_size: int,
     n_latents: int, dropout: float = 0.0, use_bias: bool = True, tie_head: bool = True,
-    key: PRNGKeyArray,
+    scan_layers: bool = True, key: PRNGKeyArray,
 ) -> PerceiverAR:
     """Perceiver AR with GPT-2 parts: LayerNorm, GELU MLPs, `n_layers` pre-norm latent blocks.
 
     GPT-2's init: N(0, 0.02), and residual-stream outputs N(0, 0.02 / sqrt(2 (n_layers + 1))),
-    the cross-attention layer counted as one more layer.
+    the cross-attention layer counted as one more layer. `scan_layers`: the latent blocks as a
+    `Stack` run with `jax.lax.scan` (see `decoder`).
     """
     tok_key, pos_key, head_key, cross_key, mlp_key, *block_keys = jax.random.split(
         key, n_layers + 5)
@@ -102,7 +102,7 @@ def perceiver_ar(
                                              init_std=std, out_init_std=out_std, key=cross_key),
         cross_mlp_norm=LayerNorm(d_model, use_bias=use_bias),
         cross_mlp=mlp(mlp_key),
-        blocks=tuple(block(k) for k in block_keys),
+        blocks=stack_blocks([block(k) for k in block_keys], scan_layers),
         final_norm=LayerNorm(d_model, use_bias=use_bias),
         head=None if tie_head else Linear(d_model, vocab_size, use_bias=False, init_std=std,
                                           key=head_key),

@@ -14,6 +14,7 @@ from gptzoo.nn.parallel_block import ParallelBlock
 from gptzoo.nn.rmsnorm import RMSNorm
 from gptzoo.nn.rotary import Llama3Scaling, Rotary
 from gptzoo.nn.sgu import SGUMLP, SpatialGatingUnit
+from gptzoo.nn.stack import Stack, stacked, unstacked, with_remat
 
 __all__ = [
     "MLP", "Block", "CausalSelfAttention", "Embedding", "LayerNorm", "Linear",
@@ -22,4 +23,5 @@ __all__ = [
     "llama_hidden_dim",
     "ALiBi", "Llama3Scaling", "Rotary", "alibi_slopes",
     "CausalCrossAttention",
+    "Stack", "stacked", "unstacked", "with_remat",
 ]

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from gptzoo.errors import GptzooError
 from gptzoo.models.names import named_leaves, replace_arrays, shape_differences, shapes
+from gptzoo.nn.stack import same_layout, stacked, unstacked
 from gptzoo.trainer.sharding import sharded_shapes
 
 T = TypeVar("T")
@@ -128,7 +129,12 @@ class Checkpoints:
 
     def restore(self, step: int, model, opt_state=None):
         """Fill the arrays of `model` (and `opt_state`) templates, which may be abstract, by name;
-        a checkpoint whose names or shapes differ is refused with the differences."""
+        a checkpoint whose names or shapes differ is refused with the differences. One written
+        in the other layout (layers stacked or not: `scan_layers`) is restored into that layout
+        and converted."""
+        template, converted = (model, opt_state), self._saved_layout(step, model, opt_state)
+        if converted is not None:
+            model, opt_state = converted
         differences = self.differences(step, model, opt_state)
         if differences:
             more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
@@ -140,8 +146,22 @@ class Checkpoints:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
         restored = self._restore(step, **items)
         model = replace_arrays(model, restored["model"])
-        return (model if opt_state is None
-                else (model, replace_arrays(opt_state, restored["opt_state"])))
+        if opt_state is not None:
+            opt_state = replace_arrays(opt_state, restored["opt_state"])
+        if converted is not None:
+            model, opt_state = same_layout(template, (model, opt_state))
+        return model if opt_state is None else (model, opt_state)
+
+    def _saved_layout(self, step: int, model, opt_state):
+        """`(model, opt_state)` per layer or stacked when `step`'s arrays are in that layout and
+        not in the given one; else None."""
+        if not self.differences(step, model, opt_state):
+            return None
+        for layout in (unstacked, stacked):
+            candidate = layout((model, opt_state))
+            if not self.differences(step, *candidate):
+                return candidate
+        return None
 
     def restore_newest(self, restore: Callable[[int], T], discard_unreadable: bool = False,
                        warn: Callable[[str], None] = _warn) -> tuple[int, T] | None:

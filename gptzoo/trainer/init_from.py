@@ -8,7 +8,7 @@ import equinox as eqx
 
 from gptzoo.data import Tokenizer
 from gptzoo.errors import GptzooError
-from gptzoo.models.names import named_leaves, replace_arrays, shape_differences, shapes
+from gptzoo.models.names import per_layer_leaves, replace_per_layer, shape_differences, shapes
 from gptzoo.trainer.checkpoint import load
 
 
@@ -28,11 +28,11 @@ class Initial:
     def weights_into(self, model: eqx.Module) -> eqx.Module:
         """`model` (the recipe's) with every array taken, by module path, from this run's;
         refused, naming the parameters, when the two differ in names or shapes."""
-        ours, theirs = named_leaves(model), named_leaves(self.model)
+        ours, theirs = per_layer_leaves(model), per_layer_leaves(self.model)  # any layouts
         differences = shape_differences(shapes(ours), shapes(theirs), "checkpoint", "the recipe")
         if differences:
             more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
             raise GptzooError(f"--init-from {self.run_dir} does not fit the recipe: "
                               f"{'; '.join(differences[:3])}{more}; set the recipe's model "
                               "section to the run's (its recipe.json) or train from scratch")
-        return replace_arrays(model, theirs)
+        return replace_per_layer(model, theirs)

@@ -16,6 +16,7 @@ import optax
 
 from gptzoo.data import Batches, Corpus, Prefetcher, Tokenizer, prepare_corpus
 from gptzoo.errors import GptzooError
+from gptzoo.nn.stack import with_remat
 from gptzoo.recipe import Recipe, save_recipe
 from gptzoo.trainer.checkpoint import Checkpoints, ensure_writable
 from gptzoo.trainer.evaluate import evaluate
@@ -69,7 +70,8 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     mesh = make_mesh(recipe)
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model = recipe.build(tokenizer.vocab_size, key=model_key)
-    model = shard(initial.weights_into(model) if initial else model, mesh)
+    model = initial.weights_into(model) if initial else model
+    model = shard(with_remat(model, cfg.remat), mesh)  # remat: per block of each Stack
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     opt_state = shard(optimizer.init(eqx.filter(model, eqx.is_array)), mesh)
     train_chunk = make_train_chunk(optimizer, mesh)
@@ -242,7 +244,8 @@ def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
                           f"data.tokenizer of {run_dir}/recipe.json")
     was, now = saved["recipe"]["model"], current["recipe"]["model"]
     changed = [f"model.{k}={now.get(k)!r} (checkpoint: {was.get(k)!r})"
-               for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
+               for k in sorted(was.keys() | now.keys() - {"scan_layers"})  # a layout, restorable
+               if was.get(k) != now.get(k)]
     if changed:
         raise GptzooError(f"--resume with a changed model: {', '.join(changed)}; resume with the "
                           f"settings of {run_dir}/recipe.json or start a new run with --run-dir")

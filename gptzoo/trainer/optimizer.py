@@ -1,6 +1,6 @@
-import jax
 import optax
 
+from gptzoo.nn.stack import map_layers
 from gptzoo.recipe import OptimizerConfig
 
 
@@ -20,6 +20,6 @@ def make_optimizer(cfg: OptimizerConfig, max_steps: int) -> optax.GradientTransf
         optax.adamw(
             make_schedule(cfg, max_steps), b1=cfg.beta1, b2=cfg.beta2,
             weight_decay=cfg.weight_decay,
-            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+            mask=lambda params: map_layers(lambda p: p.ndim >= 2, params),  # per layer
         ),
     )
