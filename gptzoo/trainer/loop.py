@@ -72,7 +72,8 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     model = initial.weights_into(model) if initial else model
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
-    train_chunk = make_train_chunk(optimizer, mesh)
+    train_chunk = make_train_chunk(optimizer, mesh, precision=cfg.precision,
+                                   grad_accum_steps=cfg.grad_accum_steps)
     return Prepared(corpus, tokenizer, train_batches, val_batches, mesh, model, optimizer,
                     opt_state, train_key, train_chunk)
 
