@@ -1,5 +1,6 @@
 """Tokenizers, corpora (token shards on disk) and the batch loader."""
 
+from gptzoo.data.batch_schedule import BatchSchedule
 from gptzoo.data.corpus import Corpus, TokenSplit, prepare_corpus
 from gptzoo.data.loader import Batches, Prefetcher
 from gptzoo.data.text import SHAKESPEARE, all_windows, eval_windows, n_windows
@@ -13,7 +14,7 @@ from gptzoo.data.tokenizer import (
     train_bpe,
 )
 
-__all__ = ["SHAKESPEARE", "Batches", "ByteTokenizer", "CharTokenizer", "Corpus", "HFTokenizer",
-           "Prefetcher", "TokenSplit", "Tokenizer", "all_windows", "eval_windows",
+__all__ = ["SHAKESPEARE", "BatchSchedule", "Batches", "ByteTokenizer", "CharTokenizer", "Corpus",
+           "HFTokenizer", "Prefetcher", "TokenSplit", "Tokenizer", "all_windows", "eval_windows",
            "load_tokenizer_file", "n_windows", "prepare_corpus", "tokenizer_from_dict",
            "train_bpe"]

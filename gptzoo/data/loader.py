@@ -2,9 +2,11 @@
 and copies the next chunks' batches to the devices while the current chunk trains.
 
 Batch contents are a pure function of (seed, step): every epoch is a seeded permutation of
-windows `block_size` apart, shifted by a seeded offset, so `--resume` sees exactly the windows an
-unbroken run would. Rows are addressed by their index in the global batch, so a process can read
-only its own rows (`rows=`), as a multi-host loader will.
+windows `block_size` apart, shifted by a seeded offset, and step `s` takes the samples
+`[offset(s), offset(s) + size(s))` of that stream (`BatchSchedule`: the offset is the closed-form
+count of samples before `s`, so the batch size may change during a run), so `--resume` sees
+exactly the windows an unbroken run would. Rows are addressed by their index in the global batch,
+so a process can read only its own rows (`rows=`), as a multi-host loader will.
 """
 
 import queue
@@ -15,15 +17,20 @@ import jax
 import numpy as np
 from jaxtyping import Int
 
+from gptzoo.data.batch_schedule import BatchSchedule
 from gptzoo.data.corpus import TokenSplit
 
 
 class Batches:
     """Windows of `block_size + 1` tokens (inputs and next-token targets) from `split`."""
 
-    def __init__(self, split: TokenSplit, batch_size: int, block_size: int, seed: int):
+    def __init__(self, split: TokenSplit, batch_size: int | BatchSchedule, block_size: int,
+                 seed: int):
+        """`batch_size`: the same for every step, or a `BatchSchedule`."""
         split.require(block_size + 1, "one window (model.block_size + 1)")
-        self.split, self.batch_size, self.block_size = split, batch_size, block_size
+        self.split, self.block_size = split, block_size
+        self.schedule = (batch_size if isinstance(batch_size, BatchSchedule)
+                         else BatchSchedule.of(batch_size))
         self.seed = seed
         # Each epoch shifts its windows by an offset below `spread`; all fit for every offset.
         self.spread = min(block_size, len(split) - block_size)
@@ -33,10 +40,15 @@ class Batches:
     def starts(self, step: int, n_steps: int = 1, rows: range | None = None
                ) -> Int[np.ndarray, " n_steps_x_rows"]:
         """Token offsets of the windows in rows `rows` (default: all) of batches `step` to
-        `step + n_steps - 1`, batch by batch."""
-        rows = np.arange(self.batch_size) if rows is None else np.asarray(rows, dtype=np.int64)
-        steps = np.arange(step, step + n_steps, dtype=np.int64)
-        index = (steps[:, None] * self.batch_size + rows[None, :]).reshape(-1)
+        `step + n_steps - 1` (one batch size: a chunk ends where the schedule changes it), batch
+        by batch."""
+        size, change = self.schedule.size(step), self.schedule.next_change(step)
+        if change is not None and change < step + n_steps:
+            raise ValueError(f"steps {step}..{step + n_steps - 1} span the batch size change at "
+                             f"step {change}; read them as two chunks")
+        rows = np.arange(size) if rows is None else np.asarray(rows, dtype=np.int64)
+        steps = np.arange(n_steps, dtype=np.int64)
+        index = (self.schedule.offset(step) + steps[:, None] * size + rows[None, :]).reshape(-1)
         epochs, positions = np.divmod(index, self.n_windows)
         starts = np.empty(len(index), np.int64)
         for epoch in np.unique(epochs):  # a chunk spans at most a few epochs

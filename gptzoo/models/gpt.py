@@ -90,8 +90,15 @@ class GPT(eqx.Module):
         return x if self.position_embedding is None else x + self.position_embedding(positions)
 
     def _logits(self, x, tokens):
-        logits = self.token_embedding.unembed(x) if self.head is None else self.head(x)
+        logits = head_logits(self.token_embedding, self.head, x)
         return logits if self.head_qk is None else logits + self.head_qk(x, tokens)
+
+
+def head_logits(embedding: Embedding, head: Linear | None,
+                x: Float[Array, "*batch seq d_model"]) -> Float[Array, "*batch seq vocab"]:
+    """The output head (tied to `embedding` when `head` is None) in float32 whatever `x`'s dtype,
+    as the softmax and loss over the vocabulary need."""
+    return embedding.unembed(x) if head is None else head(x, out_dtype=jnp.float32)
 
 
 def _mixes_positions(part) -> bool:

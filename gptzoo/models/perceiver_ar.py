@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from gptzoo.models.gpt import head_logits
 from gptzoo.nn import (
     MLP,
     Block,
@@ -62,7 +63,7 @@ class PerceiverAR(eqx.Module):
         z = z + self.cross_mlp(self.cross_mlp_norm(z), key=mlp_key)
         z = run_blocks(self.blocks, z, key=blocks_key)
         z = self.final_norm(z)
-        return self.token_embedding.unembed(z) if self.head is None else self.head(z)
+        return head_logits(self.token_embedding, self.head, z)
 
 
 def perceiver_ar(

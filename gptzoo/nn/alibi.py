@@ -46,4 +46,6 @@ class ALiBi(eqx.Module):
                              "heads; build it with the attention's n_heads")
         distance = (q_positions[:, None] - k_positions[None, :]).astype(jnp.float32)
         slopes = jnp.asarray(alibi_slopes(self.n_heads), dtype=jnp.float32)
-        return q, k, -slopes[:, None, None] * distance
+        # Computed in float32, returned in q's dtype: a float32 bias added to bfloat16 scores
+        # would silently promote the attention (and everything after it) to float32.
+        return q, k, (-slopes[:, None, None] * distance).astype(q.dtype)

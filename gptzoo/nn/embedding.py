@@ -1,5 +1,6 @@
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
@@ -19,7 +20,11 @@ class Embedding(eqx.Module):
 
     @typecheck
     def unembed(self, x: Float[Array, "*batch seq d_model"]) -> Float[Array, "*batch seq vocab"]:
-        return (x.reshape(-1, x.shape[-1]) @ self.weight.T).reshape(*x.shape[:-1], -1)
+        """Logits, accumulated and returned in float32 whatever the compute dtype: the softmax
+        and loss over a large vocabulary need float32 logits."""
+        logits = jnp.matmul(x.reshape(-1, x.shape[-1]), self.weight.T,
+                            preferred_element_type=jnp.float32)
+        return logits.reshape(*x.shape[:-1], -1)
 
 
 class PositionalEmbedding(eqx.Module):

@@ -1,5 +1,6 @@
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
@@ -23,15 +24,19 @@ class Linear(eqx.Module):
         self.weight = init_std * jax.random.normal(key, (d_in, d_out))
         self.bias = jax.numpy.zeros(d_out) if use_bias else None
 
-    def __call__(self, x: Float[Array, "*rows d_in"]) -> Float[Array, "*rows d_out"]:
-        return affine(x, self.weight, self.bias)
+    def __call__(self, x: Float[Array, "*rows d_in"], *, out_dtype=None
+                 ) -> Float[Array, "*rows d_out"]:
+        """`out_dtype` (e.g. float32 for logits from bfloat16 inputs): the matmul accumulates and
+        returns that dtype instead of the inputs'."""
+        return affine(x, self.weight, self.bias, out_dtype)
 
 
 @typecheck
 def affine(
     x: Float[Array, "*rows d_in"], weight: Float[Array, "d_in d_out"],
-    bias: Float[Array, " d_out"] | None,
+    bias: Float[Array, " d_out"] | None, out_dtype=None,
 ) -> Float[Array, "*rows d_out"]:
     # A function of the weights too, so a mismatched input names the dimension d_in.
-    y = (x.reshape(-1, x.shape[-1]) @ weight).reshape(*x.shape[:-1], -1)
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), weight, preferred_element_type=out_dtype)
+    y = y.reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias

@@ -28,7 +28,9 @@ def layer_norm(
     bias: Float[Array, " d_model"] | None, eps: float,
 ) -> Float[Array, "*rows d_model"]:
     # A function of the weights too, so a mismatched input names the dimension d_model.
-    mean = x.mean(axis=-1, keepdims=True)
-    var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + eps) * weight
-    return y if bias is None else y + bias
+    # Statistics in float32 whatever x's dtype (bfloat16 sums lose the mean); output in x's dtype.
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * weight
+    return (y if bias is None else y + bias).astype(x.dtype)

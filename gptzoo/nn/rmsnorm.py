@@ -26,5 +26,7 @@ class RMSNorm(eqx.Module):
 
     @typecheck
     def __call__(self, x: Float[Array, "*rows d_model"]) -> Float[Array, "*rows d_model"]:
-        y = x * jax.lax.rsqrt(jnp.square(x).mean(axis=-1, keepdims=True) + self.eps)
-        return y if self.scale is None else y * self.scale
+        # The mean square in float32 whatever x's dtype; the output in x's dtype.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(axis=-1, keepdims=True) + self.eps)
+        return (y if self.scale is None else y * self.scale).astype(x.dtype)

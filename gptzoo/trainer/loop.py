@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptzoo.data import Batches, Corpus, Prefetcher, Tokenizer, prepare_corpus
+from gptzoo.data import Batches, BatchSchedule, Corpus, Prefetcher, Tokenizer, prepare_corpus
 from gptzoo.errors import GptzooError
 from gptzoo.nn.stack import with_remat
 from gptzoo.recipe import Recipe, save_recipe
+from gptzoo.trainer.accumulate import check_micro_batches
 from gptzoo.trainer.checkpoint import Checkpoints, ensure_writable
 from gptzoo.trainer.evaluate import evaluate
 from gptzoo.trainer.guard import BadSteps
@@ -25,7 +26,7 @@ from gptzoo.trainer.init_from import Initial
 from gptzoo.trainer.optimizer import make_optimizer, make_schedule
 from gptzoo.trainer.progress import MetricsLog, Reporter
 from gptzoo.trainer.run_status import RunStatus
-from gptzoo.trainer.sharding import chunk_sharded, make_mesh, shard
+from gptzoo.trainer.sharding import batch_sharded, chunk_sharded, make_mesh, shard
 from gptzoo.trainer.sinks import Sinks, open_sinks
 from gptzoo.trainer.step import estimate_loss, make_train_chunk
 
@@ -62,19 +63,22 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     initial = Initial.load(init_from) if init_from else None
     corpus = prepare_corpus(recipe.data, initial.tokenizer if initial else None, log=log)
     tokenizer = corpus.tokenizer
-    corpus.train.require(cfg.batch_size * block_size + 1,
+    schedule = BatchSchedule.of(cfg.batch_size, cfg.batch_schedule)
+    corpus.train.require(max(schedule.sizes) * block_size + 1,
                          f"one batch (trainer.batch_size x model.block_size + 1 = "
-                         f"{cfg.batch_size} x {block_size} + 1)")
-    train_batches = Batches(corpus.train, cfg.batch_size, block_size, cfg.seed)
+                         f"{max(schedule.sizes)} x {block_size} + 1)")
+    train_batches = Batches(corpus.train, schedule, block_size, cfg.seed)
     val_batches = Batches(corpus.val, cfg.batch_size, block_size, cfg.seed + 1)
     mesh = make_mesh(recipe)
+    check_micro_batches(schedule.sizes, cfg.grad_accum_steps, batch_sharded(mesh))
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model = recipe.build(tokenizer.vocab_size, key=model_key)
     model = initial.weights_into(model) if initial else model
     model = shard(with_remat(model, cfg.remat), mesh)  # remat: per block of each Stack
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     opt_state = shard(optimizer.init(eqx.filter(model, eqx.is_array)), mesh)
-    train_chunk = make_train_chunk(optimizer, mesh)
+    train_chunk = make_train_chunk(optimizer, mesh, precision=cfg.precision,
+                                   grad_accum_steps=cfg.grad_accum_steps)
     return Prepared(corpus, tokenizer, train_batches, val_batches, mesh, model, optimizer,
                     opt_state, train_key, train_chunk)
 
@@ -100,22 +104,23 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         return step % interval == 0 or step == cfg.max_steps
 
     step, compiled, interrupted = run.start, set(), False
+    batch_size = p.train_batches.schedule.size
     with _catch_sigint() as sigint, closing(loader), run.status.recording():
-        clock, timed_steps, steady = time.perf_counter(), 0, True
+        clock, timed_tokens, steady = time.perf_counter(), 0, True
         for first, n, batches in loader:
-            steady &= n in compiled  # a new chunk length compiles: keep it out of tokens/s
-            compiled.add(n)
+            steady &= batches.shape[:2] in compiled  # a new chunk shape compiles: not in tokens/s
+            compiled.add(batches.shape[:2])
             model, opt_state, stats = p.train_chunk((batches, run.train_key, jnp.int32(first)),
                                                   model, opt_state)
             bad_steps.count(first, stats.finite)
-            step, timed_steps, interrupted = first + n, timed_steps + n, sigint.caught
+            step, interrupted = first + n, sigint.caught
+            timed_tokens += n * batch_size(first) * block_size
             if due(cfg.log_interval) or interrupted:
                 elapsed = time.perf_counter() - clock
                 record = {"step": step, "train_loss": float(stats.loss[-1]),
                           "grad_norm": float(stats.grad_norm[-1]), "bad_steps": bad_steps.take(),
-                          "lr": float(schedule(step - 1)),
-                          "tokens_per_sec": (timed_steps * cfg.batch_size * block_size / elapsed
-                                             if steady else None),
+                          "lr": float(schedule(step - 1)), "batch_size": batch_size(step - 1),
+                          "tokens_per_sec": timed_tokens / elapsed if steady else None,
                           "wall_time": run.status.wall_time()}
                 if due(cfg.eval_interval):
                     record.update(_validation_estimate(model, p, step, cfg.eval_steps))
@@ -125,7 +130,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             if due(cfg.checkpoint_interval) or interrupted:
                 run.checkpoints.save(step, model, opt_state, run.meta)
             if due(cfg.log_interval) or due(cfg.checkpoint_interval):
-                clock, timed_steps, steady = time.perf_counter(), 0, True
+                clock, timed_tokens, steady = time.perf_counter(), 0, True
             if interrupted:
                 break
     run.checkpoints.close()
@@ -216,9 +221,12 @@ def _plan(start: int, cfg) -> list[tuple[int, int]]:
 
 
 def _next_boundary(step: int, cfg) -> int:
-    """Chunks end at every event, at absolute steps: a resumed run chunks like an unbroken one."""
+    """Chunks end at every event, at absolute steps: a resumed run chunks like an unbroken one;
+    and where the batch size changes, so that a chunk's batches have one shape."""
     intervals = (cfg.steps_per_call, cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)
-    return min([cfg.max_steps] + [(step // k + 1) * k for k in intervals])
+    change = BatchSchedule.of(cfg.batch_size, cfg.batch_schedule).next_change(step)
+    return min([cfg.max_steps] + [(step // k + 1) * k for k in intervals]
+               + ([] if change is None else [change]))
 
 
 def _resume(checkpoints: Checkpoints, meta: dict, model, opt_state, run_dir: Path):

@@ -11,14 +11,29 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from gptzoo.trainer.accumulate import accumulated_grad
+from gptzoo.trainer.precision import in_compute_dtype
 from gptzoo.trainer.sharding import batch_sharded, shard
 
 
 def loss_fn(model, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
             key: PRNGKeyArray | None = None) -> Float[Array, ""]:
-    logits = model(inputs, key=key)
+    return token_losses(model, inputs, targets, key).mean()
+
+
+def token_losses(model, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
+                 key: PRNGKeyArray | None = None) -> Float[Array, "batch predicted"]:
+    """The float32 cross-entropy of every predicted position, whatever the compute dtype."""
+    logits = model(inputs, key=key).astype(jnp.float32)
     targets = predicted(targets, logits)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+def batch_loss_sum(model, batch: Int[Array, "batch block_plus_1"], key: PRNGKeyArray | None
+                   ) -> tuple[Float[Array, ""], int]:
+    """`(sum of the token losses, number of predicted tokens)` of one batch of windows."""
+    losses = token_losses(model, batch[:, :-1], batch[:, 1:], key)
+    return losses.sum(), losses.size
 
 
 def predicted(a: Array, logits: Array) -> Array:
@@ -53,10 +68,12 @@ def guarded_update(optimizer: optax.GradientTransformation, loss, grads, params,
     return params, opt_state, grad_norm, finite
 
 
-def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh):
+def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                     precision: str = "float32", grad_accum_steps: int = 1):
     """`train_chunk((batches, key, start), model, opt_state)` runs one optimizer step per batch of
     `batches (n_steps, batch, block + 1)` (a `Batches.chunk`) in one compiled `lax.scan` and
-    returns the updated model and state and each step's `StepStats`.
+    returns the updated model and state and each step's `StepStats`. Each step computes in
+    `precision` (`trainer.precision`) over `grad_accum_steps` micro-batches of its batch.
 
     The dropout randomness of step `s` comes from `fold_in(key, s)` and its batch from the
     loader's (seed, step), so a run resumes exactly from any step. Model and state are donated.
@@ -72,10 +89,10 @@ def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh):
             step_index, batch = xs
             dropout_key = jax.random.fold_in(key, step_index)
             batch = jax.lax.with_sharding_constraint(batch, batch_sharded(mesh))
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            loss, grads = eqx.filter_value_and_grad(
-                lambda p: loss_fn(eqx.combine(p, static), inputs, targets, dropout_key)
-            )(params)
+            loss, grads = accumulated_grad(
+                lambda p, rows, k: batch_loss_sum(
+                    eqx.combine(in_compute_dtype(p, precision), static), rows, k),
+                params, batch, grad_accum_steps, dropout_key, batch_sharded(mesh))
             # Gradients split as their parameters: reduce-scattered over fsdp, not all-reduced.
             grads = shard(grads, mesh)
             params, opt_state, grad_norm, finite = guarded_update(optimizer, loss, grads, params,

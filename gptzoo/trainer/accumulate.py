@@ -1,0 +1,62 @@
+"""Gradient accumulation: one optimizer step's global batch as `steps` micro-batches in a
+`lax.scan`, so the activations of only one micro-batch are alive at a time.
+
+Micro-batch `j` takes the rows `j, j + steps, j + 2 * steps, ...` of the global batch: reshaping
+`(batch, ...)` to `(batch / steps, steps, ...)` keeps the leading axis sharded as the batch was, so
+every data shard keeps `1 / shards` of every micro-batch and no row moves between devices. This
+needs `batch / steps` to divide over the shards (`check_micro_batches`).
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from gptzoo.errors import GptzooError
+
+
+def accumulated_grad(loss_sum, params, batch: Int[Array, "batch ..."], steps: int,
+                     key: PRNGKeyArray, sharding: NamedSharding) -> tuple[Float[Array, ""], object]:
+    """`(loss, grads)` of the mean token loss over `batch`: `loss_sum(params, micro_batch, key)`
+    returns `(sum of the token losses, number of tokens)` of a micro-batch; sums and gradients
+    accumulate in float32 over the micro-batches and are divided by the total token count at the
+    end, so the result equals one pass over the whole batch. `sharding` is the batch's; micro-batch
+    `j`'s dropout key is `fold_in(key, j)`."""
+    micro = jnp.swapaxes(batch.reshape(batch.shape[0] // steps, steps, *batch.shape[1:]), 0, 1)
+    micro = jax.lax.with_sharding_constraint(
+        micro, NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec)))
+    value_and_grad = eqx.filter_value_and_grad(loss_sum, has_aux=True)
+
+    def one(carry, xs):
+        total, count, grads = carry
+        j, rows = xs
+        (loss, n), g = value_and_grad(params, rows, jax.random.fold_in(key, j))
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        return (total + loss.astype(jnp.float32), count + jnp.int32(n), grads), None
+
+    floating = eqx.filter(params, eqx.is_inexact_array)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), floating)
+    start = (jnp.float32(0), jnp.int32(0), zeros)
+    (total, count, grads), _ = jax.lax.scan(one, start, (jnp.arange(steps), micro))
+    count = count.astype(jnp.float32)
+    return total / count, jax.tree.map(lambda g: g / count, grads)
+
+
+def check_micro_batches(batch_sizes: list[int], steps: int, sharding: NamedSharding) -> None:
+    """One-line error unless every global batch splits into `steps` micro-batches whose rows
+    divide over the batch's shards."""
+    spec = sharding.spec[0] if sharding.spec else None
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    shards = math.prod(sharding.mesh.shape[a] for a in axes)
+    for batch in batch_sizes:
+        if batch % steps:
+            raise GptzooError(f"trainer.batch_size={batch} is not divisible by "
+                              f"trainer.grad_accum_steps={steps}; make the batch a multiple of it")
+        if batch // steps % shards:
+            raise GptzooError(
+                f"a micro-batch of trainer.batch_size / trainer.grad_accum_steps = {batch} / "
+                f"{steps} = {batch // steps} rows does not split over {shards} data shards; "
+                f"use a batch that is a multiple of {steps * shards}")
