@@ -50,6 +50,14 @@ def attention_path(platform: str, dtype, *, n_queries: int, n_keys: int, bias: b
     return "einsum"
 
 
+def _einsum_f32(spec: str, a: Array, b: Array) -> Array:
+    """`jnp.einsum` accumulated and returned in float32. XLA:CPU has no bfloat16 x bfloat16 ->
+    float32 dot ("Unsupported element type for DotThunk"), so there the operands are upcast."""
+    if jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 @typecheck
 def attention_weights(
     q: Float[Array, "*batch q heads head_dim"],
@@ -59,8 +67,7 @@ def attention_weights(
 ) -> Float[Array, "*batch heads q k"]:
     """softmax(q k^T / sqrt(head_dim) + bias) over the keys each query may see, in float32
     whatever the inputs' dtype (bfloat16 scores lose the small weights)."""
-    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(q.shape[-1])
+    scores = _einsum_f32("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1])
     if bias is not None:
         scores = scores + bias
     return jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
@@ -69,9 +76,7 @@ def attention_weights(
 def _weighted_values(weights, v):
     """`weights @ v` with the weights in v's dtype (as flash attention does), accumulated in
     float32 and returned in v's dtype."""
-    y = jnp.einsum("...hqk,...khd->...qhd", weights.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-    return y.astype(v.dtype)
+    return _einsum_f32("...hqk,...khd->...qhd", weights.astype(v.dtype), v).astype(v.dtype)
 
 
 @typecheck
@@ -222,13 +227,11 @@ class CausalSelfAttention(eqx.Module):
         group = self.n_heads // self.n_kv_heads
         q = q.reshape(seq, self.n_kv_heads, group, self.head_dim)
         # Scores and softmax in float32 as in `attention_weights`, whatever the cache's dtype.
-        scores = jnp.einsum("qkgd,kds->kgqs", q, cache.k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(self.head_dim)
+        scores = _einsum_f32("qkgd,kds->kgqs", q, cache.k) / math.sqrt(self.head_dim)
         if bias is not None:
             scores = scores + bias.reshape(self.n_kv_heads, group, seq, cache.size)
         weights = jax.nn.softmax(jnp.where(cache.mask(positions), scores, -jnp.inf), axis=-1)
-        y = jnp.einsum("kgqs,ksd->qkgd", weights.astype(cache.v.dtype), cache.v,
-                       preferred_element_type=jnp.float32)
+        y = _einsum_f32("kgqs,ksd->qkgd", weights.astype(cache.v.dtype), cache.v)
         return self.out(y.reshape(seq, -1).astype(x.dtype)), cache
 
     def _heads(self, x):
