@@ -1,15 +1,19 @@
 """Training and sampling speed of gptzoo's own train chunk, for the default char_shakespeare recipe
-and nanoGPT's CPU comparison shape.
+and nanoGPT's two CPU comparison shapes; then, with torch installed, gptzoo against nanoGPT's own
+model and training step (its faster of eager and torch.compile) on those shapes, in interleaved
+rounds, and one layer's attention forward + backward on each path.
 
     python bench/bench_train.py [--quick] [--steps-per-call N] [--set KEY=VALUE ...]
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import equinox as eqx
 import jax
@@ -22,12 +26,36 @@ from gptzoo.trainer.loop import prepare
 from gptzoo.trainer.sharding import chunk_sharded, replicated
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "char_shakespeare.py"
-CONFIGS = {
-    "default recipe": {},
-    "nanoGPT shape": {"model.n_layers": "4", "model.n_heads": "4", "model.d_model": "128",
-                      "model.block_size": "64", "trainer.batch_size": "12"},
+NANOGPT_SHAPES = {
+    "nanoGPT 4x128 ctx 64": {"model.n_layers": "4", "model.n_heads": "4", "model.d_model": "128",
+                             "model.block_size": "64", "trainer.batch_size": "12"},
+    "nanoGPT 6x384 ctx 256": {"model.n_layers": "6", "model.n_heads": "6", "model.d_model": "384",
+                              "model.block_size": "256", "trainer.batch_size": "8"},
 }
+CONFIGS = {"default recipe": {}, **NANOGPT_SHAPES}
 SAMPLE_TOKENS = 200
+
+
+def chunk_timer(p, n: int):
+    """`run_chunk() -> seconds` of one call (n steps) of the train chunk of prepared training `p`;
+    its model and optimizer state are donated to the chunk."""
+    model, opt_state = eqx.filter_shard((p.model, p.opt_state), replicated(p.mesh))
+    step = 0
+
+    def run_chunk() -> float:
+        """One chunk's compute; its batches are read before the clock starts (the loader's own
+        cost, overlapped with compute in training, is bench_loader.py's subject)."""
+        nonlocal model, opt_state, step
+        batches = jax.device_put(p.train_batches.chunk(step, n), chunk_sharded(p.mesh))
+        jax.block_until_ready(batches)
+        clock = time.perf_counter()
+        model, opt_state, losses = p.train_chunk((batches, p.train_key, jnp.int32(step)),
+                                                 model, opt_state)
+        jax.block_until_ready((model, opt_state, losses))
+        step += n
+        return time.perf_counter() - clock
+
+    return run_chunk
 
 
 def bench(recipe: Recipe, warmup: int, chunks: int, samples: int) -> dict:
@@ -47,23 +75,8 @@ def bench(recipe: Recipe, warmup: int, chunks: int, samples: int) -> dict:
     sample()  # compiles prefill and decode
     sample_seconds = statistics.median(sample() for _ in range(samples))
 
-    model, opt_state = eqx.filter_shard((model, p.opt_state), replicated(p.mesh))
-    train_chunk, train_key = p.train_chunk, p.train_key
-    n, step = cfg.steps_per_call, 0
-
-    def run_chunk() -> float:
-        """One chunk's compute; its batches are read before the clock starts (the loader's own
-        cost, overlapped with compute in training, is bench_loader.py's subject)."""
-        nonlocal model, opt_state, step
-        batches = jax.device_put(p.train_batches.chunk(step, n), chunk_sharded(p.mesh))
-        jax.block_until_ready(batches)
-        clock = time.perf_counter()
-        model, opt_state, losses = train_chunk((batches, train_key, jnp.int32(step)),
-                                               model, opt_state)
-        jax.block_until_ready((model, opt_state, losses))
-        step += n
-        return time.perf_counter() - clock
-
+    n = cfg.steps_per_call
+    run_chunk = chunk_timer(p, n)
     compile_seconds = run_chunk()
     for _ in range(warmup):
         run_chunk()
@@ -74,6 +87,71 @@ def bench(recipe: Recipe, warmup: int, chunks: int, samples: int) -> dict:
             "ms/step med": 1e3 * median, "ms/step min": 1e3 * best,
             "tok/s med": tokens_per_step / median, "tok/s best": tokens_per_step / best,
             "sample tok/s": SAMPLE_TOKENS / sample_seconds}
+
+
+def against_nanogpt(recipe: Recipe, rounds: int) -> dict:
+    """Training tokens/s of gptzoo's train chunk and of nanoGPT's step, eager and compiled, each
+    timed over the same number of steps in turn, round after round (A B C A B C ...), so load
+    from other work falls on all three alike; medians per step."""
+    import nanogpt
+    import torch  # the test extra; main() checks it is there
+
+    cfg, m = recipe.trainer, recipe.model
+    p = prepare(recipe, log=lambda *_: None)
+    n = cfg.steps_per_call
+    runners = {"gptzoo": chunk_timer(p, n)}
+    idx = torch.randint(0, p.tokenizer.vocab_size, (cfg.batch_size, m.block_size + 1))
+    for name, compiled in [("nanoGPT eager", False), ("nanoGPT compile", True)]:
+        torch.manual_seed(0)
+        model = nanogpt.GPT(p.tokenizer.vocab_size, m.block_size, m.n_layers, m.n_heads,
+                            m.d_model, bias=m.use_bias)
+        step = nanogpt.train_step(model, compile_model=compiled, lr=recipe.optimizer.lr,
+                                  betas=(recipe.optimizer.beta1, recipe.optimizer.beta2))
+
+        def run(step=step) -> float:
+            clock = time.perf_counter()
+            for _ in range(n):
+                step(idx[:, :-1], idx[:, 1:])
+            return time.perf_counter() - clock
+
+        runners[name] = run
+    for run in runners.values():
+        run(), run()  # compile, warm up
+    seconds = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            seconds[name].append(run() / n)
+    tokens = cfg.batch_size * m.block_size
+    row = {name: tokens / statistics.median(s) for name, s in seconds.items()}
+    row["ratio"] = row["gptzoo"] / max(row["nanoGPT eager"], row["nanoGPT compile"])
+    return row
+
+
+def attention_micro(shape: tuple[int, int, int, int], rounds: int) -> dict:
+    """ms of one layer's causal attention forward + backward (batch, seq, heads, head_dim) on each
+    path, interleaved rounds, medians."""
+    import gptzoo.nn.attention as attention
+
+    q, k, v, cotangent = jax.random.normal(jax.random.PRNGKey(0), (4, *shape))
+    seq = shape[1]
+    ours = attention.causal_attend
+    paths = {"einsum": (ours, seq), "blocks of 32": (ours, 32), "blocks of 64": (ours, 64),
+             "dot_product_attention xla": (functools.partial(
+                 jax.nn.dot_product_attention, is_causal=True, implementation="xla"), seq)}
+    grads = {}
+    for name, (attend, block) in paths.items():
+        grads[name] = jax.jit(jax.grad(lambda q, k, v, f=attend: jnp.sum(f(q, k, v) * cotangent),
+                                       argnums=(0, 1, 2)))
+        # Traced (compiled) under the block size asked for; a block of seq is the plain einsum.
+        with mock.patch.multiple(attention, BLOCK=block, MIN_BLOCKED_QUERIES=1):
+            jax.block_until_ready(grads[name](q, k, v))
+    ms = {name: [] for name in grads}
+    for _ in range(rounds):
+        for name, grad in grads.items():
+            clock = time.perf_counter()
+            jax.block_until_ready(grad(q, k, v))
+            ms[name].append(1e3 * (time.perf_counter() - clock))
+    return {name: statistics.median(t) for name, t in ms.items()}
 
 
 def print_table(rows: dict[str, dict]) -> None:
@@ -103,6 +181,7 @@ def main() -> None:
     recipes = {name: load_recipe(RECIPE, {**overrides, **extra})
                for name, overrides in CONFIGS.items()}
     warmup, chunks, samples = (1, 3, 1) if args.quick else (3, 30, 5)
+    rounds = 3 if args.quick else 15
 
     devices = jax.devices()
     print(f"jax {jax.__version__}, {len(devices)} x {devices[0].platform} "
@@ -111,6 +190,21 @@ def main() -> None:
     print(f"{RECIPE.name}; extra overrides: {extra or 'none'}; {chunks} timed chunks after "
           f"{warmup} warm-up; sampling {SAMPLE_TOKENS} tokens, median of {samples}\n")
     print_table({name: bench(recipe, warmup, chunks, samples) for name, recipe in recipes.items()})
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("\nnanoGPT comparison skipped: torch is missing (pip install -e .[test])")
+        return
+    print(f"\ngptzoo vs nanoGPT training, tokens/s, medians of {rounds} interleaved rounds")
+    for name in NANOGPT_SHAPES:
+        row = against_nanogpt(recipes[name], rounds)
+        print(f"{name}: " + ", ".join(
+            f"{k} {v:.2f}x" if k == "ratio" else f"{k} {v:,.0f}" for k, v in row.items())
+            + " (ratio: gptzoo over nanoGPT's faster)")
+    print(f"\none layer's causal attention forward + backward, ms, medians of {rounds} rounds")
+    for shape in [(12, 64, 4, 32), (8, 256, 6, 64)]:
+        print(f"batch, seq, heads, head_dim {shape}: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in attention_micro(shape, rounds).items()))
     for name, recipe in recipes.items():
         if recipe.trainer.steps_per_call > recipe.trainer.log_interval:
             print(f"note ({name}): training also ends a chunk every trainer.log_interval="

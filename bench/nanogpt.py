@@ -1,6 +1,8 @@
 """nanoGPT's model and `generate` (Karpathy, model.py), trimmed to what sampling runs, for the
 end-to-end comparison in bench_sample.py: random weights of a given shape, `generate` from a
-prompt of character ids, timed from process start to exit by the caller.
+prompt of character ids, timed from process start to exit by the caller. `train_step` is nanoGPT's
+training step (train.py: AdamW, global-norm clipping at 1.0, loss over every position) for
+bench_train.py's comparison.
 
     python bench/nanogpt.py --n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --tokens 500
 """
@@ -58,12 +60,19 @@ class GPT(nn.Module):
             if p.dim() == 2:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx):
+    def hidden(self, idx):
         t = idx.size(1)
         x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
         for block in self.h:
             x = block(x)
-        return self.lm_head(self.ln_f(x)[:, [-1], :])  # inference: the last position only
+        return self.ln_f(x)
+
+    def forward(self, idx):
+        return self.lm_head(self.hidden(idx)[:, [-1], :])  # inference: the last position only
+
+    def loss(self, idx, targets):
+        logits = self.lm_head(self.hidden(idx))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -76,6 +85,26 @@ class GPT(nn.Module):
             probs = F.softmax(logits, dim=-1)
             idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
         return idx
+
+
+def train_step(model, *, compile_model: bool, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99)):
+    """nanoGPT's step as train.py runs it on CPU: forward with targets, backward, clip, AdamW
+    (weight decay on matrices only). Returns `step(idx, targets) -> loss`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas)
+    loss_fn = torch.compile(model.loss) if compile_model else model.loss
+
+    def step(idx, targets):
+        loss = loss_fn(idx, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def main():

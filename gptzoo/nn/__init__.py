@@ -1,7 +1,7 @@
 """Components: one idea per module, each an `eqx.Module` over a single example."""
 
 from gptzoo.nn.alibi import ALiBi, alibi_slopes
-from gptzoo.nn.attention import CausalSelfAttention, attend, causal_mask
+from gptzoo.nn.attention import CausalSelfAttention, attend, causal_attend, causal_mask
 from gptzoo.nn.block import Block
 from gptzoo.nn.cross_attention import CausalCrossAttention
 from gptzoo.nn.embedding import Embedding, PositionalEmbedding
@@ -18,7 +18,7 @@ from gptzoo.nn.stack import Stack, stacked, unstacked, with_remat
 
 __all__ = [
     "MLP", "Block", "CausalSelfAttention", "Embedding", "LayerNorm", "Linear",
-    "PositionalEmbedding", "attend", "causal_mask",
+    "PositionalEmbedding", "attend", "causal_attend", "causal_mask",
     "GLUMLP", "HeadQK", "ParallelBlock", "RMSNorm", "SGUMLP", "SpatialGatingUnit",
     "llama_hidden_dim",
     "ALiBi", "Llama3Scaling", "Rotary", "alibi_slopes",

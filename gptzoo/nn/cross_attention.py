@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
-from gptzoo.nn.attention import attention_weights, causal_mask
+from gptzoo.nn.attention import causal_attend
 from gptzoo.nn.linear import Linear
 from gptzoo.nn.norm import LayerNorm
 
@@ -61,7 +61,5 @@ class CausalCrossAttention(eqx.Module):
         q = self.q(self.query_norm(latents)).reshape(*latents.shape[:-1], self.n_heads, -1)
         kv = self.kv(self.context_norm(context)).reshape(*context.shape[:-1], 2 * self.n_heads, -1)
         k, v = jnp.split(kv, 2, axis=-2)
-        weights = attention_weights(q, k, causal_mask(n_latents, seq))
-        weights = self.attn_dropout(weights, key=attn_key, inference=key is None)
-        y = jnp.einsum("...hqk,...khd->...qhd", weights, v).reshape(latents.shape)
+        y = causal_attend(q, k, v, dropout=self.attn_dropout, key=attn_key).reshape(latents.shape)
         return self.resid_dropout(self.out(y), key=resid_key, inference=key is None)
