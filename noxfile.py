@@ -1,4 +1,4 @@
-"""Sessions: tests (what CI runs), lint, slow (full trainings), bench, docs."""
+"""Sessions: tests and dist (what CI runs), lint, slow (full trainings), bench, docs."""
 
 import nox
 
@@ -10,6 +10,13 @@ nox.options.reuse_existing_virtualenvs = True
 def tests(session):
     session.install("-e", ".[test]")
     session.run("pytest", "-q", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
+
+
+@nox.session
+def dist(session):
+    """Multi-device and multi-process tests: meshes of fake CPU devices, two-process training."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-q", "-m", "dist", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
 
 
 @nox.session
