@@ -1,4 +1,4 @@
-"""Sessions: tests (what CI runs), lint, slow (full trainings), dist (many devices), bench, docs."""
+"""Sessions: tests and dist (what CI runs), lint, slow (full trainings), bench, docs."""
 
 import nox
 
@@ -13,6 +13,14 @@ def tests(session):
 
 
 @nox.session
+def dist(session):
+    """Multi-device and multi-process tests (a few minutes): meshes of fake CPU devices against
+    one device, two-process training."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-q", "-m", "dist", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
+
+
+@nox.session
 def lint(session):
     session.install("ruff")
     session.run("ruff", "check", "gptzoo", "recipes", "tests", "bench", "noxfile.py")
@@ -24,13 +32,6 @@ def slow(session):
     the kill test: 20 SIGKILLs of a training run, then --resume (a few minutes)."""
     session.install("-e", ".[test]")
     session.run("pytest", "-q", "-m", "slow", "-s", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
-
-
-@nox.session
-def dist(session):
-    """Many fake CPU devices and several processes: meshes against one device (a few minutes)."""
-    session.install("-e", ".[test]")
-    session.run("pytest", "-q", "-m", "dist", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
 
 
 @nox.session

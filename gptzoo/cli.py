@@ -46,12 +46,20 @@ def main():
 @click.option("--init-from", type=click.Path(), metavar="RUN_DIR",
               help="Start from this run's (or imported model's) weights and tokenizer, with a "
               "fresh optimizer: fine-tuning.")
+@click.option("--coordinator", metavar="HOST:PORT",
+              help="Multi-host: process 0's address and a free port, with --num-processes and "
+              "--process-id (SLURM, Open MPI, Kubernetes and TPU pods need none of the three).")
+@click.option("--num-processes", type=int, help="Multi-host: how many processes train together.")
+@click.option("--process-id", type=int, help="Multi-host: this process's number, 0 to N-1.")
 @friendly_errors
-def train(recipe_path, overrides, run_dir, resume, init_from):
+def train(recipe_path, overrides, run_dir, resume, init_from, coordinator, num_processes,
+          process_id):
     """Train the model a RECIPE file describes (a recipe .py, or a run's recipe.json)."""
     from gptzoo.recipe import load_recipe, parse_overrides
     from gptzoo.trainer import train as run_training
+    from gptzoo.trainer.distributed import join_cluster
 
+    join_cluster(coordinator, num_processes, process_id)
     recipe = load_recipe(recipe_path, parse_overrides(list(overrides)))
     try:
         result = run_training(recipe, run_dir=run_dir, resume=resume, init_from=init_from)

@@ -6,7 +6,7 @@ windows `block_size` apart, shifted by a seeded offset, and step `s` takes the s
 `[offset(s), offset(s) + size(s))` of that stream (`BatchSchedule`: the offset is the closed-form
 count of samples before `s`, so the batch size may change during a run), so `--resume` sees
 exactly the windows an unbroken run would. Rows are addressed by their index in the global batch,
-so a process can read only its own rows (`rows=`), as a multi-host loader will.
+so each process of a multi-host run reads only the rows its devices hold (`on_devices`).
 """
 
 import queue
@@ -63,6 +63,17 @@ class Batches:
         windows = self.split.windows(self.starts(step, n_steps, rows), self.block_size + 1)
         return windows.reshape(n_steps, -1, self.block_size + 1)
 
+    def on_devices(self, step: int, n_steps: int, sharding: jax.sharding.Sharding
+                   ) -> Int[jax.Array, "n_steps batch block_plus_1"]:
+        """`chunk(step, n_steps)` as one global array laid out by `sharding`, of which this
+        process reads only the rows its own devices hold (every row when it is the only one)."""
+        size = self.schedule.size(step)
+        shape = (n_steps, size, self.block_size + 1)
+        held = sharding.addressable_devices_indices_map(shape).values()
+        rows = np.unique(np.concatenate([np.arange(size)[index[1]] for index in held]))
+        return jax.make_array_from_process_local_data(sharding, self.chunk(step, n_steps, rows),
+                                                      shape)
+
     def _order(self, epoch: int) -> tuple[int, np.ndarray]:
         if self._epoch is None or self._epoch[0] != epoch:  # one epoch's permutation in memory
             rng = np.random.default_rng([self.seed, epoch])
@@ -85,7 +96,7 @@ class Prefetcher:
     def _fill(self) -> None:
         try:
             for step, n in self.plan:
-                item = (step, n, jax.device_put(self.batches.chunk(step, n), self.sharding))
+                item = (step, n, self.batches.on_devices(step, n, self.sharding))
                 if not self._put(item):
                     return
         except BaseException as e:  # re-raised in the training thread

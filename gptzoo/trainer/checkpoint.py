@@ -12,6 +12,7 @@ complete folder that later became unreadable is skipped in favour of the newest 
 import os
 import re
 import shutil
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -244,7 +245,8 @@ def load(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None):
 
 def ensure_writable(run_dir: Path) -> None:
     """Fail before any training when `run_dir` cannot be created or written."""
-    probe = run_dir / ".gptzoo-write-test"
+    # Named for its process: the processes of a multi-host run probe one folder at once.
+    probe = run_dir / f".gptzoo-write-test-{socket.gethostname()}-{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"\0" * 4096)

@@ -20,6 +20,7 @@ from gptzoo.nn.stack import with_remat
 from gptzoo.recipe import Recipe, save_recipe
 from gptzoo.trainer.accumulate import check_micro_batches
 from gptzoo.trainer.checkpoint import Checkpoints, ensure_writable
+from gptzoo.trainer.distributed import agreed_stop, is_main, main_first
 from gptzoo.trainer.evaluate import evaluate
 from gptzoo.trainer.guard import BadSteps
 from gptzoo.trainer.init_from import Initial
@@ -61,7 +62,8 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     """`init_from`: a run directory whose weights and tokenizer the model starts from."""
     cfg, block_size = recipe.trainer, recipe.model.block_size
     initial = Initial.load(init_from) if init_from else None
-    corpus = prepare_corpus(recipe.data, initial.tokenizer if initial else None, log=log)
+    corpus = main_first(lambda: prepare_corpus(recipe.data, initial.tokenizer if initial else None,
+                                               log=log))
     tokenizer = corpus.tokenizer
     schedule = BatchSchedule.of(cfg.batch_size, cfg.batch_schedule)
     corpus.train.require(max(schedule.sizes) * block_size + 1,
@@ -76,6 +78,7 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     model = initial.weights_into(model) if initial else model
     model = shard(with_remat(model, cfg.remat), mesh)  # remat: per block of each Stack
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
+    # Placed before a resume restores into them: a restored array keeps its template's sharding.
     opt_state = shard(optimizer.init(eqx.filter(model, eqx.is_array)), mesh)
     train_chunk = make_train_chunk(optimizer, mesh, precision=cfg.precision,
                                    grad_accum_steps=cfg.grad_accum_steps)
@@ -96,9 +99,10 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     schedule = make_schedule(recipe.optimizer, cfg.max_steps)
     bad_steps = BadSteps(cfg.max_bad_steps, recipe.optimizer.lr)
     loader = Prefetcher(p.train_batches, _plan(run.start, cfg), chunk_sharded(p.mesh))
-    reporter = reporter or Reporter(cfg.max_steps, run.start)
+    reporter = reporter or Reporter(cfg.max_steps, run.start, quiet=not is_main())
     reporter.print(f"training {recipe.name}: {_count(model):,} parameters, "
-                   f"{len(jax.devices())} {jax.devices()[0].platform} device(s), run dir {run_dir}")
+                   f"{len(jax.devices())} {jax.devices()[0].platform} device(s) in "
+                   f"{jax.process_count()} process(es), run dir {run_dir}")
 
     def due(interval: int) -> bool:
         return step % interval == 0 or step == cfg.max_steps
@@ -113,8 +117,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             model, opt_state, stats = p.train_chunk((batches, run.train_key, jnp.int32(first)),
                                                   model, opt_state)
             bad_steps.count(first, stats.finite)
-            step, interrupted = first + n, sigint.caught
-            timed_tokens += n * batch_size(first) * block_size
+            step, timed_tokens = first + n, timed_tokens + n * batch_size(first) * block_size
+            interrupted = agreed_stop(sigint.caught, due(cfg.log_interval)
+                                      or due(cfg.checkpoint_interval))
             if due(cfg.log_interval) or interrupted:
                 elapsed = time.perf_counter() - clock
                 record = {"step": step, "train_loss": float(stats.loss[-1]),
@@ -166,21 +171,23 @@ def _open_run(recipe: Recipe, run_dir: Path, p: Prepared, resume: bool) -> _Run:
     start, model, opt_state, train_key = 0, p.model, p.opt_state, p.train_key
     if resume:
         start, model, opt_state, train_key = _resume(checkpoints, meta, model, opt_state, run_dir)
-    save_recipe(recipe, run_dir)
-    p.tokenizer.save(run_dir)
     meta["key"] = np.asarray(train_key).tolist()
     resume_step = start if resume else None
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
-    sinks = open_sinks(recipe, run_dir, metrics, resume_step=resume_step)
-    status = RunStatus.begin(run_dir, resume, parameters=_count(model))
+    sinks, writes = Sinks([]), is_main()  # one process writes the run's files
+    if writes:
+        save_recipe(recipe, run_dir)
+        p.tokenizer.save(run_dir)
+        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
+        sinks = open_sinks(recipe, run_dir, metrics, resume_step=resume_step)
+    status = RunStatus.begin(run_dir, resume, parameters=_count(model), write=writes)
     return _Run(run_dir, start, model, opt_state, train_key, meta, checkpoints, sinks, status)
 
 
 def _validation_estimate(model, p: Prepared, step: int, eval_steps: int) -> dict[str, float]:
     """`val_loss` and `val_bpb` on `eval_steps` batches of the validation split, different at
     each evaluation step and the same in a resumed run."""
-    batches = p.val_batches.chunk(step * eval_steps, eval_steps)
-    loss = float(estimate_loss(model, jax.device_put(batches, chunk_sharded(p.mesh))))
+    batches = p.val_batches.on_devices(step * eval_steps, eval_steps, chunk_sharded(p.mesh))
+    loss = float(estimate_loss(model, batches))
     return {"val_loss": loss, "val_bpb": _bits_per_byte(loss, p.corpus)}
 
 

@@ -67,14 +67,18 @@ def format_bar(record: dict[str, Any], last: dict[str, Any]) -> str:
 
 
 class Reporter:
-    def __init__(self, max_steps: int, start_step: int, console: Console | None = None):
+    """`quiet`: show nothing (the other processes of a multi-host run)."""
+
+    def __init__(self, max_steps: int, start_step: int, console: Console | None = None,
+                 quiet: bool = False):
         self.console = console or Console()
+        self.quiet = quiet
         self.max_steps = max_steps
         self.started = time.perf_counter()
         self.start_step = start_step
         self.bar = None
         self.last: dict[str, Any] = {}
-        if self.console.is_terminal:
+        if self.console.is_terminal and not quiet:
             self.bar = Progress(
                 TextColumn("step"), MofNCompleteColumn(), BarColumn(),
                 TextColumn("{task.fields[status]}"), TextColumn("eta"), TimeRemainingColumn(),
@@ -84,6 +88,8 @@ class Reporter:
             self.bar.start()
 
     def log(self, record: dict[str, Any]) -> None:
+        if self.quiet:
+            return
         line = format_record(record)
         if self.bar is not None:
             status = format_bar(record, self.last)
@@ -98,6 +104,8 @@ class Reporter:
             print(f"{step} | {line} | eta {eta:.0f}s", flush=True)
 
     def print(self, message: str) -> None:
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.console.print(message)
         else:

@@ -24,19 +24,23 @@ STATUS_FILE = "status.json"
 class RunStatus:
     """Written at the start of a run (`begin`) and at its end (`end`), and on the way out of an
     exception inside `recording()`. `wall_time()` counts seconds since the run began, continuing
-    from the last record's `wall_time` when it resumes."""
+    from the last record's `wall_time` when it resumes. With `write=False` (the other processes
+    of a multi-host run) it keeps the clock and writes nothing."""
 
-    def __init__(self, run_dir: Path, fields: dict[str, Any], wall_time_before: float):
+    def __init__(self, run_dir: Path, fields: dict[str, Any], wall_time_before: float,
+                 write: bool = True):
         self.path = run_dir / STATUS_FILE
-        self.fields = fields
+        self.fields, self.write = fields, write
         self.started = time.perf_counter()
         self.wall_time_before = wall_time_before
 
     @classmethod
-    def begin(cls, run_dir: Path, resume: bool, parameters: int) -> "RunStatus":
-        previous = [r["wall_time"] for r in read_records(run_dir) if "wall_time" in r] if resume \
-            else []
-        status = cls(run_dir, {"parameters": parameters}, previous[-1] if previous else 0.0)
+    def begin(cls, run_dir: Path, resume: bool, parameters: int,
+              write: bool = True) -> "RunStatus":
+        previous = [r["wall_time"] for r in read_records(run_dir) if "wall_time" in r] \
+            if resume and write else []
+        status = cls(run_dir, {"parameters": parameters}, previous[-1] if previous else 0.0,
+                     write)
         status.update("running", pid=os.getpid(), host=socket.gethostname(),
                       started=datetime.now(UTC).isoformat(timespec="seconds"))
         return status
@@ -46,7 +50,8 @@ class RunStatus:
 
     def update(self, state: str, **fields: Any) -> None:
         self.fields.update(fields, status=state, wall_time=round(self.wall_time(), 3))
-        write_text_atomic(self.path, json.dumps(self.fields, indent=2) + "\n")
+        if self.write:
+            write_text_atomic(self.path, json.dumps(self.fields, indent=2) + "\n")
 
     def end(self, state: str, **fields: Any) -> None:
         self.update(state, ended=datetime.now(UTC).isoformat(timespec="seconds"), **fields)
