@@ -1,4 +1,5 @@
-"""The `gptzoo` command: train, prepare, sample, eval, import-hf, export-hf, keys, plot, runs."""
+"""The `gptzoo` command: train, prepare, sample, eval, tune-batch, import-hf, export-hf, keys, plot,
+runs."""
 
 import functools
 import logging
@@ -171,6 +172,29 @@ def prepare(recipe_path, overrides):
                    f"({split.bytes_per_token:.3f} bytes/token)")
     click.echo(f"tokenizer: {recipe.data.tokenizer}, {corpus.tokenizer.vocab_size:,} tokens; "
                f"cache {corpus.folder}")
+
+
+@main.command(name="tune-batch")
+@click.argument("recipe_path", metavar="RECIPE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set model.block_size=512 (repeatable).")
+@click.option("--memory-gb", type=float, default=None,
+              help="The memory budget [the device's own; required on CPU, which reports none].")
+@click.option("--peak-flops", type=float, default=None,
+              help="The device's peak FLOP/s for MFU [from a table of known GPUs and TPUs].")
+@friendly_errors
+def tune_batch(recipe_path, overrides, memory_gb, peak_flops):
+    """Find the largest micro-batch of a RECIPE that fits, and its tokens/s."""
+    from gptzoo.recipe import load_recipe, parse_overrides
+    from gptzoo.trainer.tune import report
+    from gptzoo.trainer.tune import tune_batch as find
+
+    recipe = load_recipe(recipe_path, parse_overrides(list(overrides)))
+    if memory_gb is not None and memory_gb <= 0:
+        raise click.BadParameter(f"{memory_gb} is not a positive size", param_hint="--memory-gb")
+    budget = None if memory_gb is None else int(memory_gb * 2**30)
+    for line in report(find(recipe, budget, log=click.echo), peak_flops):
+        click.echo(line)
 
 
 @main.command(name="import-hf")

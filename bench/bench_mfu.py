@@ -1,0 +1,65 @@
+"""Tokens/s and model FLOPs utilisation (MFU) of the default recipe and of GPT-2 small.
+
+    python bench/bench_mfu.py [--quick] [--peak-flops F] [--gpt2-micro-batch N]
+
+MFU counts the model's training FLOPs (6N + 12 L d T per token, `gptzoo.trainer.flops`) over the
+device's peak: its datasheet bf16 peak for known GPUs and TPUs, `--peak-flops` if given, else
+(CPUs) the best float32 matmul this process measures, which is labelled as such. GPT-2 small
+runs at the micro-batch `gptzoo tune-batch` finds where the device reports its memory (GPUs), and
+at `--gpt2-micro-batch` (default 1) elsewhere.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import jax
+
+from gptzoo.recipe import load_recipe
+from gptzoo.trainer import flops
+from gptzoo.trainer.tune import device_memory_bytes, throughput, tune_batch
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def peak(args) -> tuple[float, str]:
+    if args.peak_flops:
+        return args.peak_flops, "--peak-flops"
+    known = flops.known_peak_flops(jax.devices()[0])
+    if known:
+        return known, "datasheet bf16"
+    return flops.measured_matmul_flops(), "measured f32 matmul"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer timed steps")
+    parser.add_argument("--peak-flops", type=float, help="the device's peak FLOP/s")
+    parser.add_argument("--gpt2-micro-batch", type=int, default=1,
+                        help="GPT-2 small's micro-batch where tune-batch cannot run")
+    args = parser.parse_args()
+    steps = 2 if args.quick else 5
+    device = jax.devices()[0]
+    n_devices = len(jax.devices())
+    peak_flops, source = peak(args)
+    print(f"jax {jax.__version__}, {n_devices} x {device.device_kind}, {os.cpu_count()} CPU "
+          f"cores, load average {os.getloadavg()[0]:.2f}; peak {peak_flops / 1e12:.3f} TFLOP/s "
+          f"per device ({source})\n")
+    default = load_recipe(RECIPES / "char_shakespeare.py")
+    gpt2 = load_recipe(RECIPES / "gpt2_124m.py")
+    if device_memory_bytes() is not None:
+        gpt2_micro = tune_batch(gpt2, log=lambda _: None).micro_batch
+    else:
+        gpt2_micro = args.gpt2_micro_batch
+    rows = [("char_shakespeare", default, default.trainer.batch_size),
+            ("gpt2_124m", gpt2, gpt2_micro)]
+    print(f"{'recipe':18} {'micro-batch':>11} {'tokens/s':>10} {'GFLOP/token':>11} {'MFU':>7}")
+    for name, recipe, micro in rows:
+        tokens_per_sec, per_token = throughput(recipe, micro, steps)
+        utilisation = flops.mfu(tokens_per_sec, per_token, peak_flops, n_devices)
+        print(f"{name:18} {micro:>11} {tokens_per_sec:>10,.0f} {per_token / 1e9:>11.3f} "
+              f"{utilisation:>7.1%}")
+
+
+if __name__ == "__main__":
+    main()

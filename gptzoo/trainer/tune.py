@@ -1,0 +1,195 @@
+"""`gptzoo tune-batch`: the largest micro-batch whose training step fits the device's memory.
+
+Each candidate micro-batch compiles the real train step (one optimizer step, no accumulation)
+and is kept if XLA's memory plan for it fits the budget and, when that is the device's own memory,
+one step runs without running out of it. The candidates are multiples of the number of batch
+shards, doubled until one fails and then bisected.
+"""
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from gptzoo.errors import GptzooError
+from gptzoo.recipe import Recipe
+from gptzoo.trainer import flops
+from gptzoo.trainer.loop import Prepared, prepare
+from gptzoo.trainer.sharding import chunk_sharded, replicated
+
+
+@dataclass
+class Fit:
+    micro_batch: int
+    bytes_needed: int  # XLA's plan: arguments, outputs and temporaries, less donated buffers
+    fits: bool
+
+
+@dataclass
+class TuneResult:
+    micro_batch: int
+    global_batch: int  # the recipe's trainer.batch_size
+    budget_bytes: int
+    bytes_needed: int
+    tokens_per_sec: float
+    flops_per_token: float | None
+    trials: list[Fit]
+
+
+def device_memory_bytes() -> int | None:
+    """What the first device may allocate, where its runtime says (GPUs, TPUs); None on CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def tune_batch(recipe: Recipe, budget_bytes: int | None = None, timed_steps: int = 5,
+               log: Callable[[str], None] = print) -> TuneResult:
+    """Bisect the micro-batch of `recipe` against `budget_bytes` (default: the device's memory,
+    which a CPU does not report: pass a budget there), then time it for `timed_steps` steps."""
+    on_device_memory = budget_bytes is None
+    budget_bytes = budget_bytes or device_memory_bytes()
+    if budget_bytes is None:
+        raise GptzooError(f"{jax.devices()[0].platform} devices report no memory limit; give "
+                          "tune-batch one with --memory-gb")
+    global_batch, shards = recipe.trainer.batch_size, len(jax.devices())
+    recipe = one_step_recipe(recipe, shards)
+    p = prepare(recipe, log=lambda _: None)
+    block = recipe.model.block_size
+    state = _placed(p)
+    trials: list[Fit] = []
+
+    def trial(micro: int) -> bool:
+        nonlocal state
+        batch = jax.device_put(jnp.zeros((1, micro, block + 1), jnp.int32), chunk_sharded(p.mesh))
+        args = ((batch, p.train_key, jnp.int32(0)), *state)
+        compiled = p.train_chunk.lower(*args).lowered.compile()
+        needed = _bytes_needed(compiled.memory_analysis())
+        fits = needed <= budget_bytes
+        if fits and on_device_memory:
+            try:
+                state = jax.block_until_ready(p.train_chunk(*args)[:2])
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                fits, state = False, _placed(_rebuilt(recipe))
+        trials.append(Fit(micro, needed, fits))
+        log(f"micro-batch {micro}: {_size(needed)} of {_size(budget_bytes)} -> "
+            f"{'fits' if fits else 'does not fit'}")
+        return fits
+
+    # No micro-batch beyond the global batch: it could never be used.
+    best = _bisect(trial, shards, limit=max(shards, global_batch))
+    if best is None:
+        raise GptzooError(f"not even a micro-batch of {shards} sequences of {block} tokens fits "
+                          f"{_size(budget_bytes)}; shrink the model or model.block_size, "
+                          "or set trainer.remat=full")
+    tokens_per_sec = _time(p, state, best, block, timed_steps)
+    needed = next(t.bytes_needed for t in trials if t.micro_batch == best)
+    return TuneResult(best, global_batch, budget_bytes, needed, tokens_per_sec,
+                      _flops_per_token(recipe, p), trials)
+
+
+def one_step_recipe(recipe: Recipe, micro_batch: int) -> Recipe:
+    """A copy of `recipe` that trains one micro-batch of `micro_batch` per call, unaccumulated."""
+    recipe = copy.deepcopy(recipe)
+    cfg = recipe.trainer
+    cfg.grad_accum_steps, cfg.batch_schedule, cfg.steps_per_call = 1, None, 1
+    cfg.batch_size = micro_batch
+    return recipe
+
+
+def throughput(recipe: Recipe, micro_batch: int, steps: int = 5) -> tuple[float, float | None]:
+    """`(tokens/s, training FLOPs per token or None)` of `recipe`'s train step on one micro-batch
+    of `micro_batch` sequences: what `gptzoo tune-batch` reports, for benchmarks."""
+    recipe = one_step_recipe(recipe, micro_batch)
+    p = prepare(recipe, log=lambda _: None)
+    tokens_per_sec = _time(p, _placed(p), micro_batch, recipe.model.block_size, steps)
+    return tokens_per_sec, _flops_per_token(recipe, p)
+
+
+def _bisect(fits: Callable[[int], bool], shards: int, limit: int) -> int | None:
+    """The largest multiple of `shards` up to `limit` that `fits`, assuming that fitting is
+    monotone: double from `shards` until a failure, then bisect the gap."""
+    good, bad = None, None
+    micro = shards
+    while micro <= limit:
+        if not fits(micro):
+            bad = micro
+            break
+        good, micro = micro, micro * 2
+    if good is None:
+        return None
+    bad = bad or (limit // shards + 1) * shards
+    while bad - good > shards:
+        middle = (good + bad) // (2 * shards) * shards
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def _bytes_needed(stats) -> int:
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def _placed(p: Prepared):
+    return eqx.filter_shard((p.model, p.opt_state), replicated(p.mesh))
+
+
+def _rebuilt(recipe: Recipe) -> Prepared:
+    """A fresh model and optimizer state: a step that ran out of memory may have consumed its
+    donated ones."""
+    return prepare(recipe, log=lambda _: None)
+
+
+def _time(p: Prepared, state, micro: int, block: int, steps: int) -> float:
+    batch = jax.device_put(jnp.zeros((1, micro, block + 1), jnp.int32), chunk_sharded(p.mesh))
+    step = 0
+
+    def one() -> float:
+        nonlocal state, step
+        clock = time.perf_counter()
+        *state, _ = p.train_chunk((batch, p.train_key, jnp.int32(step)), *state)
+        jax.block_until_ready(state)
+        step += 1
+        return time.perf_counter() - clock
+
+    one()  # the compiled step is cached, but the first run of a shape still warms allocators
+    seconds = sorted(one() for _ in range(steps))[steps // 2]
+    return micro * block / seconds
+
+
+def _flops_per_token(recipe: Recipe, p: Prepared) -> float | None:
+    """The model's training FLOPs per token, when its config names the shape that the attention
+    term needs (`n_layers`, `d_model`, `block_size`)."""
+    shape = [getattr(recipe.model, k, None) for k in ("n_layers", "d_model", "block_size")]
+    if None in shape:
+        return None
+    n_params = sum(a.size for a in jax.tree.leaves(eqx.filter(p.model, eqx.is_array)))
+    return flops.flops_per_token(n_params, *shape)
+
+
+def report(result: TuneResult, peak_flops: float | None = None) -> list[str]:
+    """The lines `gptzoo tune-batch` prints: the micro-batch, its speed and how to use it."""
+    n_devices = len(jax.devices())
+    lines = [f"largest micro-batch: {result.micro_batch} sequences "
+             f"({_size(result.bytes_needed)} of {_size(result.budget_bytes)}), "
+             f"{result.tokens_per_sec:,.0f} tokens/s"]
+    peak = peak_flops or flops.known_peak_flops(jax.devices()[0])
+    if peak and result.flops_per_token:
+        utilisation = flops.mfu(result.tokens_per_sec, result.flops_per_token, peak, n_devices)
+        lines.append(f"MFU {utilisation:.1%} of {peak / 1e12:.0f} TFLOP/s x {n_devices} device(s)")
+    batch = result.global_batch
+    if batch % n_devices == 0:  # the largest micro-batch that divides the global batch evenly
+        usable = max(m for m in range(n_devices, result.micro_batch + 1, n_devices)
+                     if batch % m == 0)
+        lines.append(f"for trainer.batch_size={batch}: --set trainer.grad_accum_steps="
+                     f"{batch // usable} (micro-batches of {usable})")
+    return lines
