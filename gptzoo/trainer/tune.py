@@ -19,7 +19,7 @@ from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe
 from gptzoo.trainer import flops
 from gptzoo.trainer.loop import Prepared, prepare
-from gptzoo.trainer.sharding import chunk_sharded, replicated
+from gptzoo.trainer.sharding import chunk_sharded, mesh_shape
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Fit:
 class TuneResult:
     micro_batch: int
     global_batch: int  # the recipe's trainer.batch_size
+    shards: int  # data x fsdp: a micro-batch is a multiple of it
     budget_bytes: int
     bytes_needed: int
     tokens_per_sec: float
@@ -55,11 +56,12 @@ def tune_batch(recipe: Recipe, budget_bytes: int | None = None, timed_steps: int
     if budget_bytes is None:
         raise GptzooError(f"{jax.devices()[0].platform} devices report no memory limit; give "
                           "tune-batch one with --memory-gb")
-    global_batch, shards = recipe.trainer.batch_size, len(jax.devices())
+    data, fsdp, _ = mesh_shape(recipe.mesh, len(jax.devices()))
+    global_batch, shards = recipe.trainer.batch_size, data * fsdp  # the batch's pieces
     recipe = one_step_recipe(recipe, shards)
     p = prepare(recipe, log=lambda _: None)
     block = recipe.model.block_size
-    state = _placed(p)
+    state = _state(p)
     trials: list[Fit] = []
 
     def trial(micro: int) -> bool:
@@ -75,7 +77,7 @@ def tune_batch(recipe: Recipe, budget_bytes: int | None = None, timed_steps: int
             except jax.errors.JaxRuntimeError as e:
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise
-                fits, state = False, _placed(_rebuilt(recipe))
+                fits, state = False, _state(_rebuilt(recipe))
         trials.append(Fit(micro, needed, fits))
         log(f"micro-batch {micro}: {_size(needed)} of {_size(budget_bytes)} -> "
             f"{'fits' if fits else 'does not fit'}")
@@ -89,7 +91,7 @@ def tune_batch(recipe: Recipe, budget_bytes: int | None = None, timed_steps: int
                           "or set trainer.remat=full")
     tokens_per_sec = _time(p, state, best, block, timed_steps)
     needed = next(t.bytes_needed for t in trials if t.micro_batch == best)
-    return TuneResult(best, global_batch, budget_bytes, needed, tokens_per_sec,
+    return TuneResult(best, global_batch, shards, budget_bytes, needed, tokens_per_sec,
                       _flops_per_token(recipe, p), trials)
 
 
@@ -107,7 +109,7 @@ def throughput(recipe: Recipe, micro_batch: int, steps: int = 5) -> tuple[float,
     of `micro_batch` sequences: what `gptzoo tune-batch` reports, for benchmarks."""
     recipe = one_step_recipe(recipe, micro_batch)
     p = prepare(recipe, log=lambda _: None)
-    tokens_per_sec = _time(p, _placed(p), micro_batch, recipe.model.block_size, steps)
+    tokens_per_sec = _time(p, _state(p), micro_batch, recipe.model.block_size, steps)
     return tokens_per_sec, _flops_per_token(recipe, p)
 
 
@@ -139,8 +141,8 @@ def _bytes_needed(stats) -> int:
             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
-def _placed(p: Prepared):
-    return eqx.filter_shard((p.model, p.opt_state), replicated(p.mesh))
+def _state(p: Prepared):
+    return p.model, p.opt_state  # placed on the mesh by prepare
 
 
 def _rebuilt(recipe: Recipe) -> Prepared:
@@ -178,7 +180,7 @@ def _flops_per_token(recipe: Recipe, p: Prepared) -> float | None:
 
 def report(result: TuneResult, peak_flops: float | None = None) -> list[str]:
     """The lines `gptzoo tune-batch` prints: the micro-batch, its speed and how to use it."""
-    n_devices = len(jax.devices())
+    n_devices, shards = len(jax.devices()), result.shards
     lines = [f"largest micro-batch: {result.micro_batch} sequences "
              f"({_size(result.bytes_needed)} of {_size(result.budget_bytes)}), "
              f"{result.tokens_per_sec:,.0f} tokens/s"]
@@ -187,8 +189,8 @@ def report(result: TuneResult, peak_flops: float | None = None) -> list[str]:
         utilisation = flops.mfu(result.tokens_per_sec, result.flops_per_token, peak, n_devices)
         lines.append(f"MFU {utilisation:.1%} of {peak / 1e12:.0f} TFLOP/s x {n_devices} device(s)")
     batch = result.global_batch
-    if batch % n_devices == 0:  # the largest micro-batch that divides the global batch evenly
-        usable = max(m for m in range(n_devices, result.micro_batch + 1, n_devices)
+    if batch % shards == 0:  # the largest micro-batch that divides the global batch evenly
+        usable = max(m for m in range(shards, result.micro_batch + 1, shards)
                      if batch % m == 0)
         lines.append(f"for trainer.batch_size={batch}: --set trainer.grad_accum_steps="
                      f"{batch // usable} (micro-batches of {usable})")
