@@ -30,9 +30,10 @@ def test_the_mesh_section_resolves_minus_one_and_refuses_what_does_not_fit():
     with pytest.raises(GptzooError, match=r"mesh.data and mesh.fsdp are both -1.*mesh.fsdp=1"):
         mesh_shape(MeshConfig(data=-1, fsdp=-1), 8)
     with pytest.raises(GptzooError, match=r"mesh.data=2 x mesh.fsdp=2 x mesh.tensor=1 does not "
-                                          r"cover the 8 devices here; set one of them to -1"):
+                                          r"cover the 8 device\(s\) here; set one of them to -1"):
         mesh_shape(MeshConfig(data=2, fsdp=2), 8)
-    with pytest.raises(GptzooError, match=r"mesh.data=-1 x mesh.fsdp=3 .* set mesh.data=-1 with"):
+    with pytest.raises(GptzooError, match=r"mesh.data=-1 x mesh.fsdp=3 .* so that their product "
+                                          r"divides 8"):
         mesh_shape(MeshConfig(fsdp=3), 8)
     with pytest.raises(GptzooError, match=r"mesh.tensor=0 must be a positive number"):
         mesh_shape(MeshConfig(tensor=0), 8)
@@ -212,7 +213,7 @@ def test_a_checkpoint_restores_across_meshes(eight_devices):
 @pytest.mark.dist
 @pytest.mark.parametrize("run", EVALUATED)
 def test_gptzoo_eval_on_eight_devices_equals_one(eight_devices, run):
-    root, found = eight_devices
     """The same loss whether `gptzoo eval` splits its batches over eight devices or reads them on
     one, where the fsdp2_tensor4 run's own mesh does not fit."""
+    root, found = eight_devices
     np.testing.assert_allclose(found["evals"][run], evaluate_run(root / run).loss, rtol=1e-5)

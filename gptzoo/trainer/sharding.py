@@ -51,9 +51,9 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
         sizes[free[0]] = n_devices // fixed
     if math.prod(sizes.values()) != n_devices:
         shown = " x ".join(f"mesh.{a}={sizes[a]}" for a in AXES)
-        hint = (f"set mesh.{free[0]}=-1 with a product of the others that divides {n_devices}"
+        hint = (f"choose the other axes so that their product divides {n_devices}"
                 if free else "set one of them to -1 to take the devices left")
-        raise GptzooError(f"{shown} does not cover the {n_devices} devices here; {hint}")
+        raise GptzooError(f"{shown} does not cover the {n_devices} device(s) here; {hint}")
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
