@@ -170,22 +170,22 @@ def test_each_mesh_logs_the_losses_of_one_device(eight_devices, mesh):
 def _expected_shards(mesh: str, vocab: int) -> dict[str, tuple[int, ...]]:
     """Each device's piece of the tiny model's weights (d_model 32, 4 heads, MLP 128) as the
     rules split them: embed over fsdp; heads and MLP units over tensor; vocab over tensor only
-    when it divides; norms whole."""
+    when it divides; norms whole; the stacked blocks' leading layer axis whole."""
     _, fsdp, tensor = MESHES[mesh]
     v = vocab // tensor if vocab % tensor == 0 else vocab
     return {
         "token_embedding.weight": (v, 32 // fsdp),
         "position_embedding.weight": (32, 32 // fsdp),
-        "blocks.0.attention.qkv.weight": (32 // fsdp, 96 // tensor),
-        "blocks.0.attention.qkv.bias": (96 // tensor,),
-        "blocks.0.attention.out.weight": (32 // tensor, 32 // fsdp),
-        "blocks.0.attention.out.bias": (32 // fsdp,),
-        "blocks.0.mlp.up.weight": (32 // fsdp, 128 // tensor),
-        "blocks.0.mlp.down.weight": (128 // tensor, 32 // fsdp),
-        "blocks.0.attn_norm.weight": (32,),
+        "blocks.layers.attention.qkv.weight": (1, 32 // fsdp, 96 // tensor),
+        "blocks.layers.attention.qkv.bias": (1, 96 // tensor),
+        "blocks.layers.attention.out.weight": (1, 32 // tensor, 32 // fsdp),
+        "blocks.layers.attention.out.bias": (1, 32 // fsdp),
+        "blocks.layers.mlp.up.weight": (1, 32 // fsdp, 128 // tensor),
+        "blocks.layers.mlp.down.weight": (1, 128 // tensor, 32 // fsdp),
+        "blocks.layers.attn_norm.weight": (1, 32),
         "final_norm.bias": (32,),
-        "opt_state.1.0.mu.blocks.0.attention.qkv.weight": (32 // fsdp, 96 // tensor),
-        "opt_state.1.0.nu.blocks.0.mlp.down.weight": (128 // tensor, 32 // fsdp),
+        "opt_state.1.0.mu.blocks.layers.attention.qkv.weight": (1, 32 // fsdp, 96 // tensor),
+        "opt_state.1.0.nu.blocks.layers.mlp.down.weight": (1, 128 // tensor, 32 // fsdp),
         "opt_state.1.0.count": (),
     }
 
