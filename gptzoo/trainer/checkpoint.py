@@ -25,7 +25,6 @@ import orbax.checkpoint as ocp
 from gptzoo.errors import GptzooError
 from gptzoo.models.names import named_leaves, replace_arrays, shape_differences, shapes
 from gptzoo.nn.stack import same_layout, stacked, unstacked
-from gptzoo.trainer.sharding import sharded_shapes
 
 T = TypeVar("T")
 _SAVE_MARGIN_BYTES = 1_000_000  # orbax's metadata and the JSON record, with room to spare
@@ -45,9 +44,9 @@ def named_arrays(tree) -> dict[str, Any]:
 
 
 def _abstract(tree) -> dict[str, jax.ShapeDtypeStruct]:
-    """Restore targets keeping the templates' shardings: a sharded model and state (as the
-    trainer builds them on the current mesh) are read back split the same way, whichever mesh
-    wrote the checkpoint."""
+    """Restore targets keeping the templates' shardings: a model and state sharded on the current
+    mesh (as the trainer builds them) are read back split the same way, whichever mesh wrote the
+    checkpoint."""
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return {name: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                        sharding=getattr(a, "sharding", None) or default)
@@ -213,10 +212,9 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"
 
 
-def load(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None):
+def load(run_dir: str | Path):
     """The model and tokenizer of a run directory's newest readable checkpoint (no training
-    state); an unreadable newer one is skipped with a warning. With a `mesh`, the model is read
-    straight into the shards the trainer's rules give it there, whatever mesh wrote it."""
+    state); an unreadable newer one is skipped with a warning."""
     from gptzoo.data import tokenizer_from_dict
     from gptzoo.recipe import load_run_recipe
 
@@ -233,7 +231,6 @@ def load(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None):
         tokenizer = tokenizer_from_dict(checkpoints.meta(step)["tokenizer"])
         template = eqx.filter_eval_shape(recipe.build, tokenizer.vocab_size,
                                          key=jax.random.PRNGKey(0))
-        template = template if mesh is None else sharded_shapes(template, mesh)
         return checkpoints.restore(step, template), tokenizer
 
     found = checkpoints.restore_newest(restore)

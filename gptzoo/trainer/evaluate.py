@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 from gptzoo.data import eval_windows, n_windows, prepare_corpus
 from gptzoo.recipe import load_run_recipe
 from gptzoo.trainer.checkpoint import load
-from gptzoo.trainer.sharding import batch_sharded, batch_shards, eval_mesh
+from gptzoo.trainer.sharding import batch_sharded, batch_shards, eval_mesh, shard
 from gptzoo.trainer.step import masked_loss_sum
 
 
@@ -58,9 +58,10 @@ def evaluate(model, tokens, block_size: int, batch_size: int = 64,
 def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None) -> EvalResult:
     """Evaluate a run's latest checkpoint on the validation split of the data it was trained on
     (or of `data_path`)."""
+    model, tokenizer = load(run_dir)
     recipe = load_run_recipe(Path(run_dir))
     mesh = eval_mesh(recipe)
-    model, tokenizer = load(run_dir, mesh)
+    model = shard(model, mesh)
     if data_path is not None:
         recipe.set("data.path", str(data_path))
     val = prepare_corpus(recipe.data, tokenizer).val

@@ -129,20 +129,12 @@ def shardings(tree, mesh: Mesh):
 
 
 def shard(tree, mesh: Mesh):
-    """`tree` placed by `shardings`: moved there outside `jit`, constrained to it inside."""
-    return eqx.filter_shard(tree, shardings(tree, mesh))
-
-
-def sharded_shapes(tree, mesh: Mesh):
-    """`tree` (from `eqx.filter_eval_shape`) with each `ShapeDtypeStruct` given the sharding
-    `shard` would give its array: the targets a checkpoint is restored into."""
-
-    def one(path, leaf):
-        if not isinstance(leaf, jax.ShapeDtypeStruct):
-            return leaf
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding(path, leaf, mesh))
-
-    return jax.tree_util.tree_map_with_path(one, tree)
+    """`tree` placed by `shardings`: constrained to it inside `jit`; moved there outside, also
+    from a device it was committed to (a model loaded from a checkpoint)."""
+    dynamic, static = eqx.partition(tree, eqx.is_array)
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(dynamic))
+    place = jax.lax.with_sharding_constraint if traced else jax.device_put
+    return eqx.combine(place(dynamic, shardings(dynamic, mesh)), static)
 
 
 def _sharding(path, leaf, mesh: Mesh) -> NamedSharding:
