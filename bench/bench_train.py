@@ -101,6 +101,7 @@ def against_nanogpt(recipe: Recipe, rounds: int) -> dict:
     n = cfg.steps_per_call
     runners = {"gptzoo": chunk_timer(p, n)}
     idx = torch.randint(0, p.tokenizer.vocab_size, (cfg.batch_size, m.block_size + 1))
+    inputs, targets = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     for name, compiled in [("nanoGPT eager", False), ("nanoGPT compile", True)]:
         torch.manual_seed(0)
         model = nanogpt.GPT(p.tokenizer.vocab_size, m.block_size, m.n_layers, m.n_heads,
@@ -111,7 +112,7 @@ def against_nanogpt(recipe: Recipe, rounds: int) -> dict:
         def run(step=step) -> float:
             clock = time.perf_counter()
             for _ in range(n):
-                step(idx[:, :-1], idx[:, 1:])
+                step(inputs, targets)
             return time.perf_counter() - clock
 
         runners[name] = run
@@ -171,10 +172,14 @@ def print_table(rows: dict[str, dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions (a smoke test)")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="skip the table: only the nanoGPT and attention comparisons")
     parser.add_argument("--steps-per-call", type=int, help="override trainer.steps_per_call")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override applied to both configurations (repeatable)")
     args = parser.parse_args()
+    # torch.compile forks workers: a block-buffered stdout would be printed again by each.
+    sys.stdout.reconfigure(line_buffering=True)
     extra = parse_overrides(args.set)
     if args.steps_per_call is not None:
         extra["trainer.steps_per_call"] = str(args.steps_per_call)
@@ -189,7 +194,9 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} (other work makes the numbers noisy)")
     print(f"{RECIPE.name}; extra overrides: {extra or 'none'}; {chunks} timed chunks after "
           f"{warmup} warm-up; sampling {SAMPLE_TOKENS} tokens, median of {samples}\n")
-    print_table({name: bench(recipe, warmup, chunks, samples) for name, recipe in recipes.items()})
+    if not args.compare_only:
+        print_table({name: bench(recipe, warmup, chunks, samples)
+                     for name, recipe in recipes.items()})
     try:
         import torch  # noqa: F401
     except ImportError:

@@ -72,7 +72,7 @@ class GPT(nn.Module):
 
     def loss(self, idx, targets):
         logits = self.lm_head(self.hidden(idx))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
