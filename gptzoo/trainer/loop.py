@@ -173,13 +173,13 @@ def _open_run(recipe: Recipe, run_dir: Path, p: Prepared, resume: bool) -> _Run:
         start, model, opt_state, train_key = _resume(checkpoints, meta, model, opt_state, run_dir)
     meta["key"] = np.asarray(train_key).tolist()
     resume_step = start if resume else None
-    sinks, writes = Sinks([]), is_main()  # one process writes the run's files
-    if writes:
+    sinks = Sinks([])  # the other processes of a multi-host run write none of the run's files
+    if is_main():
         save_recipe(recipe, run_dir)
         p.tokenizer.save(run_dir)
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
         sinks = open_sinks(recipe, run_dir, metrics, resume_step=resume_step)
-    status = RunStatus.begin(run_dir, resume, parameters=_count(model), write=writes)
+    status = RunStatus.begin(run_dir, resume, parameters=_count(model), write=is_main())
     return _Run(run_dir, start, model, opt_state, train_key, meta, checkpoints, sinks, status)
 
 
