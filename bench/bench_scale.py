@@ -10,6 +10,7 @@ under the system temp dir) and reused by later runs of the same size.
 
 import argparse
 import json
+import os
 import re
 import resource
 import subprocess
@@ -118,6 +119,8 @@ def main() -> None:
     print(f"prepare: {manifest['mb_per_s']:.1f} MB/s tokenising ({prepare_seconds:.0f}s for the "
           f"whole command); raw tokenizers encode_batch: {raw:.1f} MB/s on the same text")
     print(f"peak RSS of the prepare and train processes: {peak_mb:,.0f} MB (bar: 1,536 MB)")
+    print(f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} at the end (other "
+          "programs on the machine lower both MB/s figures alike)")
 
 
 if __name__ == "__main__":
