@@ -4,12 +4,15 @@ the device) against the old way: the whole corpus on the device, windows drawn t
     python bench/bench_loader.py [--quick] [--set KEY=VALUE ...]
 
 Both run the same compiled train chunk; the old path's windows come from a small jitted gather
-kept here for comparison only. Rounds alternate between the two so drifting load hits both.
+kept here for comparison only. Rounds alternate between the two so drifting load hits both. Besides
+steps/s (wall clock: other programs on the machine move it), it prints the CPU milliseconds the
+process spends per step, which other programs move much less, and the loader thread's own share.
 """
 
 import argparse
 import functools
 import os
+import resource
 import statistics
 import sys
 import time
@@ -57,8 +60,9 @@ def main() -> None:
     corpus_on_device = jax.device_put(p.corpus.train[0:len(p.corpus.train)], replicated(p.mesh))
     n, step = cfg.steps_per_call, 0
 
-    def run(loader: bool) -> float:
-        """Steps/s over `chunks` chunks after one untimed chunk (compilation, thread start)."""
+    def run(loader: bool) -> tuple[float, float]:
+        """Steps/s and CPU ms per step over `chunks` chunks after one untimed chunk
+        (compilation, thread start)."""
         nonlocal model, opt_state, step
         plan = [(step + i * n, n) for i in range(chunks + 1)]
         prefetch = Prefetcher(p.train_batches, plan, chunk_sharded(p.mesh)) if loader else None
@@ -71,12 +75,13 @@ def main() -> None:
                                                      model, opt_state)
             if clock is None:
                 jax.block_until_ready(losses)
-                clock = time.perf_counter()
+                clock, cpu = time.perf_counter(), cpu_seconds()
         jax.block_until_ready((model, opt_state))
+        seconds, cpu = time.perf_counter() - clock, cpu_seconds() - cpu
         if prefetch is not None:
             prefetch.close()
         step += (chunks + 1) * n
-        return chunks * n / (time.perf_counter() - clock)
+        return chunks * n / seconds, 1e3 * cpu / (chunks * n)
 
     print(f"jax {jax.__version__}, {len(jax.devices())} x {jax.devices()[0].platform}, "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}; {RECIPE.name}, "
@@ -86,10 +91,33 @@ def main() -> None:
         results["on-device windows (old)"].append(run(loader=False))
         results["shard loader (new)"].append(run(loader=True))
     for name, values in results.items():
-        print(f"{name:26s} {statistics.median(values):8.2f} steps/s (median; "
-              f"{', '.join(f'{v:.2f}' for v in values)})")
-    old, new = (statistics.median(v) for v in results.values())
-    print(f"loader overhead: {100 * (old - new) / old:+.1f}% (positive = the loader is slower)")
+        speeds, cpus = zip(*values)
+        print(f"{name:26s} {statistics.median(speeds):8.2f} steps/s (median; "
+              f"{', '.join(f'{v:.2f}' for v in speeds)}); {statistics.median(cpus):7.1f} CPU "
+              f"ms/step (median; {', '.join(f'{v:.1f}' for v in cpus)})")
+    (old, old_cpu), (new, new_cpu) = ([statistics.median(c) for c in zip(*v)]
+                                      for v in results.values())
+    print(f"loader overhead: {100 * (old - new) / old:+.1f}% steps/s, "
+          f"{100 * (new_cpu - old_cpu) / old_cpu:+.1f}% CPU per step (positive = the loader costs "
+          "more)")
+    reading = loader_cpu_per_chunk(p.train_batches, n, chunk_sharded(p.mesh))
+    print(f"the loader thread's own work: {1e3 * reading:.2f} CPU ms per chunk of {n} steps "
+          f"({100 * reading / (n * new_cpu / 1e3):.2f}% of the chunk's CPU time)")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (XLA's and the loader's)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def loader_cpu_per_chunk(batches, n: int, sharding, repeats: int = 50) -> float:
+    """CPU seconds the Prefetcher's thread spends per chunk: read the windows from the memory
+    maps and copy them to the device, timed on this thread alone."""
+    clock = time.thread_time()
+    for i in range(repeats):
+        jax.block_until_ready(jax.device_put(batches.chunk(i * n, n), sharding))
+    return (time.thread_time() - clock) / repeats
 
 
 if __name__ == "__main__":

@@ -1,14 +1,31 @@
+import atexit
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import equinox as eqx
+import jax
 import numpy as np
 import pytest
 
 from gptzoo.trainer.progress import Reporter
+
+# One persistent compilation cache per test session, for this process and every CLI subprocess
+# (they inherit the environment): the tests start dozens of processes that compile the same tiny
+# train chunk, evaluation and sampler, and compiling is most of what such a process does. A fresh
+# folder per session, so every session compiles from scratch once and nothing outlives it.
+_JAX_CACHE = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="gptzoo-tests-jax-cache-"),
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+atexit.register(shutil.rmtree, _JAX_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.update(_JAX_CACHE)
+for _name, _value in _JAX_CACHE.items():  # jax read its environment when it was imported
+    jax.config.update(_name.lower(), _value if _name.endswith("DIR") else int(_value))
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "char_shakespeare.py"
@@ -36,6 +53,23 @@ def gptzoo_cli(*args, env=None, check=False, timeout=600) -> subprocess.Complete
     command = [sys.executable, "-c", "from gptzoo.cli import main; main()", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=full_env, check=check,
                           timeout=timeout, cwd=ROOT)
+
+
+def gptzoo_in_process(*args) -> subprocess.CompletedProcess:
+    """`gptzoo ARGS` inside the test process (click's runner): the same command, exit status and
+    one-line errors, without a new Python importing JAX again (seconds per call). For commands
+    that fail early or sample briefly; `gptzoo_cli` where a real process matters."""
+    from click.testing import CliRunner
+
+    from gptzoo.cli import main
+
+    absl = logging.getLogger("absl")
+    level = absl.level  # the command quietens absl for its own process
+    try:
+        result = CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        absl.setLevel(level)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -79,6 +79,23 @@ def test_char_split_is_the_old_token_split_and_documents_join_with_end_of_text(t
     assert 257 < corpus.manifest["vocab_size"] <= 300  # fewer when the text runs out of pairs
 
 
+def test_a_bpe_learns_from_pieces_spread_evenly_through_the_training_split(tmp_path, monkeypatch):
+    """A big corpus trains its BPE on a sample: every k-th training piece, never validation text.
+    Each piece here is one document of a word that only it contains, so the vocabulary shows
+    which pieces the BPE saw."""
+    names = [f"{chr(ord('a') + i)}{chr(ord('a') + i)}{chr(ord('a') + i)}" for i in range(20)]
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, name in enumerate(names):  # 20 documents of 1,000 bytes: 18 train, 2 validate
+        (folder / f"{i:02d}.txt").write_text((name + " ") * 250)
+    monkeypatch.setattr(corpus_module, "BPE_SAMPLE_BYTES", 6_000)  # every third piece of 18,000
+    corpus = prepare_corpus(DataConfig(path=str(folder), tokenizer="bpe", vocab_size=400,
+                                       cache_dir=str(tmp_path / "c")), log=lambda _: None)
+    vocab = corpus.tokenizer.tokenizer.get_vocab()
+    learned = [name for name in names if name in vocab or "\u0120" + name in vocab]
+    assert learned == names[0:18:3]
+
+
 def test_folder_and_glob_sources_skip_hidden_files(tmp_path):
     folder = tmp_path / "corpus"
     (folder / "sub").mkdir(parents=True)

@@ -1,18 +1,21 @@
 """`gptzoo sample` end to end on one tiny run of the real recipe: a batch of prompts (repeated
 --prompt, --prompt-file) equals each prompt alone, --stop, --top-k/--top-p, --no-cache, and a
-one-line error for bad sampling options."""
+one-line error for bad sampling options. One sample runs in its own process, the rest in the
+test's (the same command, without importing JAX again)."""
 
 import pytest
-from conftest import gptzoo_cli
+from conftest import gptzoo_cli, gptzoo_in_process
 from test_cli import assert_one_line_error
 
 SEPARATOR = "\n---------------\n"
 PROMPTS = ["ROMEO:", "JULIET:"]
 
 
-def sample(run_dir, *args) -> str:
+def sample(run_dir, *args, cli=gptzoo_in_process) -> str:
     """stdout of `gptzoo sample`, without the newline that ends it."""
-    out = gptzoo_cli("sample", "--ckpt", run_dir, *args, check=True).stdout
+    result = cli("sample", "--ckpt", run_dir, *args)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     assert out.endswith("\n")
     return out[:-1]
 
@@ -23,7 +26,8 @@ def prompt_args(prompts) -> list[str]:
 
 @pytest.fixture(scope="module")
 def batch(trained_run) -> str:
-    return sample(trained_run, *prompt_args(PROMPTS), "--max-new-tokens", "80", "--seed", "3")
+    return sample(trained_run, *prompt_args(PROMPTS), "--max-new-tokens", "80", "--seed", "3",
+                  cli=gptzoo_cli)
 
 
 def test_repeated_prompts_give_one_sample_each_equal_to_running_it_alone(trained_run, batch):
@@ -68,24 +72,25 @@ def test_no_cache_gives_the_cached_greedy_text(trained_run):
 
 @pytest.mark.parametrize("top_p", ["0", "1.5"])
 def test_bad_top_p_is_a_one_line_error(trained_run, top_p):
-    result = gptzoo_cli("sample", "--ckpt", trained_run, "--top-p", top_p)
+    result = gptzoo_in_process("sample", "--ckpt", trained_run, "--top-p", top_p)
     assert result.returncode == 1 and result.stdout == ""
     assert_one_line_error(result, f"--top-p={float(top_p)}", "(0, 1]")
 
 
 def test_missing_prompt_file_is_a_one_line_error(trained_run, tmp_path):
-    result = gptzoo_cli("sample", "--ckpt", trained_run, "--prompt-file", tmp_path / "nope.txt")
+    result = gptzoo_in_process("sample", "--ckpt", trained_run, "--prompt-file",
+                               tmp_path / "nope.txt")
     assert result.returncode == 1 and result.stdout == ""
     assert_one_line_error(result, "--prompt-file", "nope.txt", "does not exist")
 
 
 def test_num_samples_0_is_a_one_line_error(trained_run):
-    result = gptzoo_cli("sample", "--ckpt", trained_run, "--num-samples", "0")
+    result = gptzoo_in_process("sample", "--ckpt", trained_run, "--num-samples", "0")
     assert result.returncode == 1 and result.stdout == ""
     assert_one_line_error(result, "--num-samples=0", "at least 1")
 
 
 def test_slide_on_learned_positions_is_a_one_line_error(trained_run):
-    result = gptzoo_cli("sample", "--ckpt", trained_run, "--context", "slide")
+    result = gptzoo_in_process("sample", "--ckpt", trained_run, "--context", "slide")
     assert result.returncode == 1 and result.stdout == ""
     assert_one_line_error(result, "--context slide", "learned positions", "shift or crop")

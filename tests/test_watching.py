@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import RECIPE, ROOT, TINY, gptzoo_cli, set_args
+from conftest import RECIPE, ROOT, TINY, gptzoo_cli, gptzoo_in_process, set_args
 from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -146,7 +146,7 @@ def test_plot_draws_each_run(tmp_path, trained_run, resumed_run):
     assert list(lr_ax.lines[0].get_ydata()) == [r["lr"] for r in logged]
     assert len(speed_ax.lines) == 2 and "wall-clock" in time_ax.get_xlabel()
     out = tmp_path / "curves.png"
-    gptzoo_cli("plot", *runs, "--out", out, check=True)
+    assert gptzoo_in_process("plot", *runs, "--out", out).returncode == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -193,12 +193,12 @@ def test_runs_table_shows_each_status(tmp_path, trained_run, small_text):
     killed.wait()
     broken = tmp_path / "broken.py"
     broken.write_text(BROKEN)
-    failed = gptzoo_cli("train", broken, *set_args({"data.path": str(small_text)}),
-                        "--run-dir", root / "failed")
+    failed = gptzoo_in_process("train", broken, *set_args({"data.path": str(small_text)}),
+                               "--run-dir", root / "failed")
     assert failed.returncode == 1
     assert status(root / "failed")["error"] == "ValueError: the model broke on purpose"
 
-    out = gptzoo_cli("runs", root, check=True).stdout
+    out = gptzoo_in_process("runs", root).stdout
     rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│")}
     assert set(rows) == {"done", "stopped", "killed", "failed"}
     done = records(trained_run)
@@ -211,6 +211,6 @@ def test_runs_table_shows_each_status(tmp_path, trained_run, small_text):
 
 
 def test_runs_errors(tmp_path):
-    result = gptzoo_cli("runs", tmp_path / "nope")
+    result = gptzoo_in_process("runs", tmp_path / "nope")
     assert result.returncode == 1 and result.stderr.startswith("error: ")
     assert "is not a folder" in result.stderr

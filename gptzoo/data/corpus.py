@@ -15,6 +15,7 @@ and renamed into place when complete, so a killed prepare leaves nothing that is
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -42,6 +43,9 @@ FORMAT = 1  # bump when the cache layout changes: older caches are then rebuilt
 PIECE_BYTES = 1 << 20  # text files are read and encoded in ~1 MB pieces, cut after a newline
 BATCH_BYTES = 8 << 20  # text per encode_batch call: parallel, with bounded memory
 SHARD_TOKENS = 1 << 26  # tokens per shard file (128 MB of uint16)
+# A BPE learns its merges from at most this much training text, pieces taken evenly through the
+# split: merges settle long before that, and counting words of gigabytes takes many minutes.
+BPE_SAMPLE_BYTES = 64 << 20
 SPLITS = ("train", "val")
 
 
@@ -212,7 +216,7 @@ def _build(folder: Path, cfg, sources: list[dict], tokenizer: Tokenizer | None, 
             def pieces(label: str) -> Iterator[Piece]:
                 return read_pieces(sources, split_at, cfg.text_field, advance(label))
 
-            tokenizer = tokenizer or _fit_tokenizer(cfg, pieces)
+            tokenizer = tokenizer or _fit_tokenizer(cfg, pieces, split_at)
             splits = _write_shards(partial, tokenizer, pieces("tokenising"))
         seconds = time.perf_counter() - started
         tokenizer.save(partial)
@@ -232,13 +236,15 @@ def _build(folder: Path, cfg, sources: list[dict], tokenizer: Tokenizer | None, 
         f"({manifest['mb_per_s']:.1f} MB/s) into {folder}")
 
 
-def _fit_tokenizer(cfg, pieces: Callable[[str], Iterator[Piece]]) -> Tokenizer:
+def _fit_tokenizer(cfg, pieces: Callable[[str], Iterator[Piece]], train_bytes: int) -> Tokenizer:
     if cfg.tokenizer == "char":  # every character of the corpus, as the char models always had
         chars = set()
         for piece in pieces("reading characters"):
             chars.update(piece.text)
         return CharTokenizer(chars)
-    return train_bpe((p.text for p in pieces("training BPE") if p.split == 0), cfg.vocab_size)
+    every = -(-train_bytes // BPE_SAMPLE_BYTES)  # 1 (all of it) up to BPE_SAMPLE_BYTES
+    train = itertools.takewhile(lambda p: p.split == 0, pieces("training BPE"))
+    return train_bpe((p.text for i, p in enumerate(train) if i % every == 0), cfg.vocab_size)
 
 
 def _write_shards(folder: Path, tokenizer: Tokenizer, pieces: Iterator[Piece]) -> dict:
