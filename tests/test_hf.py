@@ -25,7 +25,7 @@ from gptzoo.errors import GptzooError  # noqa: E402
 from gptzoo.hf import export_hf, import_hf, read_config, write_config  # noqa: E402
 from gptzoo.hf.weights import FAMILIES, write_params  # noqa: E402
 from gptzoo.models import GPT2Config, LlamaConfig, build_architecture  # noqa: E402
-from gptzoo.models.names import named_leaves  # noqa: E402
+from gptzoo.models.names import named_leaves, per_layer_leaves  # noqa: E402
 from gptzoo.sample import generate_tokens  # noqa: E402
 from gptzoo.trainer import load  # noqa: E402
 
@@ -193,7 +193,7 @@ def test_recipe_models_export_to_transformers(architecture, tmp_path):
                           multiple_of=32, rotary_base=1000.0))
     model = build_architecture(architecture, config, VOCAB, key=jax.random.PRNGKey(0))
     tensors = write_params(FAMILIES[architecture](config),
-                           {k: np.asarray(v) for k, v in named_leaves(model).items()})
+                           {k: np.asarray(v) for k, v in per_layer_leaves(model).items()})
     (tmp_path / "config.json").write_text(json.dumps(write_config(architecture, config, VOCAB)))
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
