@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, gptzoo_cli, set_args
+from conftest import ROOT, TINY, gptzoo_cli, gptzoo_in_process, set_args
 from test_cli import assert_one_line_error
 
 from gptzoo.data import corpus as corpus_module
@@ -21,7 +21,7 @@ BPE_RECIPE = ROOT / "recipes" / "bpe_shakespeare.py"
 
 
 def prepare(*overrides: str):
-    return gptzoo_cli("prepare", RECIPE, *[a for o in overrides for a in ("--set", o)])
+    return gptzoo_in_process("prepare", RECIPE, *[a for o in overrides for a in ("--set", o)])
 
 
 def decode_split(corpus, split) -> str:
@@ -230,8 +230,8 @@ def test_bad_corpora_are_one_line_naming_the_culprit(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be, that is the question. " * 5)
     n_train = int(len(short.read_text()) * 0.9)
-    assert_one_line_error(gptzoo_cli("train", RECIPE, *set_args({**TINY,
-                                                                  "data.path": str(short)})),
+    assert_one_line_error(gptzoo_in_process("train", RECIPE, *set_args({**TINY,
+                                                                         "data.path": str(short)})),
                           str(short), "training split", f"has {n_train} tokens",
                           "trainer.batch_size x model.block_size + 1 = 8 x 32 + 1) = 257")
     unreadable = tmp_path / "tokenizer.json"
@@ -245,5 +245,5 @@ def test_resuming_with_another_tokenizer_is_refused(tmp_path, small_text):
     args = ["train", RECIPE, *set_args({**TINY, "trainer.max_steps": "5",
                                         "data.path": str(small_text)}), "--run-dir", run_dir]
     gptzoo_cli(*args, check=True)
-    assert_one_line_error(gptzoo_cli(*args, "--resume", "--set", "data.tokenizer=bytes"),
+    assert_one_line_error(gptzoo_in_process(*args, "--resume", "--set", "data.tokenizer=bytes"),
                           "tokenizer", "differs from the checkpoint's", "data.tokenizer")

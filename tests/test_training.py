@@ -78,17 +78,17 @@ def test_ctrl_c_makes_the_command_exit_130_after_saving(tmp_path, small_text):
     assert Checkpoints(tmp_path / "run").latest_step() is not None
 
 
-def test_eight_devices_step_equals_one_device(tmp_path, small_text):
-    args = ["train", RECIPE, *set_args({**TINY, "trainer.max_steps": "10",
-                                        "data.path": str(small_text)})]
-    one = gptzoo_cli(*args, "--run-dir", tmp_path / "one", check=True)
-    eight = gptzoo_cli(*args, "--run-dir", tmp_path / "eight", check=True,
+def test_eight_devices_step_equals_one_device(tmp_path, small_text, trained_run):
+    """The shared tiny run (one device) again on eight."""
+    eight = gptzoo_cli("train", RECIPE, *set_args({**TINY, "data.path": str(small_text)}),
+                       "--run-dir", tmp_path / "eight", check=True,
                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    assert "1 cpu device(s)" in one.stdout and "8 cpu device(s)" in eight.stdout
-    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "eight")
+    assert "8 cpu device(s)" in eight.stdout
+    a, b = read_metrics(trained_run), read_metrics(tmp_path / "eight")
+    assert len(a) == 6 and [r["step"] for r in a] == [r["step"] for r in b]
     np.testing.assert_allclose([r["train_loss"] for r in a], [r["train_loss"] for r in b],
                                rtol=1e-5)
-    model_a, _ = gptzoo.load(tmp_path / "one")
+    model_a, _ = gptzoo.load(trained_run)
     model_b, _ = gptzoo.load(tmp_path / "eight")
     for x, y in zip(jax.tree.leaves(eqx.filter(model_a, eqx.is_array)),
                     jax.tree.leaves(eqx.filter(model_b, eqx.is_array))):
