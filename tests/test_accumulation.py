@@ -40,6 +40,11 @@ def reference_steps(model, optimizer, batches):
     return eqx.combine(params, static), losses
 
 
+def mesh_of(batch_size: int):
+    """The default recipe's mesh (every device on `data`) for a global batch of `batch_size`."""
+    return make_mesh(gptzoo.load_recipe(RECIPE, {"trainer.batch_size": str(batch_size)}))
+
+
 @pytest.mark.parametrize("path,extra", [(RECIPE, {}), (PERCEIVER, {"model.n_latents": "4"})],
                          ids=["gpt2", "perceiver_ar"])
 def test_four_micro_batches_equal_one_step_on_the_whole_batch(path, extra):
@@ -48,7 +53,7 @@ def test_four_micro_batches_equal_one_step_on_the_whole_batch(path, extra):
     batches = jax.random.randint(jax.random.PRNGKey(1), (3, 16, 17), 0, 65)
     optimizer = optax.sgd(0.5)  # plain steps: the parameters show the gradients undistorted
     expected, losses = reference_steps(model, optimizer, batches)  # first: the chunk donates
-    chunk = make_train_chunk(optimizer, make_mesh(16), grad_accum_steps=4)
+    chunk = make_train_chunk(optimizer, mesh_of(16), grad_accum_steps=4)
     trained, _, stats = chunk((batches, jax.random.PRNGKey(2), jax.numpy.int32(0)),
                               model, optimizer.init(eqx.filter(model, eqx.is_array)))
     np.testing.assert_allclose(stats.loss, losses, rtol=1e-6)
@@ -58,7 +63,7 @@ def test_four_micro_batches_equal_one_step_on_the_whole_batch(path, extra):
 
 
 def test_a_micro_batch_that_does_not_split_over_the_shards_is_refused():
-    mesh = make_mesh(8)
+    mesh = mesh_of(8)
     check_micro_batches([8, 16], 2, batch_sharded(mesh))  # one device: any size splits
     with pytest.raises(GptzooError, match="trainer.grad_accum_steps"):
         gptzoo.load_recipe(RECIPE, {"trainer.batch_size": "12", "trainer.grad_accum_steps": "8"})
@@ -71,14 +76,14 @@ def test_micro_batches_spread_over_eight_devices_match_one_device():
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT / "tests")!r})
         import jax, numpy as np, optax, equinox as eqx, gptzoo
-        from test_accumulation import SMALL, reference_steps
+        from test_accumulation import SMALL, mesh_of, reference_steps
         from gptzoo.errors import GptzooError
         from gptzoo.trainer.accumulate import check_micro_batches
-        from gptzoo.trainer.sharding import batch_sharded, chunk_sharded, make_mesh
+        from gptzoo.trainer.sharding import batch_sharded, chunk_sharded
         from gptzoo.trainer.step import make_train_chunk
         assert len(jax.devices()) == 8
         model = gptzoo.load_recipe({str(RECIPE)!r}, SMALL).build(65, key=jax.random.PRNGKey(0))
-        mesh, optimizer = make_mesh(32), optax.sgd(0.5)
+        mesh, optimizer = mesh_of(32), optax.sgd(0.5)
         batches = jax.random.randint(jax.random.PRNGKey(1), (2, 32, 17), 0, 65)
         expected, losses = reference_steps(model, optimizer, batches)
         chunk = make_train_chunk(optimizer, mesh, grad_accum_steps=4)
