@@ -25,6 +25,11 @@ from gptzoo.errors import GptzooError
 from gptzoo.models.names import named_leaves, replace_arrays, shape_differences, shapes
 
 T = TypeVar("T")
+# Restores always name their shardings (`_abstract`), so orbax's `_sharding` metadata file is not
+# needed; for arrays on a mesh its writer runs on past a failed save and would recreate the
+# temporary folder that the failure handling below removed.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(enable_write_sharding_file=False), override=True)
 _SAVE_MARGIN_BYTES = 1_000_000  # orbax's metadata and the JSON record, with room to spare
 
 
