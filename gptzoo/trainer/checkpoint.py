@@ -9,6 +9,7 @@ process killed mid-save leaves a temporary folder that the next save of that ste
 complete folder that later became unreadable is skipped in favour of the newest readable one.
 """
 
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,14 @@ from gptzoo.models.names import named_leaves, replace_arrays, shape_differences,
 from gptzoo.nn.stack import same_layout, stacked, unstacked
 
 T = TypeVar("T")
+# Restores always name their shardings (`_abstract`), so orbax's `_sharding` metadata file is not
+# needed; for arrays on a mesh its writer runs on past a failed save and would recreate the
+# temporary folder that the failure handling below removed.
+_absl, _level = logging.getLogger("absl"), logging.getLogger("absl").level
+_absl.setLevel(logging.ERROR)  # the override is deliberate: no "overriding jax.Array" warning
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(enable_write_sharding_file=False), override=True)
+_absl.setLevel(_level)
 _SAVE_MARGIN_BYTES = 1_000_000  # orbax's metadata and the JSON record, with room to spare
 
 
