@@ -17,6 +17,7 @@ import gptzoo
 from gptzoo import nn
 from gptzoo.data import all_windows, prepare_corpus
 from gptzoo.models import PerceiverAR, perceiver_ar
+from gptzoo.nn.stack import same_layout, unstacked
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "perceiver_ar_shakespeare.py"
 BLOCK, LATENTS, VOCAB = 24, 8, 11
@@ -56,7 +57,8 @@ def model() -> PerceiverAR:
     """Weights drawn large, so any dependence on a token shows well above float32 noise."""
     model = perceiver_ar(VOCAB, n_layers=2, n_heads=2, d_model=16, block_size=BLOCK,
                          n_latents=LATENTS, tie_head=False, key=jax.random.PRNGKey(0))
-    return randomize(model, jax.random.PRNGKey(1), scale=0.3)
+    # Drawn per layer, then stacked again: the same weights whether its blocks are scanned or not.
+    return same_layout(model, randomize(unstacked(model), jax.random.PRNGKey(1), scale=0.3))
 
 
 # Cross-attention

@@ -249,7 +249,7 @@ def test_gpt_adds_head_qk_logits_and_stays_causal():
 
 def linear_weights(model):
     return {jax.tree_util.keystr(path): f64(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(model)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unstacked(model))
             if jax.tree_util.keystr(path).endswith(".weight") and leaf.ndim == 2
             and "embedding" not in jax.tree_util.keystr(path)}
 
