@@ -25,10 +25,15 @@ def accumulated_grad(loss_sum, params, batch: Int[Array, "batch ..."], steps: in
     accumulate in float32 over the micro-batches and are divided by the total token count at the
     end, so the result equals one pass over the whole batch. `sharding` is the batch's; micro-batch
     `j`'s dropout key is `fold_in(key, j)`."""
+    value_and_grad = eqx.filter_value_and_grad(loss_sum, has_aux=True)
+    if steps == 1:  # no loop, no zero-filled accumulators: the common case stays a plain step
+        (total, count), grads = value_and_grad(params, batch, jax.random.fold_in(key, 0))
+        count = jnp.float32(count)
+        return total.astype(jnp.float32) / count, jax.tree.map(
+            lambda g: g.astype(jnp.float32) / count, grads)
     micro = jnp.swapaxes(batch.reshape(batch.shape[0] // steps, steps, *batch.shape[1:]), 0, 1)
     micro = jax.lax.with_sharding_constraint(
         micro, NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec)))
-    value_and_grad = eqx.filter_value_and_grad(loss_sum, has_aux=True)
 
     def one(carry, xs):
         total, count, grads = carry
