@@ -13,8 +13,11 @@ TEST = (".[test]", "torch==2.13.0")
 
 @nox.session
 def tests(session):
+    # One worker per core, a test file per worker: XLA compiles the suite's many small programs
+    # on one thread each, so two files run side by side nearly double the pace on two cores.
     session.install("-e", *TEST)
-    session.run("pytest", "-q", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
+    session.run("pytest", "-q", "-n", "auto", "--dist", "loadfile", *session.posargs,
+                env={"JAX_PLATFORMS": "cpu"})
 
 
 @nox.session

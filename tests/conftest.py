@@ -1,4 +1,5 @@
 import atexit
+import gc
 import logging
 import os
 import shutil
@@ -26,6 +27,9 @@ atexit.register(shutil.rmtree, _JAX_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_e
 os.environ.update(_JAX_CACHE)
 for _name, _value in _JAX_CACHE.items():  # jax read its environment when it was imported
     jax.config.update(_name.lower(), _value if _name.endswith("DIR") else int(_value))
+
+# pytest-xdist's workers ignore SIGINT; the Ctrl-C tests need a Python process's own handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "char_shakespeare.py"
@@ -70,6 +74,17 @@ def gptzoo_in_process(*args) -> subprocess.CompletedProcess:
     finally:
         absl.setLevel(level)
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_jax_caches():
+    """Empty JAX's in-memory caches after each test file. Every program compiled stays cached,
+    holding a few memory maps of machine code: one process compiling the whole suite's programs
+    passes the kernel's limit of 65,530 maps (vm.max_map_count) after ~20 minutes and XLA aborts.
+    A program a later file compiles again comes back from the persistent cache above."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session", autouse=True)

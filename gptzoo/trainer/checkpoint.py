@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(enable_write_sharding_file=False), override=True)
 _absl.setLevel(_level)
 _SAVE_MARGIN_BYTES = 1_000_000  # orbax's metadata and the JSON record, with room to spare
+_PARTIAL_SETTLE_TRIES, _PARTIAL_SETTLE_SECONDS = 20, 0.1  # at most ~2 s after a failed save
 
 
 class UnreadableCheckpoint(GptzooError):
@@ -106,10 +108,23 @@ class Checkpoints:
                 self.manager.wait_until_finished()
             except Exception:  # noqa: BLE001, S110 - the first error is the one reported
                 pass
-            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
+            self._remove_partial(step)
             self.manager.reload()
             self._failed(step, _reason(e), e)
+
+    def _remove_partial(self, step: int) -> None:
+        """Remove what a failed save of `step` wrote. When one array's write fails, tensorstore's
+        threads may still finish the others and recreate the folder after it is removed, so it
+        is removed until it stays gone for a moment (a leftover would not be trusted anyway:
+        orbax lists only renamed folders)."""
+        for _ in range(_PARTIAL_SETTLE_TRIES):
+            partials = list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+            if not partials:
+                time.sleep(_PARTIAL_SETTLE_SECONDS)
+                if not any(self.directory.glob(f"{step}.orbax-checkpoint-tmp*")):
+                    return
+            for partial in partials:
+                shutil.rmtree(partial, ignore_errors=True)
 
     def _failed(self, step: int, reason: str, cause: Exception | None = None):
         earlier = self.manager.latest_step()
