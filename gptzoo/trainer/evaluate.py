@@ -50,7 +50,7 @@ def evaluate(model, tokens, block_size: int, batch_size: int = 64,
         inputs, targets, mask = eval_windows(tokens, block_size, n_predicted, first, batch_size)
         if mesh is not None:
             inputs, targets, mask = jax.device_put((inputs, targets, mask), batch_sharded(mesh))
-        total += float(masked_loss_sum(model, inputs, targets, mask))
+        total += float(masked_loss_sum(model, inputs, targets, mask, mesh))
         n_tokens += int(mask.sum())
     return EvalResult(loss=total / n_tokens, n_tokens=n_tokens, bytes_per_token=bytes_per_token)
 
