@@ -8,11 +8,12 @@ of meshes (as levanter's axis mappings and MaxText's logical axis rules do for a
 
 Why constrain at all: XLA propagates shardings from the placed inputs (the batch, the weights)
 through the computation, but between a block's output and the next block's input it may settle
-on a layout other than the intended one, e.g. under tensor parallelism a residual stream split
-over `tensor` or `fsdp` like the weights that produced it, followed by collectives to undo it. A
-constraint at each block boundary pins the residual stream where the rule says (under the
-trainer's: the batch over `data` x `fsdp`, everything else whole) and gives XLA a fixed point to
-propagate from in every layer.
+on a layout other than the intended one: with weights split over `fsdp` (and `tensor`) it splits
+the residual stream like the weights that produced it and adds collectives to undo that (several
+times the all-gathers in the compiled step: `bench/bench_collectives.py`). A constraint at each
+block boundary pins the residual stream where the rule says (under the trainer's: the batch over
+`data` x `fsdp`, everything else whole) and gives XLA a fixed point to propagate from in every
+layer.
 """
 
 import contextlib
