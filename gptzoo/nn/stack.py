@@ -5,6 +5,10 @@ rather than `n_layers` of them, and can rematerialise each block's activations i
 pass (`remat`) to trade compute for memory. Its parameter paths are the block's with `layers.`
 in front, e.g. `blocks.layers.attention.qkv.weight` of shape `(n_layers, ...)`.
 
+Between blocks the residual stream is `constrain`ed to the logical axes `("batch", "seq",
+"embed")`, so a trainer that installs an activation rule pins its layout at every block boundary,
+scanned or not (see `gptzoo.nn.activation_sharding`); without a rule this costs nothing.
+
 Weights exchanged by name (checkpoints of the other layout, Hugging Face files, `--init-from`)
 use per-layer names, `blocks.3.attention.qkv.weight`: `unstacked` gives any model that view and
 `same_layout` takes it back.
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.activation_sharding import constrain
 
 # jax.checkpoint_policies' other members (save_*, offload_*) build a policy from arguments.
 REMAT_POLICIES = ("none", "full", *sorted(
@@ -84,7 +89,7 @@ class Stack(eqx.Module):
             return eqx.combine(params, static)(x, key=key)
 
         layer = self._checkpointed(layer)
-        x, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs), None), x, (params, keys))
+        x, _ = jax.lax.scan(lambda x, xs: (residual(layer(x, *xs)), None), x, (params, keys))
         return x
 
     def decode(self, x: Float[Array, "seq d_model"], positions: Int[Array, " seq"], cache):
@@ -140,8 +145,19 @@ def run_blocks(blocks: "Stack | tuple", x: Array, *, key: PRNGKeyArray | None = 
         return blocks(x, key=key)
     keys = [None] * len(blocks) if key is None else jax.random.split(key, len(blocks))
     for block, block_key in zip(blocks, keys):
-        x = block(x, key=block_key)
+        x = residual(block(x, key=block_key))
     return x
+
+
+def residual(x: Float[Array, "*batch seq d_model"]) -> Float[Array, "*batch seq d_model"]:
+    """The residual stream between two blocks, constrained by its logical axes when an
+    activation rule is installed. One example's `(seq, d_model)` gets `("seq", "embed")`: under
+    `jax.vmap` over examples the mapped batch dimension is left unconstrained, not replicated.
+    More than one batch dimension is left alone. Not used in the KV-cached decode, which runs
+    per example outside any rule."""
+    if x.ndim not in (2, 3):
+        return x
+    return constrain(x, ("batch", "seq", "embed")[-x.ndim:])
 
 
 def decode_blocks(blocks: "Stack | tuple", x: Array, positions: Array, cache):

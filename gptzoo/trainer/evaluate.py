@@ -36,7 +36,8 @@ def evaluate(model, tokens, block_size: int, batch_size: int = 64,
     exactly once, read `batch_size` windows at a time.
 
     With a `mesh` (and `model` placed on it, as the trainer does), each batch of windows is split
-    over its `data` x `fsdp` devices, `batch_size` rounded up to a multiple of them.
+    over its `data` x `fsdp` devices, `batch_size` rounded up to a multiple of them, and the
+    residual stream between blocks is constrained as in training.
 
     Windows step by the number of positions the model predicts, all of `block_size` for a GPT,
     the latents for Perceiver AR, so each token is predicted with up to `block_size` of context.
@@ -50,7 +51,7 @@ def evaluate(model, tokens, block_size: int, batch_size: int = 64,
         inputs, targets, mask = eval_windows(tokens, block_size, n_predicted, first, batch_size)
         if mesh is not None:
             inputs, targets, mask = jax.device_put((inputs, targets, mask), batch_sharded(mesh))
-        total += float(masked_loss_sum(model, inputs, targets, mask))
+        total += float(masked_loss_sum(model, inputs, targets, mask, mesh))
         n_tokens += int(mask.sum())
     return EvalResult(loss=total / n_tokens, n_tokens=n_tokens, bytes_per_token=bytes_per_token)
 

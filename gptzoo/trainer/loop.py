@@ -187,7 +187,7 @@ def _validation_estimate(model, p: Prepared, step: int, eval_steps: int) -> dict
     """`val_loss` and `val_bpb` on `eval_steps` batches of the validation split, different at
     each evaluation step and the same in a resumed run."""
     batches = p.val_batches.on_devices(step * eval_steps, eval_steps, chunk_sharded(p.mesh))
-    loss = float(estimate_loss(model, batches))
+    loss = float(estimate_loss(model, batches, p.mesh))
     return {"val_loss": loss, "val_bpb": _bits_per_byte(loss, p.corpus)}
 
 

@@ -6,10 +6,14 @@ according to their logical axes (`gptzoo.models.axes`) by `RULES`: FSDP shards t
 (XLA gathers each weight where the step uses it and reduce-scatters its gradient), tensor
 parallelism splits attention heads and the MLP's hidden units over `tensor` (column-split in,
 row-split out, as in Megatron-LM). A parameter without logical axes is replicated.
+
+Activations are placed by logical axis too (`activation_rule`, installed inside the jitted step and
+evaluation): the residual stream between blocks has its batch over `data` x `fsdp` and is whole
+along its positions and width.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -32,6 +36,13 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
 }
+
+
+# Logical activation axis -> mesh axes (`gptzoo.nn.activation_sharding`); one not listed (`seq`,
+# `embed`) is never split. So the residual stream is replicated over `tensor`, as Megatron-LM
+# keeps it between its column- and row-split layers, and not split over `fsdp` beyond the batch:
+# FSDP splits weights, not activations.
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": BATCH}
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -148,6 +159,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     """A batch `(batch, ...)` split over `data` x `fsdp`."""
     return NamedSharding(mesh, PartitionSpec(BATCH))
+
+
+def activation_rule(mesh: Mesh) -> Callable[[tuple[str | None, ...]], NamedSharding]:
+    """The rule to install with `gptzoo.nn.activation_sharding.activation_sharding` for a step on
+    `mesh`: logical activation axes to a `NamedSharding` by `ACTIVATION_RULES`."""
+
+    def rule(axes: tuple[str | None, ...]) -> NamedSharding:
+        return NamedSharding(mesh, PartitionSpec(*(ACTIVATION_RULES.get(a) for a in axes)))
+
+    return rule
 
 
 def chunk_sharded(mesh: Mesh) -> NamedSharding:

@@ -11,9 +11,10 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from gptzoo.nn.activation_sharding import activation_sharding
 from gptzoo.trainer.accumulate import accumulated_grad
 from gptzoo.trainer.precision import in_compute_dtype
-from gptzoo.trainer.sharding import batch_sharded, shard
+from gptzoo.trainer.sharding import activation_rule, batch_sharded, shard
 
 
 def loss_fn(model, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
@@ -101,26 +102,38 @@ def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, *,
             return shard((params, opt_state), mesh), StepStats(loss, grad_norm, finite)
 
         steps = start + jnp.arange(batches.shape[0])
-        (params, opt_state), stats = jax.lax.scan(step, (params, opt_state), (steps, batches))
+        with activations_on(mesh):  # the rule is read while this traces
+            (params, opt_state), stats = jax.lax.scan(step, (params, opt_state),
+                                                      (steps, batches))
         params, opt_state = shard((params, opt_state), mesh)  # else XLA picks the outputs'
         return eqx.combine(params, static), opt_state, stats
 
     return train_chunk
 
 
+def activations_on(mesh: Mesh | None):
+    """A context that, while a step or evaluation on `mesh` traces, constrains the residual stream
+    between blocks by the trainer's activation rule (`activation_rule`); none without a mesh."""
+    return activation_sharding(None if mesh is None else activation_rule(mesh))
+
+
 @eqx.filter_jit
-def estimate_loss(model, batches: Int[Array, "n batch block_plus_1"]) -> Float[Array, ""]:
-    """Mean loss over a stack of batches (dropout off): the in-training eval."""
+def estimate_loss(model, batches: Int[Array, "n batch block_plus_1"],
+                  mesh: Mesh | None = None) -> Float[Array, ""]:
+    """Mean loss over a stack of batches (dropout off): the in-training eval, its activations
+    placed on `mesh` as the training step's are."""
 
     def one(_, batch):
         return None, loss_fn(model, batch[:, :-1], batch[:, 1:])
 
-    _, losses = jax.lax.scan(one, None, batches)
+    with activations_on(mesh):
+        _, losses = jax.lax.scan(one, None, batches)
     return losses.mean()
 
 
 @eqx.filter_jit
-def masked_loss_sum(model, inputs, targets, mask):
-    logits = model(inputs)
+def masked_loss_sum(model, inputs, targets, mask, mesh: Mesh | None = None):
+    with activations_on(mesh):
+        logits = model(inputs)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, predicted(targets, logits))
     return jnp.where(predicted(mask, logits), losses, 0.0).sum()
