@@ -155,6 +155,25 @@ def attention_micro(shape: tuple[int, int, int, int], rounds: int) -> dict:
     return {name: statistics.median(t) for name, t in ms.items()}
 
 
+def matmul_micro(m: int, k: int, n: int, rounds: int) -> dict:
+    """GFLOP/s of one float32 (m, k) @ (k, n) product in XLA and in torch, interleaved rounds:
+    how far the training step is from its matrix products alone."""
+    import numpy as np
+    import torch
+
+    a, b = (np.random.default_rng(0).standard_normal(s, np.float32) for s in [(m, k), (k, n)])
+    xla_matmul, xa, xb = jax.jit(jnp.matmul), jnp.asarray(a), jnp.asarray(b)
+    runs = {"xla": lambda: jax.block_until_ready(xla_matmul(xa, xb)),
+            "torch": functools.partial(torch.matmul, torch.from_numpy(a), torch.from_numpy(b))}
+    seconds = {name: [] for name in runs}
+    for _ in range(rounds + 1):  # the first round compiles and warms up
+        for name, run in runs.items():
+            clock = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - clock)
+    return {name: 2 * m * k * n / statistics.median(s[1:]) / 1e9 for name, s in seconds.items()}
+
+
 def print_table(rows: dict[str, dict]) -> None:
     formats = {"params": "{:,}", "steps/call": "{}", "compile s": "{:.1f}", "ms/step med": "{:.1f}",
                "ms/step min": "{:.1f}", "tok/s med": "{:,.0f}", "tok/s best": "{:,.0f}",
@@ -212,6 +231,11 @@ def main() -> None:
     for shape in [(12, 64, 4, 32), (8, 256, 6, 64)]:
         print(f"batch, seq, heads, head_dim {shape}: " + ", ".join(
             f"{k} {v:.1f}" for k, v in attention_micro(shape, rounds).items()))
+    print(f"\nfloat32 matrix products of the 6x384 shape's step (2,048 rows), GFLOP/s, "
+          f"medians of {rounds} rounds")
+    for shape in [(2048, 384, 1152), (2048, 384, 1536), (2048, 1536, 384)]:
+        print(f"{' x '.join(map(str, shape))}: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in matmul_micro(*shape, 5 * rounds).items()))
     for name, recipe in recipes.items():
         if recipe.trainer.steps_per_call > recipe.trainer.log_interval:
             print(f"note ({name}): training also ends a chunk every trainer.log_interval="

@@ -57,9 +57,10 @@ def test_arrays_are_restored_by_name_not_by_position(tmp_path):
 
 
 def test_module_paths_name_the_arrays():
-    model = gptzoo.load_recipe(RECIPE, TINY).build(65, key=jax.random.PRNGKey(0))
+    scanned = {**TINY, "model.scan_layers": "true"}
+    model = gptzoo.load_recipe(RECIPE, scanned).build(65, key=jax.random.PRNGKey(0))
     names = named_arrays(model)
-    # The recipe's identical blocks are one Stack: each parameter has a leading layer axis.
+    # Scanned, identical blocks are one Stack: each parameter has a leading layer axis.
     assert names["blocks.layers.attention.qkv.weight"].shape == (1, 32, 96)
     assert "token_embedding.weight" in names
 
@@ -146,9 +147,9 @@ def test_resume_names_the_parameters_a_changed_recipe_builds(tmp_path, trained_r
     recipe.name = "char_shakespeare"
     with pytest.raises(GptzooError) as error:
         gptzoo.train(recipe, run_dir=copy_run(trained_run, tmp_path), resume=True)
-    # Stacked layers: the layer axis of every block parameter differs.
-    assert ("does not fit the recipe: checkpoint has blocks.layers.attention.out.bias (1, 32); "
-            "the recipe builds (2, 32)") in str(error.value)
+    # Unrolled layers (the recipe's on CPU): the second block's parameters are named.
+    assert "does not fit the recipe" in str(error.value)
+    assert "recipe builds blocks.1.attention.qkv.bias (96,), checkpoint lacks it" in str(error.value)
 
 
 def test_a_second_ctrl_c_stops_at_once_and_leaves_a_resumable_run(tmp_path, small_text):

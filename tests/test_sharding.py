@@ -93,7 +93,9 @@ def test_the_rules_split_heads_and_mlp_over_tensor_and_the_rest_over_fsdp():
 MESHES = {"data8": (8, 1, 1), "data2_fsdp4": (2, 4, 1), "data2_tensor4": (2, 1, 4),
           "fsdp2_tensor4": (1, 2, 4)}
 EVALUATED = ("one", "fsdp2_tensor4")  # its mesh does not fit one device: eval falls back
-RUN = {**TINY, "model.n_heads": "4", "trainer.max_steps": "10", "trainer.log_interval": "1",
+# Scanned layers (the recipe unrolls them on CPU): the layout a many-device run would use.
+RUN = {**TINY, "model.n_heads": "4", "model.scan_layers": "true", "trainer.max_steps": "10",
+       "trainer.log_interval": "1",
        "trainer.checkpoint_interval": "5", "trainer.eval_interval": "10"}
 
 # Runs in a subprocess with eight CPU devices: every mesh of MESHES, then the one-device run's
