@@ -69,6 +69,7 @@ def test_a_micro_batch_that_does_not_split_over_the_shards_is_refused():
         gptzoo.load_recipe(RECIPE, {"trainer.batch_size": "12", "trainer.grad_accum_steps": "8"})
 
 
+@pytest.mark.dist  # eight devices: nox -s dist
 def test_micro_batches_spread_over_eight_devices_match_one_device():
     """On 8 devices a global batch of 32 in 4 micro-batches puts 1 row of each micro-batch on
     every device; the step equals the single-device reference, and a micro-batch of 4 rows

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from conftest import RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
 
 import gptzoo
@@ -78,6 +79,7 @@ def test_ctrl_c_makes_the_command_exit_130_after_saving(tmp_path, small_text):
     assert Checkpoints(tmp_path / "run").latest_step() is not None
 
 
+@pytest.mark.dist  # eight devices: nox -s dist
 def test_eight_devices_step_equals_one_device(tmp_path, small_text, trained_run):
     """The shared tiny run (one device) again on eight."""
     eight = gptzoo_cli("train", RECIPE, *set_args({**TINY, "data.path": str(small_text)}),

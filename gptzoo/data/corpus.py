@@ -17,6 +17,7 @@ import glob
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import re
 import shutil
@@ -59,6 +60,14 @@ class Piece:
     new_document: bool
 
 
+def _random_access_map(path: Path) -> mmap.mmap:
+    """A shard file mapped read-only, advised that it is read at random places (no readahead)."""
+    with path.open("rb") as f:
+        pages = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    pages.madvise(mmap.MADV_RANDOM)
+    return pages
+
+
 class TokenSplit:
     """One split's tokens across its shard files, read through memory maps, never all loaded.
 
@@ -66,7 +75,8 @@ class TokenSplit:
     """
 
     def __init__(self, folder: Path, info: dict, dtype: str, name: str, source: str):
-        self.maps = [np.memmap(folder / s["file"], dtype=dtype, mode="r") for s in info["shards"]]
+        self.pages = [_random_access_map(folder / s["file"]) for s in info["shards"]]
+        self.maps = [np.frombuffer(pages, dtype=dtype) for pages in self.pages]
         self.offsets = np.cumsum([0] + [len(m) for m in self.maps])
         self.n_bytes = info["bytes"]
         self.name, self.source = name, source  # for error messages
@@ -81,12 +91,15 @@ class TokenSplit:
     def __getitem__(self, index: slice) -> Int[np.ndarray, " n"]:
         start, stop, _ = index.indices(len(self))
         parts, shard = [], int(np.searchsorted(self.offsets, start, side="right")) - 1
+        first = shard
         while start < stop:
             local = start - self.offsets[shard]
             part = self.maps[shard][local: min(stop - self.offsets[shard], len(self.maps[shard]))]
             parts.append(part)
             start, shard = start + len(part), shard + 1
-        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+        tokens = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+        self._release(range(first, shard))
+        return tokens
 
     def windows(self, starts: Int[np.ndarray, " rows"], length: int) -> Int[np.ndarray, "rows n"]:
         """The `length` tokens from each of `starts`: one gather per shard, the rare window that
@@ -100,7 +113,16 @@ class TokenSplit:
             out[rows[inside]] = self.maps[shard][local[inside, None] + np.arange(length)]
             for row in rows[~inside]:
                 out[row] = self[starts[row]: starts[row] + length]
+        self._release(np.unique(shard_of))
         return out
+
+    def _release(self, shards) -> None:
+        """Unmap the pages just copied out. The kernel maps file pages around each one read
+        (fault-around), and they stay counted in the process's resident memory: 200 steps of
+        random windows from a 2 GB corpus grew it by ~0.6 GB. Released, they stay in the page
+        cache for the next read, and the process holds only what it is using."""
+        for shard in shards:
+            self.pages[shard].madvise(mmap.MADV_DONTNEED)
 
     def require(self, n_tokens: int, what: str) -> None:
         if len(self) < n_tokens:
