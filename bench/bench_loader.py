@@ -47,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions (a smoke test)")
     parser.add_argument("--steps-per-call", type=int, help="override trainer.steps_per_call")
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of the two ways")
+    parser.add_argument("--chunks", type=int, default=30, help="timed chunks per way and round")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     overrides = parse_overrides(args.set)
@@ -54,7 +56,7 @@ def main() -> None:
         overrides["trainer.steps_per_call"] = str(args.steps_per_call)
     recipe = load_recipe(RECIPE, overrides)
     cfg, block_size = recipe.trainer, recipe.model.block_size
-    rounds, chunks = (2, 3) if args.quick else (5, 30)
+    rounds, chunks = (2, 3) if args.quick else (args.rounds, args.chunks)
     p = prepare(recipe)
     model, opt_state = eqx.filter_shard((p.model, p.opt_state), replicated(p.mesh))
     corpus_on_device = jax.device_put(p.corpus.train[0:len(p.corpus.train)], replicated(p.mesh))
