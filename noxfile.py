@@ -24,7 +24,7 @@ def tests(session):
 def dist(session):
     """Multi-device and multi-process tests (a few minutes): meshes of fake CPU devices against
     one device, two-process training."""
-    session.install("-e", ".[test]")
+    session.install("-e", *TEST)
     session.run("pytest", "-q", "-m", "dist", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
 
 
