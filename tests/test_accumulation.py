@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import RECIPE, ROOT
+from conftest import EIGHT_DEVICES, RECIPE, ROOT
 
 import gptzoo
 from gptzoo.errors import GptzooError
@@ -100,7 +100,7 @@ def test_micro_batches_spread_over_eight_devices_match_one_device():
         except GptzooError as e:
             print("refused:", e)
     """)
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**EIGHT_DEVICES, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

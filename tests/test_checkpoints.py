@@ -149,7 +149,8 @@ def test_resume_names_the_parameters_a_changed_recipe_builds(tmp_path, trained_r
         gptzoo.train(recipe, run_dir=copy_run(trained_run, tmp_path), resume=True)
     # Unrolled layers (the recipe's on CPU): the second block's parameters are named.
     assert "does not fit the recipe" in str(error.value)
-    assert "recipe builds blocks.1.attention.qkv.bias (96,), checkpoint lacks it" in str(error.value)
+    assert ("recipe builds blocks.1.attention.qkv.bias (96,), checkpoint lacks it"
+            in str(error.value))
 
 
 def test_a_second_ctrl_c_stops_at_once_and_leaves_a_resumable_run(tmp_path, small_text):

@@ -4,7 +4,15 @@ import re
 import shutil
 
 import pytest
-from conftest import RECIPE, TINY, gptzoo_cli, gptzoo_in_process, loss_window_by_window, set_args
+from conftest import (
+    EIGHT_DEVICES,
+    RECIPE,
+    TINY,
+    gptzoo_cli,
+    gptzoo_in_process,
+    loss_window_by_window,
+    set_args,
+)
 
 import gptzoo
 
@@ -187,7 +195,7 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(tmp_path, small
     result = gptzoo_cli("train", RECIPE, *set_args({**TINY, "trainer.batch_size": "12",
                                                     "data.path": str(small_text)}),
                         "--run-dir", tmp_path / "run",
-                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                        env=EIGHT_DEVICES)
     assert_one_line_error(result, "trainer.batch_size=12 does not split over 8 devices",
                           "use a multiple of 8")
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step

@@ -11,7 +11,7 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
-from conftest import RECIPE, ROOT, TINY, gptzoo_cli, set_args
+from conftest import EIGHT_DEVICES, RECIPE, ROOT, TINY, gptzoo_cli, set_args
 from jax.sharding import AbstractMesh, PartitionSpec
 
 import gptzoo
@@ -152,8 +152,7 @@ def eight_devices(tmp_path_factory, small_text):
         [sys.executable, "-c", _ON_EIGHT_DEVICES, str(root), json.dumps(run), json.dumps(MESHES),
          str(back), str(RECIPE), json.dumps(EVALUATED)],
         capture_output=True, text=True, cwd=ROOT, timeout=1800,
-        env={**os.environ, "JAX_PLATFORMS": "cpu",
-             "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **EIGHT_DEVICES})
     assert eight.returncode == 0, eight.stderr[-3000:]
     there = _without_last_checkpoint(root / "data2_fsdp4", root / "eight_to_one")
     gptzoo_cli("train", RECIPE, *set_args(run), "--run-dir", there, "--resume", check=True)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
+from conftest import EIGHT_DEVICES, RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
 
 import gptzoo
 from gptzoo.recipe import OptimizerConfig
@@ -35,6 +35,7 @@ def test_loss_goes_down_and_metrics_are_logged(tmp_path, small_text):
     assert records[0]["tokens_per_sec"] is None  # the first chunk compiled: not steady state
     assert any(r["tokens_per_sec"] for r in records)
     assert result.val_loss < 3.5 and not result.interrupted
+    assert result.val_bpb == pytest.approx(result.val_loss / np.log(2))  # ASCII: a byte a token
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert saved["trainer"]["max_steps"] == 60 and saved["model"]["d_model"] == 32
 
@@ -84,7 +85,7 @@ def test_eight_devices_step_equals_one_device(tmp_path, small_text, trained_run)
     """The shared tiny run (one device) again on eight."""
     eight = gptzoo_cli("train", RECIPE, *set_args({**TINY, "data.path": str(small_text)}),
                        "--run-dir", tmp_path / "eight", check=True,
-                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                       env=EIGHT_DEVICES)
     assert "8 cpu device(s)" in eight.stdout
     a, b = read_metrics(trained_run), read_metrics(tmp_path / "eight")
     assert len(a) == 6 and [r["step"] for r in a] == [r["step"] for r in b]

@@ -69,6 +69,18 @@ def test_records_carry_wall_time_and_the_run_its_status(trained_run):
     assert done["wall_time"] >= times[-1] and done["val_loss"] < 4.2
 
 
+def test_the_tensorboard_sink_does_not_import_torch(tmp_path):
+    """tensorboardX would import torch (seconds) whenever it is installed, as it is here."""
+    script = ("import sys; from pathlib import Path; from gptzoo.trainer.sinks import "
+              "TensorBoardSink; TensorBoardSink(Path(sys.argv[1]), None).close(); "
+              "import importlib.util; assert importlib.util.find_spec('torch'); "
+              "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
 def test_resume_continues_wall_time_and_tensorboard_keeps_one_value_per_step(resumed_run):
     run_dir, before = resumed_run
     after = records(run_dir)

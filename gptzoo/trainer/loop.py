@@ -40,6 +40,7 @@ class TrainResult:
     step: int
     val_loss: float | None  # over the whole validation split; None if interrupted
     interrupted: bool
+    val_bpb: float | None = None  # the same in bits per UTF-8 byte: comparable across tokenizers
 
 
 @dataclass
@@ -211,7 +212,8 @@ def _finish(run: _Run, p: Prepared, model, step: int, interrupted: bool, reporte
     reporter.print(f"final val loss {result.loss:.4f} ({result.bits_per_token:.4f} bits/token, "
                    f"{result.bits_per_byte:.4f} bits/byte) over the whole validation split "
                    f"({result.n_tokens:,} tokens)")
-    return TrainResult(model, p.tokenizer, run.run_dir, step, result.loss, False)
+    return TrainResult(model, p.tokenizer, run.run_dir, step, result.loss, False,
+                       result.bits_per_byte)
 
 
 def _bits_per_byte(loss: float, corpus: Corpus) -> float:

@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import socket
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,8 +73,7 @@ class TensorBoardSink:
     follows the run live and a killed run keeps all it logged."""
 
     def __init__(self, run_dir: Path, resume_step: int | None):
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         # A resumed run re-logs the steps past its checkpoint: purge_step tells TensorBoard to drop
         # the older events from that step on, as MetricsLog drops those records.
         purge = None if resume_step is None else resume_step + 1
@@ -86,6 +86,21 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's writer imports torch where it is installed (about 4 s) only to accept its
+    tensors; the sink writes floats, so torch is hidden while the writer loads, unless something
+    in this process has imported it already."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class WandbSink:
