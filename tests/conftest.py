@@ -30,14 +30,22 @@ for _name, _value in _JAX_CACHE.items():  # jax read its environment when it was
 
 # The suite compiles hundreds of small programs and runs most of them for moments, so compiling
 # is most of its time. These flags skip LLVM's optimisation passes and XLA's fusion emitters (a
-# sampling test measured 16 s -> 7 s; steps run up to 3x slower, which the suite's few hundred
-# tiny steps hardly notice). Children inherit them; XLA reads them when JAX first starts a
-# backend, after this file is imported. What the tests check does not depend on them.
+# sampling test measured 16 s -> 7 s, the whole suite 19 -> 8 min; steps run up to 3x slower,
+# which its few hundred tiny steps hardly notice). What the tests check does not depend on them.
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                 "--xla_cpu_use_fusion_emitters=false")
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}"
 # For the CLI subprocesses that must see eight devices (a mesh of fake CPU devices).
-EIGHT_DEVICES = {"XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8"}
+EIGHT_DEVICES = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE} "
+                              "--xla_force_host_platform_device_count=8"}
+
+
+def pytest_configure(config):
+    """Fast compilation for this process and its children (XLA reads the flags when JAX first
+    starts a backend, after this), except in `nox -s slow`: full-length trainings, all run time."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if config.getoption("markexpr") != "slow" and FAST_COMPILE not in flags:  # xdist: inherited
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE}"
+
 
 # pytest-xdist's workers ignore SIGINT; the Ctrl-C tests need a Python process's own handler.
 signal.signal(signal.SIGINT, signal.default_int_handler)
