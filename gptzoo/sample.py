@@ -233,8 +233,8 @@ def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
         return
     # Decoding scanned blocks writes every layer's whole cache out of the scan at every token;
     # written out, each block updates its cache in place: 111 -> 144 tokens/s at batch 1 and
-    # 151 -> 391 at batch 8 (6 x 384 char model, 2-core CPU). The price: a per-layer copy of the
-    # weights while generating.
+    # 151 -> 391 at batch 8 (6 x 384 char model, 2-core CPU). The price: the stacked weights copied
+    # into per-layer arrays while generating.
     model = unstacked(model)
     # Batches padded to a power of two (with copies of the first row) share compilations.
     n_rows = len(prompts)
