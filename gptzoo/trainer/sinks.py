@@ -92,14 +92,14 @@ def _summary_writer_class():
     """tensorboardX's writer imports torch where it is installed (about 4 s) only to accept its
     tensors; the sink writes floats, so torch is hidden while the writer loads, unless something
     in this process has imported it already."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if hide_torch:
+            del sys.modules["torch"]
     return SummaryWriter
 
 
