@@ -7,11 +7,33 @@
     print(gptzoo.generate(model, tokenizer, "ROMEO:", max_new_tokens=100))
 """
 
-from gptzoo.errors import GptzooError
-from gptzoo.recipe import Recipe, load_recipe
-from gptzoo.sample import generate, stream
-from gptzoo.trainer import evaluate, load, train
+import importlib
+from typing import TYPE_CHECKING
 
+from gptzoo.errors import GptzooError
+
+# Each name is imported on first use, so that `gptzoo sample` starts without importing the
+# training loop (its progress display and metrics sinks), and `import gptzoo.nn` without the rest.
+_EXPORTS = {
+    "Recipe": "gptzoo.recipe", "load_recipe": "gptzoo.recipe", "generate": "gptzoo.sample",
+    "stream": "gptzoo.sample", "evaluate": "gptzoo.trainer.evaluate",
+    "load": "gptzoo.trainer.checkpoint", "train": "gptzoo.trainer.loop",
+}
 __all__ = [
     "GptzooError", "Recipe", "evaluate", "generate", "load", "load_recipe", "stream", "train",
 ]
+
+if TYPE_CHECKING:
+    from gptzoo.recipe import Recipe, load_recipe
+    from gptzoo.sample import generate, stream
+    from gptzoo.trainer import evaluate, load, train
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gptzoo' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -38,6 +38,15 @@ def sample_logits(logits: Float[Array, " vocab"], key: PRNGKeyArray, temperature
                   top_k: int | None = None, top_p: float | None = None) -> Int[Array, ""]:
     """Greedy when `temperature == 0`; else softmax(logits / T) restricted to the `top_k` most
     likely tokens and to the smallest set whose probability reaches `top_p` (nucleus)."""
+    noise = None if temperature == 0 else jax.random.gumbel(key, logits.shape, logits.dtype)
+    return pick_token(logits, noise, temperature, top_k, top_p)
+
+
+def pick_token(logits: Float[Array, " vocab"], noise: Float[Array, " vocab"] | None,
+               temperature: float, top_k: int | None = None,
+               top_p: float | None = None) -> Int[Array, ""]:
+    """`sample_logits` given its Gumbel `noise` (`jax.random.categorical`'s own method: the
+    argmax of logits plus noise), so the noise can be drawn ahead of the decode loop."""
     if temperature == 0:
         return jnp.argmax(logits)
     logits = logits / temperature
@@ -50,7 +59,7 @@ def sample_logits(logits: Float[Array, " vocab"], key: PRNGKeyArray, temperature
         keep_sorted = jnp.cumsum(probs) - probs < top_p
         keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
         logits = jnp.where(keep, logits, -jnp.inf)
-    return jax.random.categorical(key, logits)
+    return jnp.argmax(logits + noise)
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None = None,
@@ -132,14 +141,24 @@ def _window_logits(model, window: Int[Array, " w"], index: Int[Array, ""]):
     return model(window)[index - start - (w - n)]
 
 
-def _sample_rows(logits, keys, t, temperature, top_k, top_p):
-    return jax.vmap(lambda lg, k: sample_logits(lg, jax.random.fold_in(k, t), temperature, top_k,
-                                                top_p))(logits, keys)
+def _noise(keys: PRNGKeyArray, t: Int[Array, ""], n: int, vocab: int, temperature: float):
+    """The Gumbel noise of each row's next `n` draws, `(batch, n, vocab)` (None when greedy):
+    draw t of row i comes from `fold_in(keys[i], t)` alone."""
+    if temperature == 0:
+        return None
+    def row(key):
+        return jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(key, i), (vocab,)))(
+            t + jnp.arange(n))
+    return jax.vmap(row)(keys)
 
 
-def _emit(state: State, logits, sampling) -> State:
-    """Sample each row's next token from `logits` and make it the token to feed."""
-    token = _sample_rows(logits, state.keys, state.t, *sampling)
+def _emit(state: State, logits, sampling, noise=None) -> State:
+    """Sample each row's next token from `logits` (with this draw's `noise`, `(batch, vocab)`,
+    if drawn ahead) and make it the token to feed."""
+    if noise is None:
+        drawn = _noise(state.keys, state.t, 1, logits.shape[-1], sampling[0])
+        noise = None if drawn is None else drawn[:, 0]
+    token = jax.vmap(lambda lg, z: pick_token(lg, z, *sampling))(logits, noise)
     position = state.position + 1
     ring = jax.vmap(lambda r, p, tok: r.at[p % r.shape[0]].set(tok))(state.ring, position, token)
     return State(state.cache, token, position, ring, state.keys, state.t + 1)
@@ -167,24 +186,31 @@ def _prefill(model, prompts: Int[Array, "batch bucket"], lengths: Int[Array, " b
                  sampling)
 
 
-def _step(model, state: State, sampling: tuple, recompute: bool) -> State:
+def _step(model, state: State, sampling: tuple, recompute: bool, noise=None) -> State:
     """Feed every row's token and sample the next one."""
     if recompute:
         logits = jax.vmap(lambda r, p: _window_logits(model, _window(r, p), jnp.minimum(
             p, r.shape[0] - 1)))(state.ring, state.position)
-        return _emit(state, logits, sampling)
+        return _emit(state, logits, sampling, noise)
     logits, cache = jax.vmap(model.decode)(state.token[:, None], state.position[:, None],
                                            state.cache)
-    return _emit(state._replace(cache=cache), logits[:, 0], sampling)
+    return _emit(state._replace(cache=cache), logits[:, 0], sampling, noise)
 
 
 @eqx.filter_jit(donate="all-except-first")
 def _decode_chunk(model, state: State, n_steps: Int[Array, ""], sampling: tuple,
                   recompute: bool) -> tuple[State, Int[Array, "batch chunk"]]:
-    """`n_steps <= CHUNK` tokens for every row (a traced count: one compilation serves all)."""
+    """`n_steps <= CHUNK` tokens for every row (a traced count: one compilation serves all).
+
+    The chunk's random draws are made before its loop: drawn inside it, the PRNG's small
+    operations ran at every token.
+    """
+    vocab = eqx.filter_eval_shape(model, state.ring[0]).shape[-1]
+    noise = _noise(state.keys, state.t, CHUNK, vocab, sampling[0])
+
     def body(i, carry):
         state, out = carry
-        state = _step(model, state, sampling, recompute)
+        state = _step(model, state, sampling, recompute, None if noise is None else noise[:, i])
         return state, out.at[:, i].set(state.token)
 
     out = jnp.zeros((state.token.shape[0], CHUNK), jnp.int32)

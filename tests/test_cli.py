@@ -20,8 +20,13 @@ import gptzoo
 def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
     """The same seed gives the same text in another process; the rest runs in this one."""
     args = ("sample", "--ckpt", trained_run, "--prompt", "ROMEO:", "--max-new-tokens", "40")
-    first = gptzoo_cli(*args, "--seed", "3", check=True).stdout
+    run = gptzoo_cli(*args, "--seed", "3", env={"PYTHONPROFILEIMPORTTIME": "1"}, check=True)
+    first = run.stdout
     assert first.startswith("ROMEO:") and len(first) >= len("ROMEO:") + 40
+    # Sampling starts without importing the training loop and what only it needs.
+    imported = set(re.findall(r"\| +([\w.]+)$", run.stderr, flags=re.M))
+    assert "gptzoo.sample" in imported
+    assert not imported & {"gptzoo.trainer.loop", "gptzoo.trainer.progress", "rich"}
     assert gptzoo_in_process(*args, "--seed", "3").stdout == first
     assert gptzoo_in_process(*args, "--seed", "4").stdout != first
     greedy = [gptzoo_in_process(*args, "--temperature", "0", "--seed", s).stdout

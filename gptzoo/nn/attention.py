@@ -133,6 +133,14 @@ def causal_attend(
     return jnp.concatenate(outputs, axis=-3)
 
 
+def _after(dependency: Array, *values: Array) -> tuple[Array, ...]:
+    """`values` unchanged, but computed from `dependency` (plus zero): XLA runs whatever reads
+    their inputs before it writes them. (`jax.lax.optimization_barrier` is removed before XLA:CPU
+    orders buffers.) A non-finite `dependency` makes them garbage; its output already is."""
+    zero = jnp.zeros((), dependency.dtype) * dependency.reshape(-1)[0]
+    return tuple(a + zero.astype(a.dtype) for a in values)
+
+
 class CausalSelfAttention(eqx.Module):
     """Multi-head causal self-attention (GPT-2), written with `jnp.einsum`.
 
@@ -210,29 +218,42 @@ class CausalSelfAttention(eqx.Module):
         """Attention for one example's new positions over its cache, which they are added to.
 
         Keys are cached after the position hook (a rotary key depends on its own position only),
-        so a step reads each cached key once and cached decoding equals the full forward.
+        so a step reads each cached key once and cached decoding equals the full forward. The
+        new positions attend to the cache as it was and to their own keys, and are written into
+        it last: reading the updated cache instead made XLA:CPU copy every layer's whole cache
+        at every token.
         """
         seq = x.shape[0]
         q, k, v = self._heads(x)
-        bias = None
         if self.positional is not None:
             q, k, _ = self.positional(q, k, positions, positions)
-        cache = cache.update(k, v, positions)
+        # The new keys as the cache would hold them (its dtype), so decoding equals reading back.
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        key_positions = cache.key_positions(positions)
+        # Query heads grouped by the key/value head they share: no copy of the cache per group.
+        group = self.n_heads // self.n_kv_heads
+        grouped = q.reshape(seq, self.n_kv_heads, group, self.head_dim)
+        # Scores and softmax in float32 as in `attention_weights`, whatever the cache's dtype.
+        scores = jnp.concatenate([_einsum_f32("qkgd,ksd->kgqs", grouped, cache.k),
+                                  _einsum_f32("qkgd,skd->kgqs", grouped, k)], axis=-1)
+        scores = scores / math.sqrt(self.head_dim)
         if self.positional is not None:
             # A bias (ALiBi) depends on the positions alone: the keys passed are placeholders,
             # and a hook that returns no bias (rotary) is compiled away.
-            placeholder = jnp.zeros((cache.size, self.n_kv_heads, self.head_dim), q.dtype)
-            _, _, bias = self.positional(q, placeholder, positions, cache.positions)
-        # Query heads grouped by the key/value head they share: no copy of the cache per group.
-        group = self.n_heads // self.n_kv_heads
-        q = q.reshape(seq, self.n_kv_heads, group, self.head_dim)
-        # Scores and softmax in float32 as in `attention_weights`, whatever the cache's dtype.
-        scores = _einsum_f32("qkgd,kds->kgqs", q, cache.k) / math.sqrt(self.head_dim)
-        if bias is not None:
-            scores = scores + bias.reshape(self.n_kv_heads, group, seq, cache.size)
-        weights = jax.nn.softmax(jnp.where(cache.mask(positions), scores, -jnp.inf), axis=-1)
-        y = _einsum_f32("kgqs,ksd->qkgd", weights.astype(cache.v.dtype), cache.v)
-        return self.out(y.reshape(seq, -1).astype(x.dtype)), cache
+            placeholder = jnp.zeros((key_positions.shape[0], *k.shape[1:]), q.dtype)
+            _, _, bias = self.positional(q, placeholder, positions, key_positions)
+            if bias is not None:
+                scores = scores + bias.reshape(self.n_kv_heads, group, seq, -1)
+        visible = cache.visible(key_positions, positions)
+        weights = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+        past, new = weights[..., : cache.size], weights[..., cache.size:]
+        y = (_einsum_f32("kgqs,kds->qkgd", past.astype(v.dtype), cache.v)
+             + _einsum_f32("kgqs,skd->qkgd", new.astype(v.dtype), v))
+        # The cache is written after it is read: the written values are made to depend on the
+        # output, which orders the reads before the in-place update. Unordered, XLA:CPU copies
+        # every layer's whole cache at every token to keep the reads safe.
+        k, v, positions = _after(y, k, v, positions)
+        return self.out(y.reshape(seq, -1).astype(x.dtype)), cache.update(k, v, positions)
 
     def _heads(self, x):
         qkv = self.qkv(x).reshape(*x.shape[:-1], self.n_heads + 2 * self.n_kv_heads, -1)

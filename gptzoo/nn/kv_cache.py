@@ -9,23 +9,24 @@ class KVCache(eqx.Module):
     """One example's past keys and values for one attention layer, preallocated to `size` slots.
 
     Heads come first, so each head's keys and values are one contiguous read per decoded token
-    (the step is bound by memory bandwidth; slots-first measured ~10x slower). Keys are stored
-    transposed, `(kv_heads, head_dim, size)`, the layout of the `q . k` matrix product, which
-    otherwise transposes the whole key cache at every step.
+    (the step is bound by memory bandwidth; slots-first measured ~10x slower). Within a head, keys
+    are `(size, head_dim)` and values `(head_dim, size)`: the layouts XLA:CPU's matrix-vector
+    products take as they are (the other way round, it transposed every layer's whole cache at
+    every token).
     Position p lives in slot `p % size`, so past `size` positions the cache is a ring holding the
     last `size` of them: a sliding window. `positions` records the position each slot holds (-1:
-    empty), and `mask` lets a query see exactly the slots at or before it and inside the window,
+    empty), and `visible` lets a query see exactly the keys at or before it and inside the window,
     so stale slots (prompt padding, overwritten positions) are never read.
     """
 
-    k: Float[Array, "kv_heads head_dim size"]
-    v: Float[Array, "kv_heads size head_dim"]
+    k: Float[Array, "kv_heads size head_dim"]
+    v: Float[Array, "kv_heads head_dim size"]
     positions: Int[Array, " size"]
 
     @classmethod
     def empty(cls, size: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
-        return cls(jnp.zeros((kv_heads, head_dim, size), dtype),
-                   jnp.zeros((kv_heads, size, head_dim), dtype),
+        return cls(jnp.zeros((kv_heads, size, head_dim), dtype),
+                   jnp.zeros((kv_heads, head_dim, size), dtype),
                    jnp.full(size, -1, dtype=jnp.int32))
 
     @property
@@ -41,13 +42,22 @@ class KVCache(eqx.Module):
             raise ValueError(f"{k.shape[0]} new positions do not fit a KV cache of {self.size}; "
                              "feed at most block_size tokens at once")
         slots = positions % self.size
-        k, v = jnp.transpose(k, (1, 2, 0)), jnp.swapaxes(v, 0, 1)
-        return KVCache(self.k.at[:, :, slots].set(k.astype(self.k.dtype)),
-                       self.v.at[:, slots].set(v.astype(self.v.dtype)),
+        k, v = jnp.swapaxes(k, 0, 1), jnp.transpose(v, (1, 2, 0))
+        return KVCache(self.k.at[:, slots].set(k.astype(self.k.dtype)),
+                       self.v.at[:, :, slots].set(v.astype(self.v.dtype)),
                        self.positions.at[slots].set(positions))
 
     @typecheck
-    def mask(self, q_positions: Int[Array, " q"]) -> Bool[Array, "q size"]:
-        key_positions, query_positions = self.positions[None, :], q_positions[:, None]
+    def key_positions(self, positions: Int[Array, " seq"]) -> Int[Array, " keys"]:
+        """The positions of the keys that `positions` attend to while they are added: the
+        cache's slots (-1 for those they overwrite) followed by the new positions themselves."""
+        overwritten = (jnp.arange(self.size)[None, :] == (positions % self.size)[:, None]).any(0)
+        return jnp.concatenate([jnp.where(overwritten, -1, self.positions), positions])
+
+    @typecheck
+    def visible(self, key_positions: Int[Array, " k"],
+                q_positions: Int[Array, " q"]) -> Bool[Array, "q k"]:
+        """Which keys each query sees: filled, at or before it, and inside the window."""
+        key_positions, query_positions = key_positions[None, :], q_positions[:, None]
         return ((key_positions >= 0) & (key_positions <= query_positions)
                 & (key_positions > query_positions - self.size))
