@@ -7,9 +7,9 @@
     print(gptzoo.generate(model, tokenizer, "ROMEO:", max_new_tokens=100))
 """
 
-import importlib
 from typing import TYPE_CHECKING
 
+from gptzoo._lazy import lazy_attributes
 from gptzoo.errors import GptzooError
 
 # Each name is imported on first use, so that `gptzoo sample` starts without importing the
@@ -29,11 +29,4 @@ if TYPE_CHECKING:
     from gptzoo.trainer import evaluate, load, train
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gptzoo' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

@@ -1,8 +1,8 @@
 """The generic trainer: jitted steps, optimizer, sharding, checkpoints and progress."""
 
-import importlib
 from typing import TYPE_CHECKING
 
+from gptzoo._lazy import lazy_attributes
 from gptzoo.trainer.checkpoint import load
 from gptzoo.trainer.evaluate import EvalResult, evaluate, evaluate_run
 
@@ -15,11 +15,4 @@ if TYPE_CHECKING:
     from gptzoo.trainer.loop import TrainResult, train
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'gptzoo.trainer' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
