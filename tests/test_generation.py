@@ -426,6 +426,19 @@ def test_top_k_and_top_p_together_keep_the_intersection():
     assert set(tokens.tolist()) == set(np.argsort(-np.asarray(LOGITS))[:3].tolist())
 
 
+def test_each_sampled_token_is_a_categorical_draw_from_its_rows_key_and_step():
+    """Token t of a row is `jax.random.categorical(fold_in(PRNGKey(seed), t), logits)` of the
+    full forward's logits: the noise the decode loop draws ahead of its loop is those draws."""
+    model, seed = build("gpt2"), 5
+    context = list(PROMPT[:3])
+    tokens = generate(model, [np.array(context)], n=BLOCK_SIZE - 3, seeds=[seed])[0]
+    for t, token in enumerate(tokens):
+        logits = forward(model, jnp.asarray(context))[-1]
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), t)
+        assert token == int(jax.random.categorical(key, logits)), f"token {t}"
+        context.append(int(token))
+
+
 def test_temperature_0_is_argmax_and_top_k_1_is_greedy():
     rng = np.random.default_rng(6)
     for seed in range(5):
