@@ -121,7 +121,7 @@ def train_run(run_dir: Path, quick: bool) -> None:
         overrides.update({"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "2",
                           "model.block_size": "32"})
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
-    subprocess.run([sys.executable, "-c", "from gptzoo.cli import main; main()", "train",
+    subprocess.run([sys.executable, "-m", "gptzoo", "train",
                     ROOT / "recipes" / "char_shakespeare_gpu.py", *sets, "--run-dir", run_dir],
                    check=True, capture_output=True, env=os.environ | {"JAX_PLATFORMS": "cpu"})
 
@@ -131,7 +131,7 @@ def sample_process(run_dir: Path, cache_dir: Path, n: int) -> tuple[float, float
     env = os.environ | {"GPTZOO_COMPILE_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1",
                         "JAX_PLATFORMS": "cpu"}
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-c", "from gptzoo.cli import main; main()",
+    process = subprocess.Popen([sys.executable, "-m", "gptzoo",
                                 "sample", "--ckpt", run_dir, "--prompt", "ROMEO:",
                                 "--max-new-tokens", str(n)], stdout=subprocess.PIPE, env=env)
     process.stdout.read(len("ROMEO:") + 1)

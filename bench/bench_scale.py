@@ -75,7 +75,7 @@ def raw_encode_mb_per_s(folder: Path, tokenizer: HFTokenizer, limit: int) -> flo
 
 
 def gptzoo(*args: str) -> str:
-    command = [sys.executable, "-c", "from gptzoo.cli import main; main()", *args]
+    command = [sys.executable, "-m", "gptzoo", *args]
     return subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
 
 

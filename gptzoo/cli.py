@@ -1,8 +1,10 @@
 """The `gptzoo` command: train, prepare, sample, eval, tune-batch, import-hf, export-hf, keys, plot,
 runs."""
 
+import atexit
 import functools
 import logging
+import os
 import sys
 import traceback
 
@@ -36,6 +38,30 @@ def friendly_errors(command):
 @click.group()
 def main():
     """gptzoo: decoder-only language models in Equinox."""
+
+
+_output_complete = False  # set by a command once everything it does is done and written
+
+
+def entry() -> None:
+    """The installed `gptzoo` command (and `python -m gptzoo`): `main`, and then, after a
+    command that set `_output_complete`, an exit without Python's final teardown of every module
+    and object, which takes 0.5-0.8 s once JAX is loaded (measured: `gptzoo sample`). Every atexit
+    handler still runs first: this one is registered before any other, so it runs last."""
+    atexit.register(_exit_if_complete)
+    main()
+
+
+def _mark_output_complete() -> None:
+    global _output_complete
+    _output_complete = True
+
+
+def _exit_if_complete() -> None:
+    if _output_complete:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @main.command()
@@ -133,11 +159,12 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
         for (piece,) in pieces:
             click.echo(piece, nl=False)
         click.echo()
-        return
-    texts = [p for p, _ in rows]
-    for chunk in pieces:
-        texts = [t + c for t, c in zip(texts, chunk)]
-    click.echo("\n---------------\n".join(texts))
+    else:
+        texts = [p for p, _ in rows]
+        for chunk in pieces:
+            texts = [t + c for t, c in zip(texts, chunk)]
+        click.echo("\n---------------\n".join(texts))
+    _mark_output_complete()
 
 
 @main.command(name="eval")

@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gptzoo.data import Tokenizer
 from gptzoo.errors import GptzooError
-from gptzoo.nn import unstacked
+from gptzoo.nn import Stack, unstacked
 
 CHUNK = 16  # most tokens per compiled decode call; the host streams text between calls
 BUCKET = 64  # prompts are padded to a multiple of this, so few prompt lengths compile
@@ -174,16 +174,19 @@ def _prefill_cache(model, tokens: Int[Array, "batch n"], last: Int[Array, " batc
 
 @eqx.filter_jit
 def _prefill(model, prompts: Int[Array, "batch bucket"], lengths: Int[Array, " batch"], keys,
-             sampling: tuple, use_cache: bool) -> State:
-    """The prompts (right-padded) in one forward pass, and each row's first new token."""
+             t: Int[Array, ""], sampling: tuple, use_cache: bool) -> tuple[State, int]:
+    """The prompts (right-padded) in one forward pass, each row's first new token (its draw `t`),
+    and the size of the vocabulary (static: the decode chunk draws its noise before tracing the
+    model). Also a context shift's re-encoding, when every row shifts at once."""
     w = model.block_size
     ring = jnp.pad(prompts, ((0, 0), (0, w - prompts.shape[1])))
     if use_cache:
         cache, logits = _prefill_cache(model, prompts, lengths - 1)
     else:
         cache, logits = None, jax.vmap(lambda r, n: _window_logits(model, r, n))(ring, lengths - 1)
-    return _emit(State(cache, lengths * 0, lengths - 1, ring, keys, jnp.int32(0)), logits,
-                 sampling)
+    state = _emit(State(cache, lengths * 0, lengths - 1, ring, keys, t), logits,
+                  sampling)
+    return state, logits.shape[-1]
 
 
 def _step(model, state: State, sampling: tuple, recompute: bool, noise=None) -> State:
@@ -199,13 +202,12 @@ def _step(model, state: State, sampling: tuple, recompute: bool, noise=None) -> 
 
 @eqx.filter_jit(donate="all-except-first")
 def _decode_chunk(model, state: State, n_steps: Int[Array, ""], sampling: tuple,
-                  recompute: bool) -> tuple[State, Int[Array, "batch chunk"]]:
+                  recompute: bool, vocab: int) -> tuple[State, Int[Array, "batch chunk"]]:
     """`n_steps <= CHUNK` tokens for every row (a traced count: one compilation serves all).
 
     The chunk's random draws are made before its loop: drawn inside it, the PRNG's small
     operations ran at every token.
     """
-    vocab = eqx.filter_eval_shape(model, state.ring[0]).shape[-1]
     noise = _noise(state.keys, state.t, CHUNK, vocab, sampling[0])
 
     def body(i, carry):
@@ -236,6 +238,14 @@ def _shift(model, state: State, full: Array, keep: int, sampling: tuple) -> Stat
         off, on)
 
 
+def _is_stack(x) -> bool:
+    return isinstance(x, Stack)
+
+
+# One program: slicing the layers out op by op took 0.23 s at start-up (6-layer model).
+_unstacked = eqx.filter_jit(unstacked)
+
+
 def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
                     temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, seeds: list[int] | None = None,
@@ -261,27 +271,22 @@ def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
     # written out, each block updates its cache in place: 111 -> 144 tokens/s at batch 1 and
     # 151 -> 391 at batch 8 (6 x 384 char model, 2-core CPU). The price: the stacked weights copied
     # into per-layer arrays while generating.
-    model = unstacked(model)
-    # Batches padded to a power of two (with copies of the first row) share compilations.
-    n_rows = len(prompts)
-    seeds = list(seeds or [0] * n_rows)
-    extra = (1 << (n_rows - 1).bit_length()) - n_rows
-    prompts, seeds = prompts + prompts[:1] * extra, seeds + seeds[:1] * extra
-    lengths = np.array([len(p) for p in prompts], dtype=np.int32)
-    bucket = min(-(-lengths.max() // BUCKET) * BUCKET, w)
-    padded = np.zeros((len(prompts), bucket), dtype=np.int32)
-    for row, p in zip(padded, prompts):
-        row[: len(p)] = p
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    if any(isinstance(x, Stack) for x in jax.tree.leaves(model, is_leaf=_is_stack)):
+        model = _unstacked(model)
+    n_keep = max(1, int(keep * w))
+    # When the window will fill, each shift re-encodes n_keep tokens per row: a prompt padded to
+    # that length shares the shifts' program (compiling or loading one costs ~1 s at start-up).
+    shifts = context == "shift" and max(map(len, prompts)) + max_new_tokens > w + 1
+    padded, lengths, keys = _prompt_batch(prompts, seeds, w, n_keep if shifts else None)
     sampling = (float(temperature), top_k, top_p)
-    state = _prefill(model, jnp.asarray(padded), jnp.asarray(lengths), keys, sampling, use_cache)
+    state, vocab = _prefill(model, padded, lengths, keys, np.int32(0), sampling, use_cache)
+    n_rows = len(prompts)
     yield np.asarray(state.token)[:n_rows, None]
     position, remaining = lengths.copy(), max_new_tokens - 1  # tracked on the host as well
-    n_keep = max(1, int(keep * w))
     while remaining > 0:
         full = position >= w  # rows whose next token does not fit the window
         if context == "shift" and full.any():
-            state = _shift(model, state, jnp.asarray(full), n_keep, sampling)
+            state = _shift_context(model, state, position, full, n_keep, sampling, use_cache)
             position, remaining = np.where(full, n_keep, position + 1), remaining - 1
             yield np.asarray(state.token)[:n_rows, None]
             continue
@@ -289,9 +294,41 @@ def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
         n = min(CHUNK, remaining)
         if context == "shift" or (context == "crop" and not recompute):
             n = min(n, w - position.max())  # stop where the window fills
-        state, tokens = _decode_chunk(model, state, jnp.int32(n), sampling, recompute)
+        state, tokens = _decode_chunk(model, state, jnp.int32(n), sampling, recompute, vocab)
         position, remaining = position + n, remaining - n
         yield np.asarray(tokens[:n_rows, :n])
+
+
+def _prompt_batch(prompts: list[np.ndarray], seeds: list[int] | None, w: int,
+                  shift_length: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The prompts right-padded to a multiple of `BUCKET` (or to `shift_length` when they fit
+    it), each row's length, and each row's key. Batches are padded to a power of two (with
+    copies of the first row), so that few shapes compile."""
+    seeds = list(seeds or [0] * len(prompts))
+    extra = (1 << (len(prompts) - 1).bit_length()) - len(prompts)
+    prompts, seeds = prompts + prompts[:1] * extra, seeds + seeds[:1] * extra
+    lengths = np.array([len(p) for p in prompts], dtype=np.int32)
+    bucket = min(-(-lengths.max() // BUCKET) * BUCKET, w)
+    if shift_length is not None and lengths.max() <= shift_length:
+        bucket = shift_length
+    padded = np.zeros((len(prompts), bucket), dtype=np.int32)
+    for row, p in zip(padded, prompts):
+        row[: len(p)] = p
+    return padded, lengths, np.stack([jax.random.PRNGKey(s) for s in seeds])
+
+
+def _shift_context(model, state: State, position: np.ndarray, full: np.ndarray, n_keep: int,
+                   sampling: tuple, use_cache: bool) -> State:
+    """One token for every row, after the `full` rows' context shift. When every row is full,
+    the shift is a prefill of each row's last `n_keep` tokens (the one to feed included)."""
+    if not full.all():
+        return _shift(model, state, jnp.asarray(full), n_keep, sampling)
+    slots = (position[:, None] - n_keep + 1 + np.arange(n_keep)) % model.block_size
+    kept = np.take_along_axis(np.asarray(state.ring), slots, axis=1)
+    # Host arrays, as the prompt's were: arguments already on the device would lower it again.
+    state, _ = _prefill(model, kept, np.full(len(position), n_keep, np.int32),
+                        np.asarray(state.keys), np.asarray(state.t), sampling, use_cache)
+    return state
 
 
 def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> np.ndarray:

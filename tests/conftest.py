@@ -73,7 +73,7 @@ def set_args(overrides: dict[str, str]) -> list[str]:
 def gptzoo_cli(*args, env=None, check=False, timeout=600) -> subprocess.CompletedProcess:
     """Run the installed `gptzoo` command the way a user does."""
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    command = [sys.executable, "-c", "from gptzoo.cli import main; main()", *map(str, args)]
+    command = [sys.executable, "-m", "gptzoo", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=full_env, check=check,
                           timeout=timeout, cwd=ROOT)
 

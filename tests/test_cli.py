@@ -26,7 +26,7 @@ def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
     # Sampling starts without importing the training loop and what only it needs.
     imported = set(re.findall(r"\| +([\w.]+)$", run.stderr, flags=re.M))
     assert "gptzoo.sample" in imported
-    assert not imported & {"gptzoo.trainer.loop", "gptzoo.trainer.progress", "rich"}
+    assert not imported & {"gptzoo.trainer.loop", "gptzoo.trainer.progress", "rich", "optax"}
     assert gptzoo_in_process(*args, "--seed", "3").stdout == first
     assert gptzoo_in_process(*args, "--seed", "4").stdout != first
     greedy = [gptzoo_in_process(*args, "--temperature", "0", "--seed", s).stdout

@@ -18,7 +18,14 @@ from gptzoo import nn
 from gptzoo.errors import GptzooError
 from gptzoo.models import GPT, gpt2
 from gptzoo.recipe import load_recipe
-from gptzoo.sample import _decode_chunk, _prefill, generate_tokens, has_cache, sample_logits
+from gptzoo.sample import (
+    _decode_chunk,
+    _prefill,
+    _shift,
+    generate_tokens,
+    has_cache,
+    sample_logits,
+)
 
 V, D_MODEL, N_HEADS, BLOCK_SIZE = 29, 32, 4, 16
 HEAD_DIM = D_MODEL // N_HEADS
@@ -468,20 +475,31 @@ def test_models_that_mix_positions_are_sampled_without_cache(name, model):
 # Compilation
 
 
-def test_prompt_lengths_in_one_bucket_share_the_compiled_decode_chunk():
-    chunk, prefill = _decode_chunk._cached, _prefill._cached
-    if not hasattr(chunk, "_cache_size"):
+def test_prompt_lengths_in_one_bucket_share_the_compiled_programs():
+    jitted = _decode_chunk._cached, _prefill._cached, _shift._cached
+    if not hasattr(jitted[0], "_cache_size"):
         pytest.skip("this jax's jit has no _cache_size() to count compilations")
-    model = build("gpt2")
+
+    def compiled() -> np.ndarray:  # decode chunks, prefills, shifts
+        return np.array([f._cache_size() for f in jitted])
+
+    # A shape no other test compiles, so that the counts start here.
+    model = gpt2(V, n_layers=1, n_heads=2, d_model=24, block_size=BLOCK_SIZE,
+                 key=jax.random.PRNGKey(0))
+    before = compiled()
+    # Past the window, the prompt is padded to the length every shift re-encodes: one prefill
+    # serves the prompt and the shifts.
     generate(model, [PROMPT[:3]], seeds=[0])
-    sizes = chunk._cache_size(), prefill._cache_size()
-    generate(model, [np.arange(10) % V], seeds=[1])
-    assert (chunk._cache_size(), prefill._cache_size()) == sizes
-    generate(model, [PROMPT[:3]], n=7, seeds=[2])  # another max_new_tokens
-    generate(model, [PROMPT[:3]], n=29, seeds=[2])
-    assert (chunk._cache_size(), prefill._cache_size()) == sizes
-    generate(model, [PROMPT[:3], PROMPT[:3]])  # the counter does count: a new batch size
-    assert chunk._cache_size() == sizes[0] + 1
+    np.testing.assert_array_equal(compiled() - before, [1, 1, 0])
+    generate(model, [PROMPT], n=N_NEW + 9, seeds=[1])  # another prompt length and max_new_tokens
+    np.testing.assert_array_equal(compiled() - before, [1, 1, 0])
+    generate(model, [PROMPT[:3]], n=7, seeds=[0])  # inside the window: the prompt's own bucket
+    np.testing.assert_array_equal(compiled() - before, [1, 2, 0])
+    generate(model, [np.arange(10) % V], n=7, seeds=[1])
+    generate(model, [PROMPT[:3]], n=5, seeds=[2])
+    np.testing.assert_array_equal(compiled() - before, [1, 2, 0])
+    generate(model, [PROMPT[:3], PROMPT[:3]], n=5)  # the counter does count: a new batch size
+    np.testing.assert_array_equal(compiled() - before, [2, 3, 0])
 
 
 # Edge cases

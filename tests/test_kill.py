@@ -51,7 +51,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     gptzoo_cli(*args, "--run-dir", whole, env=env, check=True)
 
-    command = [sys.executable, "-c", "from gptzoo.cli import main; main()", *map(str, args),
+    command = [sys.executable, "-m", "gptzoo", *map(str, args),
                "--run-dir", str(killed)]
     rng = random.Random(2026)
     startup, in_save, in_startup, stopped_at = 5.0, 0, 0, []

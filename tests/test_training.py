@@ -67,7 +67,7 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, small_text):
 
 def test_ctrl_c_makes_the_command_exit_130_after_saving(tmp_path, small_text):
     args = set_args({**TINY, "trainer.max_steps": "100000", "data.path": str(small_text)})
-    command = [sys.executable, "-c", "from gptzoo.cli import main; main()", "train", RECIPE,
+    command = [sys.executable, "-m", "gptzoo", "train", RECIPE,
                *args, "--run-dir", tmp_path / "run"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)

@@ -165,7 +165,7 @@ def test_plot_draws_each_run(tmp_path, trained_run, resumed_run):
 def start_training(run_dir, small_text, recipe=RECIPE):
     """A long tiny run in the background, once it has logged its first record."""
     args = set_args({**TINY, "data.path": str(small_text), "trainer.max_steps": "100000"})
-    command = [sys.executable, "-c", "from gptzoo.cli import main; main()", "train", str(recipe),
+    command = [sys.executable, "-m", "gptzoo", "train", str(recipe),
                *args, "--run-dir", str(run_dir)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL,

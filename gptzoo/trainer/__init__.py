@@ -4,14 +4,17 @@ from typing import TYPE_CHECKING
 
 from gptzoo._lazy import lazy_attributes
 from gptzoo.trainer.checkpoint import load
-from gptzoo.trainer.evaluate import EvalResult, evaluate, evaluate_run
 
-# The training loop (and its progress display, metrics sinks and optimizer set-up) is imported
-# on first use, so that loading a run to sample from it does not import it.
-_LAZY = {"TrainResult": "gptzoo.trainer.loop", "train": "gptzoo.trainer.loop"}
+# The training loop (and its progress display, metrics sinks and optimizer set-up) and the
+# evaluation (which imports the loss, and with it optax) are imported on first use, so that
+# loading a run to sample from it imports neither.
+_LAZY = {"TrainResult": "gptzoo.trainer.loop", "train": "gptzoo.trainer.loop",
+         "EvalResult": "gptzoo.trainer.evaluate", "evaluate": "gptzoo.trainer.evaluate",
+         "evaluate_run": "gptzoo.trainer.evaluate"}
 __all__ = ["EvalResult", "TrainResult", "evaluate", "evaluate_run", "load", "train"]
 
 if TYPE_CHECKING:
+    from gptzoo.trainer.evaluate import EvalResult, evaluate, evaluate_run
     from gptzoo.trainer.loop import TrainResult, train
 
 

@@ -1,0 +1,5 @@
+"""`python -m gptzoo`: the `gptzoo` command."""
+
+from gptzoo.cli import entry
+
+entry()
