@@ -112,6 +112,32 @@ def ratios(models: dict, speed: dict, quick: bool) -> None:
     print()
 
 
+def weight_products(quick: bool) -> None:
+    """What the batch-8 ratio is made of: XLA's time for 8 rows times one weight matrix, over
+    its time for one row (the decode step is mostly such products)."""
+    for k, n in [(64, 256)] if quick else [(384, 1536), (768, 3072), (768, 50257)]:
+        weight = jax.random.normal(jax.random.PRNGKey(0), (k, n))
+        one, eight = _product_seconds(weight, 1), _product_seconds(weight, 8)
+        print(f"8 rows x ({k}, {n}) weights: {eight / one:.1f}x the time of 1 row "
+              f"({weight.nbytes / one / 1e9:.1f} GB/s of weights at 1 row, "
+              f"{weight.nbytes / eight / 1e9:.1f} at 8)")
+    print()
+
+
+def _product_seconds(weight: jax.Array, rows: int, repeats: int = 20) -> float:
+    """Seconds of one jitted `x @ weight` for `rows` rows, the best of five runs."""
+    product = jax.jit(lambda x, w: x @ w)
+    x = jax.numpy.ones((rows, weight.shape[0]))
+    product(x, weight).block_until_ready()
+
+    def run() -> None:
+        for _ in range(repeats):
+            out = product(x, weight)
+        out.block_until_ready()
+
+    return min(_timed(run) for _ in range(5)) / repeats
+
+
 def train_run(run_dir: Path, quick: bool) -> None:
     """A run of the 6-layer, 256-context learned-position shape (a few steps: speed only)."""
     overrides = {"trainer.max_steps": "2", "trainer.batch_size": "2", "trainer.eval_interval": "2",
@@ -191,6 +217,7 @@ def main() -> None:
     speed = decoding(models, bw, args.quick)
     print("Targets: batch 1 >= 50% of the bound for both models.\n")
     ratios(models, speed, args.quick)
+    weight_products(args.quick)
     perceiver(args.quick)
     end_to_end(args.quick)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")

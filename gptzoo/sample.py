@@ -184,8 +184,7 @@ def _prefill(model, prompts: Int[Array, "batch bucket"], lengths: Int[Array, " b
         cache, logits = _prefill_cache(model, prompts, lengths - 1)
     else:
         cache, logits = None, jax.vmap(lambda r, n: _window_logits(model, r, n))(ring, lengths - 1)
-    state = _emit(State(cache, lengths * 0, lengths - 1, ring, keys, t), logits,
-                  sampling)
+    state = _emit(State(cache, lengths * 0, lengths - 1, ring, keys, t), logits, sampling)
     return state, logits.shape[-1]
 
 
@@ -238,10 +237,6 @@ def _shift(model, state: State, full: Array, keep: int, sampling: tuple) -> Stat
         off, on)
 
 
-def _is_stack(x) -> bool:
-    return isinstance(x, Stack)
-
-
 # One program: slicing the layers out op by op took 0.23 s at start-up (6-layer model).
 _unstacked = eqx.filter_jit(unstacked)
 
@@ -271,7 +266,10 @@ def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
     # written out, each block updates its cache in place: 111 -> 144 tokens/s at batch 1 and
     # 151 -> 391 at batch 8 (6 x 384 char model, 2-core CPU). The price: the stacked weights copied
     # into per-layer arrays while generating.
-    if any(isinstance(x, Stack) for x in jax.tree.leaves(model, is_leaf=_is_stack)):
+    def is_stack(x) -> bool:
+        return isinstance(x, Stack)
+
+    if any(map(is_stack, jax.tree.leaves(model, is_leaf=is_stack))):
         model = _unstacked(model)
     n_keep = max(1, int(keep * w))
     # When the window will fill, each shift re-encodes n_keep tokens per row: a prompt padded to
