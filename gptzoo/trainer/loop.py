@@ -27,7 +27,13 @@ from gptzoo.trainer.init_from import Initial
 from gptzoo.trainer.optimizer import make_optimizer, make_schedule
 from gptzoo.trainer.progress import MetricsLog, Reporter
 from gptzoo.trainer.run_status import RunStatus
-from gptzoo.trainer.sharding import batch_sharded, chunk_sharded, make_mesh, shard
+from gptzoo.trainer.sharding import (
+    batch_sharded,
+    build_sharded,
+    chunk_sharded,
+    make_mesh,
+    shard,
+)
 from gptzoo.trainer.sinks import Sinks, open_sinks
 from gptzoo.trainer.step import estimate_loss, make_train_chunk
 
@@ -75,9 +81,9 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     mesh = make_mesh(recipe)
     check_micro_batches(schedule.sizes, cfg.grad_accum_steps, batch_sharded(mesh))
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    model = recipe.build(tokenizer.vocab_size, key=model_key)
-    model = initial.weights_into(model) if initial else model
-    model = shard(with_remat(model, cfg.remat), mesh)  # remat: per block of each Stack
+    model = build_sharded(lambda: with_remat(recipe.build(tokenizer.vocab_size, key=model_key),
+                                             cfg.remat), mesh)  # remat: per block of each Stack
+    model = shard(initial.weights_into(model), mesh) if initial else model
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     # Placed before a resume restores into them: a restored array keeps its template's sharding.
     opt_state = shard(optimizer.init(eqx.filter(model, eqx.is_array)), mesh)
