@@ -1,7 +1,10 @@
 """The command line end to end, and a one-line error for each kind of bad input."""
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import (
@@ -34,6 +37,27 @@ def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
     assert greedy[0] == greedy[1] and greedy[0].startswith("ROMEO:")
     two = gptzoo_in_process(*args, "--num-samples", "2", "--top-k", "5").stdout
     assert two.count("ROMEO:") == 2 and "---------------" in two
+
+
+# An atexit handler registered before the command's own runs after it: in Python's teardown.
+_TEARDOWN_PROBE = ("import atexit, sys; atexit.register(print, 'teardown ran', file=sys.stderr); "
+                   "from gptzoo.cli import entry; entry()")
+
+
+def test_sample_leaves_without_python_teardown_once_its_text_is_written(trained_run):
+    def gptzoo_probed(*args):
+        return subprocess.run([sys.executable, "-c", _TEARDOWN_PROBE, *map(str, args)],
+                              capture_output=True, text=True, env={**os.environ,
+                                                                   "JAX_PLATFORMS": "cpu"})
+
+    sampled = gptzoo_probed("sample", "--ckpt", trained_run, "--prompt", "ROMEO:",
+                            "--max-new-tokens", "20", "--seed", "3")
+    assert sampled.returncode == 0 and "teardown ran" not in sampled.stderr
+    assert sampled.stdout == gptzoo_in_process("sample", "--ckpt", trained_run, "--prompt",
+                                               "ROMEO:", "--max-new-tokens", "20", "--seed",
+                                               "3").stdout
+    listed = gptzoo_probed("runs", trained_run.parent)  # any other command: the usual exit
+    assert listed.returncode == 0 and "teardown ran" in listed.stderr
 
 
 def test_eval_reports_the_whole_validation_split(trained_run, small_text):
