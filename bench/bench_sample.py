@@ -20,6 +20,7 @@ import numpy as np
 
 from gptzoo.errors import GptzooError
 from gptzoo.models import gpt2
+from gptzoo.nn.rowwise import rowwise_product
 from gptzoo.recipe import load_recipe
 from gptzoo.sample import generate_tokens
 
@@ -114,20 +115,30 @@ def ratios(models: dict, speed: dict, quick: bool) -> None:
 
 def weight_products(quick: bool) -> None:
     """What the batch-8 ratio is made of: XLA's time for 8 rows times one weight matrix, over
-    its time for one row (the decode step is mostly such products)."""
+    its time for one row (the decode step is mostly such products); and the same 8 rows as the
+    sampler multiplies them on CPU, each row by the weight stored (out, in) (`nn.rowwise`)."""
     for k, n in [(64, 256)] if quick else [(384, 1536), (768, 3072), (768, 50257)]:
         weight = jax.random.normal(jax.random.PRNGKey(0), (k, n))
         one, eight = _product_seconds(weight, 1), _product_seconds(weight, 8)
-        print(f"8 rows x ({k}, {n}) weights: {eight / one:.1f}x the time of 1 row "
+        rowwise = _product_seconds(weight, 8, rowwise=True)
+        print(f"8 rows x ({k}, {n}) weights: {eight / one:.1f}x the time of 1 row, "
+              f"{rowwise / one:.1f}x as nn.rowwise "
               f"({weight.nbytes / one / 1e9:.1f} GB/s of weights at 1 row, "
-              f"{weight.nbytes / eight / 1e9:.1f} at 8)")
+              f"{weight.nbytes / eight / 1e9:.1f} at 8, "
+              f"{weight.nbytes / rowwise / 1e9:.1f} rowwise)")
     print()
 
 
-def _product_seconds(weight: jax.Array, rows: int, repeats: int = 20) -> float:
-    """Seconds of one jitted `x @ weight` for `rows` rows, the best of five runs."""
-    product = jax.jit(lambda x, w: x @ w)
-    x = jax.numpy.ones((rows, weight.shape[0]))
+def _product_seconds(weight: jax.Array, rows: int, rowwise: bool = False,
+                     repeats: int = 20) -> float:
+    """Seconds of one jitted `x @ weight` for `rows` rows, the best of five runs; with `rowwise`,
+    each row (vmapped, as in a decode step) through `rowwise_product` with the weight transposed."""
+    if rowwise:
+        weight = jax.numpy.asarray(weight.T).copy()
+        product = jax.jit(jax.vmap(lambda x, w: rowwise_product(x[None], w), in_axes=(0, None)))
+    else:
+        product = jax.jit(lambda x, w: x @ w)
+    x = jax.numpy.ones((rows, weight.shape[1] if rowwise else weight.shape[0]))
     product(x, weight).block_until_ready()
 
     def run() -> None:

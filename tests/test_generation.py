@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gptzoo import nn
+from gptzoo import sample as sampler
 from gptzoo.errors import GptzooError
 from gptzoo.models import GPT, gpt2
 from gptzoo.recipe import load_recipe
@@ -345,6 +346,43 @@ def test_a_batch_of_prompts_equals_generating_each_alone(name):
     batch = generate(model, prompts, seeds=[5, 6, 7])
     for prompt, seed, row in zip(prompts, [5, 6, 7], batch):
         np.testing.assert_array_equal(generate(model, [prompt], seeds=[seed])[0], row)
+
+
+UNTIED = {"gpt2-untied-head": lambda: randomize(gpt2(
+    V, n_layers=1, n_heads=N_HEADS, d_model=D_MODEL, block_size=BLOCK_SIZE, tie_head=False,
+    key=jax.random.PRNGKey(0)), 4)}
+
+
+@pytest.mark.parametrize("name", [*ARCHS, *UNTIED])
+def test_the_rowwise_layout_gives_the_models_logits_for_one_row_and_for_many(name):
+    """`nn.rowwise` stores each weight (out, in) and applies it to a single row as a
+    multiply-reduce: a vmapped decode step (one token per example) takes that path, the full
+    forward (many rows) a matrix product. Both equal the model's own."""
+    model = {**ARCHS, **UNTIED}[name]()
+    rows = nn.rowwise(model)
+    assert not any(isinstance(x, nn.Linear) for x in
+                   jax.tree.leaves(rows, is_leaf=lambda x: isinstance(x, nn.Linear)))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, V, BLOCK_SIZE), jnp.int32)
+    np.testing.assert_allclose(forward(rows, tokens), forward(model, tokens), rtol=1e-5, atol=1e-5)
+
+    @eqx.filter_jit
+    def step(model, tokens):  # each row's token at position 0 of a fresh cache
+        def one(token):
+            return model.decode(token[None], jnp.zeros(1, jnp.int32), model.init_cache())[0]
+        return jax.vmap(one)(tokens)
+
+    np.testing.assert_allclose(step(rows, tokens[:4]), step(model, tokens[:4]), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_batches_of_min_rows_or_more_decode_in_the_rowwise_layout_on_cpu(monkeypatch):
+    converted = []
+    monkeypatch.setattr(sampler, "_rowwise", lambda m: converted.append(m) or nn.rowwise(m))
+    model = build("gpt2")
+    generate(model, [PROMPT], n=3)
+    assert converted == []  # one row: XLA:CPU's matrix product is the faster
+    generate(model, [PROMPT] * (sampler.MIN_ROWS - 1), n=3)  # padded to MIN_ROWS rows
+    assert len(converted) == 1
 
 
 @pytest.mark.parametrize("name", ARCHS)

@@ -1,0 +1,80 @@
+"""Weights laid out for decoding a few rows at a time on CPU.
+
+A decode step multiplies each of a batch's rows (one token each) by every weight matrix. XLA:CPU
+does that with a general matrix product built for many rows, which packs the whole weight first:
+8 rows times the 6-layer char model's matrices ran at 4.4 GB/s of weights, against ~15 GB/s for
+one row. Stored `(out, in)` and written as a multiply and a sum over `in`, the same product is one
+fused reduction that XLA:CPU runs about twice as fast from 4 to 16 rows, and several times slower
+for a single row (2-core CPU, jax 0.10; `bench/bench_sample.py` prints both products). So the
+sampler converts a model with `rowwise` only for batches of `MIN_ROWS` or more on CPU.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.embedding import Embedding
+from gptzoo.nn.linear import Linear
+
+MIN_ROWS = 4  # at 2 rows the reduction and the matrix product ran alike; at 1 it is far slower
+
+
+@typecheck
+def rowwise_product(
+    x: Float[Array, "*rows d_in"], weight_t: Float[Array, "d_out d_in"], out_dtype=None,
+) -> Float[Array, "*rows d_out"]:
+    """`x @ weight_t.T`: a multiply-reduce for a single row (what each example of a vmapped decode
+    step holds), a matrix product otherwise; accumulated in float32 at least, as the product is."""
+    flat = x.reshape(-1, x.shape[-1])
+    dtype = out_dtype or jnp.result_type(x, weight_t)
+    if flat.shape[0] == 1:
+        acc = jnp.promote_types(jnp.result_type(x, weight_t), jnp.float32)
+        y = jnp.sum(weight_t.astype(acc) * flat[0].astype(acc), axis=-1)[None].astype(dtype)
+    else:
+        y = jnp.matmul(flat, weight_t.T, preferred_element_type=out_dtype)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+class RowwiseLinear(eqx.Module):
+    """A `Linear` whose weight is stored `(out, in)`, applied by `rowwise_product`."""
+
+    weight_t: Float[Array, "d_out d_in"]
+    bias: Float[Array, " d_out"] | None
+
+    @property
+    def weight(self) -> Float[Array, "d_in d_out"]:
+        """The `(in, out)` view that components read shapes and dtypes from (free under jit)."""
+        return jnp.swapaxes(self.weight_t, -1, -2)
+
+    def __call__(self, x: Float[Array, "*rows d_in"], *, out_dtype=None
+                 ) -> Float[Array, "*rows d_out"]:
+        y = rowwise_product(x, self.weight_t, out_dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class RowwiseEmbedding(Embedding):
+    """An `Embedding` whose tied head (`unembed`) is a `rowwise_product`: the table is already
+    `(vocab, d_model)`, i.e. `(out, in)`."""
+
+    def __init__(self, weight: Float[Array, "vocab d_model"]):
+        self.weight = weight
+
+    @typecheck
+    def unembed(self, x: Float[Array, "*batch seq d_model"]) -> Float[Array, "*batch seq vocab"]:
+        return rowwise_product(x, self.weight, jnp.float32)
+
+
+def rowwise(model):
+    """`model` with every `Linear` and `Embedding` in its rowwise form: the same function, the
+    weights of each `Linear` transposed (a copy; stacked layers keep their leading axis).
+    Subclasses, which may compute something else, are left as they are."""
+    def convert(node):
+        if type(node) is Linear:
+            return RowwiseLinear(jnp.swapaxes(node.weight, -1, -2), node.bias)
+        if type(node) is Embedding:
+            return RowwiseEmbedding(node.weight)
+        return node
+
+    return jax.tree.map(convert, model, is_leaf=lambda n: isinstance(n, (Linear, Embedding)))
