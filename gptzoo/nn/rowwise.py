@@ -4,8 +4,8 @@ A decode step multiplies each of a batch's rows (one token each) by every weight
 does that with a general matrix product built for many rows, which packs the whole weight first:
 8 rows times the 6-layer char model's matrices ran at 4.4 GB/s of weights, against ~15 GB/s for
 one row. Stored `(out, in)` and written as a multiply and a sum over `in`, the same product is one
-fused reduction that XLA:CPU runs about twice as fast from 4 to 16 rows, and several times slower
-for a single row (2-core CPU, jax 0.10; `bench/bench_sample.py` prints both products). So the
+fused reduction that XLA:CPU runs 1.6-2x as fast from 4 to 16 rows, and about 6x slower for a
+single row (2-core CPU, jax 0.10; `bench/bench_sample.py` prints both products). So the
 sampler converts a model with `rowwise` only for batches of `MIN_ROWS` or more on CPU.
 """
 
@@ -38,7 +38,13 @@ def rowwise_product(
 
 
 class RowwiseLinear(eqx.Module):
-    """A `Linear` whose weight is stored `(out, in)`, applied by `rowwise_product`."""
+    """A `Linear` whose weight is stored `(out, in)`, applied by `rowwise_product`.
+
+    **Arguments:**
+
+    - `weight_t`: the `Linear`'s weight, transposed to `(out, in)`.
+    - `bias`: its bias, or None.
+    """
 
     weight_t: Float[Array, "d_out d_in"]
     bias: Float[Array, " d_out"] | None
@@ -56,7 +62,12 @@ class RowwiseLinear(eqx.Module):
 
 class RowwiseEmbedding(Embedding):
     """An `Embedding` whose tied head (`unembed`) is a `rowwise_product`: the table is already
-    `(vocab, d_model)`, i.e. `(out, in)`."""
+    `(vocab, d_model)`, i.e. `(out, in)`.
+
+    **Arguments:**
+
+    - `weight`: the `Embedding`'s table, as it is.
+    """
 
     def __init__(self, weight: Float[Array, "vocab d_model"]):
         self.weight = weight
