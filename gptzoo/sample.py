@@ -238,9 +238,13 @@ def _shift(model, state: State, full: Array, keep: int, sampling: tuple) -> Stat
         off, on)
 
 
-# One program each: slicing the layers out op by op took 0.23 s at start-up (6-layer model).
-_unstacked = eqx.filter_jit(unstacked)
-_rowwise = eqx.filter_jit(rowwise)
+@eqx.filter_jit
+def _decoding_form(model, unstack: bool, rows_first: bool):
+    """The model as the decode loop reads it, built in one program (slicing the layers out op by
+    op took 0.23 s at start-up, 6-layer model): its blocks written out (`unstack`) and, for
+    batches of `MIN_ROWS` rows or more on CPU, its weights in `rowwise` layout (`rows_first`)."""
+    model = unstacked(model) if unstack else model
+    return rowwise(model) if rows_first else model
 
 
 def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
@@ -264,6 +268,12 @@ def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
         raise GptzooError("a prompt is empty after tokenizing; pass at least one character")
     if max_new_tokens == 0:
         return
+    n_keep = max(1, int(keep * w))
+    # When the window will fill, each shift re-encodes n_keep tokens per row: a prompt padded to
+    # that length shares the shifts' program (compiling or loading one costs ~1 s at start-up).
+    shifts = context == "shift" and max(map(len, prompts)) + max_new_tokens > w + 1
+    padded, lengths, keys = _prompt_batch(prompts, seeds, w, n_keep if shifts else None)
+
     # Decoding scanned blocks writes every layer's whole cache out of the scan at every token;
     # written out, each block updates its cache in place: 111 -> 144 tokens/s at batch 1 and
     # 151 -> 391 at batch 8 (6 x 384 char model, 2-core CPU). The price: the stacked weights copied
@@ -271,15 +281,11 @@ def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
     def is_stack(x) -> bool:
         return isinstance(x, Stack)
 
-    if any(map(is_stack, jax.tree.leaves(model, is_leaf=is_stack))):
-        model = _unstacked(model)
-    n_keep = max(1, int(keep * w))
-    # When the window will fill, each shift re-encodes n_keep tokens per row: a prompt padded to
-    # that length shares the shifts' program (compiling or loading one costs ~1 s at start-up).
-    shifts = context == "shift" and max(map(len, prompts)) + max_new_tokens > w + 1
-    padded, lengths, keys = _prompt_batch(prompts, seeds, w, n_keep if shifts else None)
-    if len(padded) >= MIN_ROWS and jax.default_backend() == "cpu":
-        model = _rowwise(model)  # see gptzoo/nn/rowwise.py: 1.2-1.4x the tokens/s at batch 8
+    unstack = any(map(is_stack, jax.tree.leaves(model, is_leaf=is_stack)))
+    # gptzoo/nn/rowwise.py: 1.3-1.4x the batch-8 tokens/s; a copy of the weights.
+    rows_first = len(padded) >= MIN_ROWS and jax.default_backend() == "cpu"
+    if unstack or rows_first:  # else the model as it is: a program would copy every weight
+        model = _decoding_form(model, unstack, rows_first)
     sampling = (float(temperature), top_k, top_p)
     state, vocab = _prefill(model, padded, lengths, keys, np.int32(0), sampling, use_cache)
     n_rows = len(prompts)

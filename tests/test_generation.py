@@ -376,13 +376,15 @@ def test_the_rowwise_layout_gives_the_models_logits_for_one_row_and_for_many(nam
 
 
 def test_batches_of_min_rows_or_more_decode_in_the_rowwise_layout_on_cpu(monkeypatch):
-    converted = []
-    monkeypatch.setattr(sampler, "_rowwise", lambda m: converted.append(m) or nn.rowwise(m))
-    model = build("gpt2")
+    forms = []
+    real = sampler._decoding_form
+    monkeypatch.setattr(sampler, "_decoding_form",
+                        lambda m, *flags: forms.append(flags) or real(m, *flags))
+    model = build("gpt2")  # scanned blocks: written out for decoding at any batch size
     generate(model, [PROMPT], n=3)
-    assert converted == []  # one row: XLA:CPU's matrix product is the faster
     generate(model, [PROMPT] * (sampler.MIN_ROWS - 1), n=3)  # padded to MIN_ROWS rows
-    assert len(converted) == 1
+    # One row keeps XLA:CPU's matrix product, the faster there.
+    assert forms == [(True, False), (True, True)]
 
 
 @pytest.mark.parametrize("name", ARCHS)
