@@ -247,6 +247,22 @@ def _decoding_form(model, unstack: bool, rows_first: bool):
     return rowwise(model) if rows_first else model
 
 
+def _for_decoding(model, n_rows: int):
+    """`_decoding_form` of `model` for a batch of `n_rows`, or the model itself when that form
+    changes nothing (a program would still copy every weight)."""
+    # Decoding scanned blocks writes every layer's whole cache out of the scan at every token;
+    # written out, each block updates its cache in place: 111 -> 144 tokens/s at batch 1 and
+    # 151 -> 391 at batch 8 (6 x 384 char model, 2-core CPU). The price: the stacked weights copied
+    # into per-layer arrays while generating.
+    def is_stack(x) -> bool:
+        return isinstance(x, Stack)
+
+    unstack = any(map(is_stack, jax.tree.leaves(model, is_leaf=is_stack)))
+    # gptzoo/nn/rowwise.py: 1.3-1.4x the batch-8 tokens/s, for a copy of the weights.
+    rows_first = n_rows >= MIN_ROWS and jax.default_backend() == "cpu"
+    return _decoding_form(model, unstack, rows_first) if unstack or rows_first else model
+
+
 def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
                     temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, seeds: list[int] | None = None,
@@ -273,19 +289,7 @@ def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
     # that length shares the shifts' program (compiling or loading one costs ~1 s at start-up).
     shifts = context == "shift" and max(map(len, prompts)) + max_new_tokens > w + 1
     padded, lengths, keys = _prompt_batch(prompts, seeds, w, n_keep if shifts else None)
-
-    # Decoding scanned blocks writes every layer's whole cache out of the scan at every token;
-    # written out, each block updates its cache in place: 111 -> 144 tokens/s at batch 1 and
-    # 151 -> 391 at batch 8 (6 x 384 char model, 2-core CPU). The price: the stacked weights copied
-    # into per-layer arrays while generating.
-    def is_stack(x) -> bool:
-        return isinstance(x, Stack)
-
-    unstack = any(map(is_stack, jax.tree.leaves(model, is_leaf=is_stack)))
-    # gptzoo/nn/rowwise.py: 1.3-1.4x the batch-8 tokens/s; a copy of the weights.
-    rows_first = len(padded) >= MIN_ROWS and jax.default_backend() == "cpu"
-    if unstack or rows_first:  # else the model as it is: a program would copy every weight
-        model = _decoding_form(model, unstack, rows_first)
+    model = _for_decoding(model, len(padded))
     sampling = (float(temperature), top_k, top_p)
     state, vocab = _prefill(model, padded, lengths, keys, np.int32(0), sampling, use_cache)
     n_rows = len(prompts)
