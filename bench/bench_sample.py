@@ -116,7 +116,8 @@ def ratios(models: dict, speed: dict, quick: bool) -> None:
 def weight_products(quick: bool) -> None:
     """What the batch-8 ratio is made of: XLA's time for 8 rows times one weight matrix, over
     its time for one row (the decode step is mostly such products); and the same 8 rows as the
-    sampler multiplies them on CPU, each row by the weight stored (out, in) (`nn.rowwise`)."""
+    sampler multiplies them on CPU, each row by the weight stored (out, in)
+    (`nn.rowwise_layout`)."""
     for k, n in [(64, 256)] if quick else [(384, 1536), (768, 3072), (768, 50257)]:
         weight = jax.random.normal(jax.random.PRNGKey(0), (k, n))
         one, eight = _product_seconds(weight, 1), _product_seconds(weight, 8)

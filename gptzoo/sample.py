@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gptzoo.data import Tokenizer
 from gptzoo.errors import GptzooError
-from gptzoo.nn import Stack, rowwise, unstacked
+from gptzoo.nn import Stack, rowwise_layout, unstacked
 from gptzoo.nn.rowwise import MIN_ROWS
 
 CHUNK = 16  # most tokens per compiled decode call; the host streams text between calls
@@ -242,9 +242,9 @@ def _shift(model, state: State, full: Array, keep: int, sampling: tuple) -> Stat
 def _decoding_form(model, unstack: bool, rows_first: bool):
     """The model as the decode loop reads it, built in one program (slicing the layers out op by
     op took 0.23 s at start-up, 6-layer model): its blocks written out (`unstack`) and, for
-    batches of `MIN_ROWS` rows or more on CPU, its weights in `rowwise` layout (`rows_first`)."""
+    batches of `MIN_ROWS` rows or more on CPU, its weights in `rowwise_layout` (`rows_first`)."""
     model = unstacked(model) if unstack else model
-    return rowwise(model) if rows_first else model
+    return rowwise_layout(model) if rows_first else model
 
 
 def _for_decoding(model, n_rows: int):

@@ -355,11 +355,11 @@ UNTIED = {"gpt2-untied-head": lambda: randomize(gpt2(
 
 @pytest.mark.parametrize("name", [*ARCHS, *UNTIED])
 def test_the_rowwise_layout_gives_the_models_logits_for_one_row_and_for_many(name):
-    """`nn.rowwise` stores each weight (out, in) and applies it to a single row as a
+    """`nn.rowwise_layout` stores each weight (out, in) and applies it to a single row as a
     multiply-reduce: a vmapped decode step (one token per example) takes that path, the full
     forward (many rows) a matrix product. Both equal the model's own."""
     model = {**ARCHS, **UNTIED}[name]()
-    rows = nn.rowwise(model)
+    rows = nn.rowwise_layout(model)
     assert not any(isinstance(x, nn.Linear) for x in
                    jax.tree.leaves(rows, is_leaf=lambda x: isinstance(x, nn.Linear)))
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, V, BLOCK_SIZE), jnp.int32)

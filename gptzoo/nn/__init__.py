@@ -13,7 +13,7 @@ from gptzoo.nn.norm import LayerNorm
 from gptzoo.nn.parallel_block import ParallelBlock
 from gptzoo.nn.rmsnorm import RMSNorm
 from gptzoo.nn.rotary import Llama3Scaling, Rotary
-from gptzoo.nn.rowwise import rowwise
+from gptzoo.nn.rowwise import rowwise_layout
 from gptzoo.nn.sgu import SGUMLP, SpatialGatingUnit
 from gptzoo.nn.stack import Stack, stacked, unstacked, with_remat
 
@@ -25,5 +25,5 @@ __all__ = [
     "ALiBi", "Llama3Scaling", "Rotary", "alibi_slopes",
     "CausalCrossAttention",
     "Stack", "stacked", "unstacked", "with_remat",
-    "rowwise",
+    "rowwise_layout",
 ]

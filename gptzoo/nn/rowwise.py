@@ -6,7 +6,7 @@ does that with a general matrix product built for many rows, which packs the who
 one row. Stored `(out, in)` and written as a multiply and a sum over `in`, the same product is one
 fused reduction that XLA:CPU runs 1.6-2x as fast from 4 to 16 rows, and about 6x slower for a
 single row (2-core CPU, jax 0.10; `bench/bench_sample.py` prints both products). So the
-sampler converts a model with `rowwise` only for batches of `MIN_ROWS` or more on CPU.
+sampler converts a model with `rowwise_layout` only for batches of `MIN_ROWS` or more on CPU.
 """
 
 import equinox as eqx
@@ -77,7 +77,7 @@ class RowwiseEmbedding(Embedding):
         return rowwise_product(x, self.weight, jnp.float32)
 
 
-def rowwise(model):
+def rowwise_layout(model):
     """`model` with every `Linear` and `Embedding` in its rowwise form: the same function, the
     weights of each `Linear` transposed (a copy; stacked layers keep their leading axis).
     Subclasses, which may compute something else, are left as they are."""
