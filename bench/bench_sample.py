@@ -135,7 +135,7 @@ def _product_seconds(weight: jax.Array, rows: int, rowwise: bool = False,
     """Seconds of one jitted `x @ weight` for `rows` rows, the best of five runs; with `rowwise`,
     each row (vmapped, as in a decode step) through `rowwise_product` with the weight transposed."""
     if rowwise:
-        weight = jax.numpy.asarray(weight.T).copy()
+        weight = weight.T  # eager: a new array, laid out (out, in)
         product = jax.jit(jax.vmap(lambda x, w: rowwise_product(x[None], w), in_axes=(0, None)))
     else:
         product = jax.jit(lambda x, w: x @ w)

@@ -105,9 +105,15 @@ ONE_LAYER = {
 }
 
 
+# An output head of its own (a Linear) rather than tied to the token embedding.
+UNTIED = {"gpt2-untied-head": lambda: randomize(gpt2(
+    V, n_layers=1, n_heads=N_HEADS, d_model=D_MODEL, block_size=BLOCK_SIZE, tie_head=False,
+    key=jax.random.PRNGKey(0)), 4)}
+
+
 @functools.cache
 def build(name: str) -> GPT:
-    return {**ARCHS, **ONE_LAYER}[name]()
+    return {**ARCHS, **ONE_LAYER, **UNTIED}[name]()
 
 
 def generate(model, prompts, n=N_NEW, **kwargs) -> np.ndarray:
@@ -348,17 +354,12 @@ def test_a_batch_of_prompts_equals_generating_each_alone(name):
         np.testing.assert_array_equal(generate(model, [prompt], seeds=[seed])[0], row)
 
 
-UNTIED = {"gpt2-untied-head": lambda: randomize(gpt2(
-    V, n_layers=1, n_heads=N_HEADS, d_model=D_MODEL, block_size=BLOCK_SIZE, tie_head=False,
-    key=jax.random.PRNGKey(0)), 4)}
-
-
 @pytest.mark.parametrize("name", [*ARCHS, *UNTIED])
 def test_the_rowwise_layout_gives_the_models_logits_for_one_row_and_for_many(name):
     """`nn.rowwise_layout` stores each weight (out, in) and applies it to a single row as a
     multiply-reduce: a vmapped decode step (one token per example) takes that path, the full
     forward (many rows) a matrix product. Both equal the model's own."""
-    model = {**ARCHS, **UNTIED}[name]()
+    model = build(name)
     rows = nn.rowwise_layout(model)
     assert not any(isinstance(x, nn.Linear) for x in
                    jax.tree.leaves(rows, is_leaf=lambda x: isinstance(x, nn.Linear)))

@@ -28,10 +28,11 @@ def rowwise_product(
     """`x @ weight_t.T`: a multiply-reduce for a single row (what each example of a vmapped decode
     step holds), a matrix product otherwise; accumulated in float32 at least, as the product is."""
     flat = x.reshape(-1, x.shape[-1])
-    dtype = out_dtype or jnp.result_type(x, weight_t)
     if flat.shape[0] == 1:
-        acc = jnp.promote_types(jnp.result_type(x, weight_t), jnp.float32)
-        y = jnp.sum(weight_t.astype(acc) * flat[0].astype(acc), axis=-1)[None].astype(dtype)
+        dtype = jnp.result_type(x, weight_t)
+        acc = jnp.promote_types(dtype, jnp.float32)
+        y = jnp.sum(weight_t.astype(acc) * flat[0].astype(acc), axis=-1)[None]
+        y = y.astype(out_dtype or dtype)
     else:
         y = jnp.matmul(flat, weight_t.T, preferred_element_type=out_dtype)
     return y.reshape(*x.shape[:-1], -1)
