@@ -29,6 +29,7 @@ from gptzoo.data import Tokenizer
 from gptzoo.errors import GptzooError
 from gptzoo.nn import Stack, rowwise_layout, unstacked
 from gptzoo.nn.rowwise import MIN_ROWS
+from gptzoo.stored_jit import store_programs_in, stored_jit
 
 CHUNK = 16  # most tokens per compiled decode call; the host streams text between calls
 BUCKET = 64  # prompts are padded to a multiple of this, so few prompt lengths compile
@@ -83,15 +84,18 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
 
 def enable_compilation_cache() -> None:
     """Keep compiled programs under the user's cache directory ($XDG_CACHE_HOME or ~/.cache,
-    /gptzoo/jax), so a second `gptzoo sample` of a run starts without compiling.
+    /gptzoo): the sampler's own programs, ready to run (`programs/`, see `gptzoo.stored_jit`),
+    and every other in JAX's persistent compilation cache (`jax/`), so a second `gptzoo sample`
+    of a run starts without tracing or compiling its decode loop.
 
     `GPTZOO_NO_COMPILE_CACHE=1` turns it off; `GPTZOO_COMPILE_CACHE=DIR` puts it elsewhere.
     """
     if os.environ.get("GPTZOO_NO_COMPILE_CACHE", "") not in ("", "0"):
         return
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = os.environ.get("GPTZOO_COMPILE_CACHE") or base / "gptzoo" / "jax"
-    jax.config.update("jax_compilation_cache_dir", str(path))
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptzoo"
+    path = Path(os.environ.get("GPTZOO_COMPILE_CACHE") or base)
+    store_programs_in(path / "programs")
+    jax.config.update("jax_compilation_cache_dir", str(path / "jax"))
     # Every program, however quick to compile: the sampler's small ones add up at start-up.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -173,7 +177,7 @@ def _prefill_cache(model, tokens: Int[Array, "batch n"], last: Int[Array, " batc
     return jax.vmap(one)(tokens, last)
 
 
-@eqx.filter_jit
+@stored_jit
 def _prefill(model, prompts: Int[Array, "batch bucket"], lengths: Int[Array, " batch"], keys,
              t: Int[Array, ""], sampling: tuple, use_cache: bool) -> tuple[State, int]:
     """The prompts (right-padded) in one forward pass, each row's first new token (its draw `t`),
@@ -200,7 +204,7 @@ def _step(model, state: State, sampling: tuple, recompute: bool, noise=None) -> 
     return _emit(state._replace(cache=cache), logits[:, 0], sampling, noise)
 
 
-@eqx.filter_jit(donate="all-except-first")
+@stored_jit(donate="all-except-first")
 def _decode_chunk(model, state: State, n_steps: Int[Array, ""], sampling: tuple,
                   recompute: bool, vocab: int) -> tuple[State, Int[Array, "batch chunk"]]:
     """`n_steps <= CHUNK` tokens for every row (a traced count: one compilation serves all).
@@ -219,7 +223,7 @@ def _decode_chunk(model, state: State, n_steps: Int[Array, ""], sampling: tuple,
     return jax.lax.fori_loop(0, n_steps, body, (state, out))
 
 
-@eqx.filter_jit(donate="all-except-first")
+@stored_jit(donate="all-except-first")
 def _shift(model, state: State, full: Array, keep: int, sampling: tuple) -> State:
     """One token for every row; a `full` row first keeps its last `keep` tokens (the one to feed
     included) at positions 0..keep-1 and, with a cache, re-encodes them in one prefill."""
@@ -238,7 +242,7 @@ def _shift(model, state: State, full: Array, keep: int, sampling: tuple) -> Stat
         off, on)
 
 
-@eqx.filter_jit
+@stored_jit
 def _decoding_form(model, unstack: bool, rows_first: bool):
     """The model as the decode loop reads it, built in one program (slicing the layers out op by
     op took 0.23 s at start-up, 6-layer model): its blocks written out (`unstack`) and, for

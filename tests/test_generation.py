@@ -517,12 +517,8 @@ def test_models_that_mix_positions_are_sampled_without_cache(name, model):
 
 
 def test_prompt_lengths_in_one_bucket_share_the_compiled_programs():
-    jitted = _decode_chunk._cached, _prefill._cached, _shift._cached
-    if not hasattr(jitted[0], "_cache_size"):
-        pytest.skip("this jax's jit has no _cache_size() to count compilations")
-
     def compiled() -> np.ndarray:  # decode chunks, prefills, shifts
-        return np.array([f._cache_size() for f in jitted])
+        return np.array([f.n_compiled for f in (_decode_chunk, _prefill, _shift)])
 
     # A shape no other test compiles, so that the counts start here.
     model = gpt2(V, n_layers=1, n_heads=2, d_model=24, block_size=BLOCK_SIZE,
