@@ -13,7 +13,9 @@ site-packages (gptzoo in an editable install, a run's recipe, the modules it imp
 size and modification time, as Python's own bytecode cache checks staleness.
 """
 
+import functools
 import hashlib
+import importlib.metadata
 import logging
 import os
 import pickle
@@ -27,7 +29,6 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
-import jaxlib
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache.compilation_cache import reset_cache
 
@@ -38,6 +39,18 @@ log = logging.getLogger(__name__)
 _directory: Path | None = None  # where programs are stored; None keeps them in memory only
 _IN_MEMORY = 32  # compiled programs kept per function: tests build many shapes in one process
 _ON_DISK = 256  # programs kept in the folder (~1 MB each), the least recently used removed
+
+
+@functools.cache
+def _versions() -> tuple[str, ...]:
+    """What traces and compiles a program from outside the fingerprinted files (gptzoo itself
+    among them when it is installed rather than editable)."""
+    def version(distribution: str) -> str:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:  # gptzoo run from a source tree
+            return "?"
+    return tuple(map(version, ("gptzoo", "equinox", "jax", "jaxlib")))
 
 
 def store_programs_in(directory: str | Path | None) -> None:
@@ -87,8 +100,10 @@ class StoredJit:
         dynamic, static = eqx.partition(args, eqx.is_array)
         arrays, in_tree = jax.tree.flatten(dynamic)
         static_leaves, static_tree = jax.tree.flatten(static)
-        avals = tuple((a.shape, str(a.dtype), getattr(a, "weak_type", False)) for a in arrays)
-        key = (in_tree, static_tree, tuple(static_leaves), avals)
+        # A NumPy array goes to the default device (None here); a JAX array stays where it is.
+        avals = tuple((a.shape, str(a.dtype), getattr(a, "weak_type", False),
+                       getattr(a, "sharding", None)) for a in arrays)
+        key = (in_tree, static_tree, tuple(static_leaves), avals, jax.config.jax_default_device)
         if key not in self._programs:
             self._programs[key] = self._load_or_compile(arrays, in_tree, static, key)
             if len(self._programs) > _IN_MEMORY:
@@ -129,10 +144,8 @@ class StoredJit:
         return compiled, out_static[0]
 
     def _disk_key(self, key: tuple) -> str:
-        in_tree, static_tree, static_leaves, avals = key
-        parts = [self.fn.__module__, self.fn.__qualname__, self.donate, in_tree, static_tree,
-                 static_leaves, avals, jax.__version__, jaxlib.__version__,
-                 [d.device_kind for d in jax.devices()], os.environ.get("XLA_FLAGS", ""),
+        parts = [self.fn.__module__, self.fn.__qualname__, self.donate, *key, sys.version,
+                 _versions(), jax.devices(), os.environ.get("XLA_FLAGS", ""),
                  jax.config.jax_enable_x64, _source_fingerprint()]
         # Reprs name functions with their address, which differs between processes.
         text = re.sub(r" at 0x[0-9a-f]+", "", repr(parts))
@@ -154,12 +167,17 @@ def _compile_afresh(lowered):
 
 
 def _store(path: Path, compiled, out_static) -> None:
-    """Write a compiled program beside its output structure; a program that cannot be written
-    (a read-only cache, an output that does not pickle) stays in memory only."""
+    """Write a compiled program beside its output structure and its device; a program that cannot
+    be written (a read-only cache, an output that does not pickle, a program over several devices,
+    which sampling does not run) stays in memory only."""
+    devices = {d for sharding in jax.tree.leaves(compiled.input_shardings)
+               for d in sharding.device_set}
+    if len(devices) != 1:
+        return
     try:
         executable, _, out_tree = serialize_executable.serialize(compiled)
         skeleton = jax.tree.unflatten(out_tree, [_Slot()] * out_tree.num_leaves)
-        data = pickle.dumps((executable, skeleton, out_static))
+        data = pickle.dumps((executable, skeleton, out_static, devices.pop().id))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
         stored = sorted(path.parent.glob("*.program"), key=lambda p: p.stat().st_mtime_ns)
@@ -172,10 +190,11 @@ def _store(path: Path, compiled, out_static) -> None:
 
 
 def _load(path: Path, arrays: list):
-    executable, skeleton, out_static = pickle.loads(path.read_bytes())
-    out_tree = jax.tree.structure(skeleton)
+    executable, skeleton, out_static, device_id = pickle.loads(path.read_bytes())
+    (device,) = [d for d in jax.devices() if d.id == device_id]
     compiled = serialize_executable.deserialize_and_load(
-        executable, jax.tree.structure((tuple(arrays), {})), out_tree)
+        executable, jax.tree.structure((tuple(arrays), {})), jax.tree.structure(skeleton),
+        execution_devices=[device])
     return compiled, out_static
 
 

@@ -4,12 +4,15 @@ values or other shapes; a bad or unwritable store only costs a compilation."""
 
 import importlib
 import logging
+import os
+import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import EIGHT_DEVICES
 
 from gptzoo import sample as sampler
 from gptzoo.models import gpt2
@@ -61,7 +64,6 @@ def test_a_changed_source_file_is_compiled_not_loaded(store, tmp_path, monkeypat
 
     def run_with(body: str, mtime_ns: int) -> tuple[StoredJit, jax.Array]:
         module.write_text(f"def act(x):\n    return {body}\n")
-        import os
         os.utime(module, ns=(mtime_ns, mtime_ns))
         sys.modules.pop("user_activation", None)
         act = importlib.import_module("user_activation").act
@@ -138,6 +140,26 @@ def test_the_sampler_loads_every_program_of_a_second_generation(store):
         f._programs.clear()  # as in a later process
     np.testing.assert_array_equal(generate(), first)
     np.testing.assert_array_equal(counts() - before, compiled + compiled[:, ::-1])
+
+
+# Run twice in a process with eight devices, a program's arrays on the fourth.
+_ON_DEVICE_3 = """
+import sys, jax, jax.numpy as jnp
+from gptzoo.stored_jit import StoredJit, store_programs_in
+store_programs_in(sys.argv[1])
+f = StoredJit(lambda x: x * 2)
+y = f(jax.device_put(jnp.arange(3.0), jax.devices()[3]))
+print(f.n_compiled, f.n_loaded, y.devices() == {jax.devices()[3]}, y.tolist())
+"""
+
+
+def test_a_program_is_stored_for_its_device_on_a_host_with_several(tmp_path):
+    def run() -> str:
+        return subprocess.run([sys.executable, "-c", _ON_DEVICE_3, str(tmp_path)], check=True,
+                              capture_output=True, text=True,
+                              env={**os.environ, **EIGHT_DEVICES, "JAX_PLATFORMS": "cpu"}).stdout
+    assert run().split() == ["1", "0", "True", "[0.0,", "2.0,", "4.0]"]
+    assert run().split() == ["0", "1", "True", "[0.0,", "2.0,", "4.0]"]
 
 
 def test_decorator_forms(store):
