@@ -497,6 +497,48 @@ def test_temperature_0_is_argmax_and_top_k_1_is_greedy():
         assert int(sample_logits(logits, key, 5.0, top_k=1, top_p=0.1)) == int(np.argmax(logits))
 
 
+def test_a_long_window_is_decoded_over_only_the_cache_slots_it_holds(monkeypatch):
+    """With a 256-token window the first tokens are decoded over the cache's first 64 slots,
+    then over all of them, in a batch whose rows fill them at different tokens (one chunk ends at
+    position 64 exactly): after every chunk the cache equals decoding over all its slots, and
+    greedy tokens equal the full forward's, past the window too."""
+    model = randomize(gpt2(V, n_layers=1, n_heads=2, d_model=16, block_size=256,
+                           key=jax.random.PRNGKey(2)), seed=3)
+    prompts = [PROMPT, np.random.default_rng(4).integers(0, V, 33)]
+    chunk = sampler._decode_chunk
+
+    def run(min_extent: int, **kwargs):
+        monkeypatch.setattr(sampler, "MIN_EXTENT", min_extent)
+        extents, caches = [], []
+
+        def recorded(*args):
+            state, tokens = chunk(*args)
+            extents.append(args[-1])
+            caches.append(jax.tree.map(np.asarray, state.cache))  # before it is donated
+            return state, tokens
+        monkeypatch.setattr(sampler, "_decode_chunk", recorded)
+        return generate(model, prompts, n=280, **kwargs), extents, caches
+
+    tokens, extents, caches = run(64, seeds=[1, 2])
+    whole_tokens, whole_extents, whole_caches = run(256, seeds=[1, 2])
+    assert extents[:2] == [64, 256] and set(whole_extents) == {256}
+    np.testing.assert_array_equal(tokens, whole_tokens)
+    for cache, whole in zip(caches, whole_caches, strict=True):
+        np.testing.assert_array_equal(cache[0].positions, whole[0].positions)
+        np.testing.assert_allclose(cache[0].k, whole[0].k, atol=1e-6)
+        np.testing.assert_allclose(cache[0].v, whole[0].v, atol=1e-6)
+    greedy, _, _ = run(64, temperature=0)
+    for row, prompt in zip(greedy, prompts):
+        np.testing.assert_array_equal(row, greedy_shifted(model, prompt, 280))
+
+
+def test_extents_are_quarters_of_the_window_down_to_min_extent():
+    assert [sampler._extent(1024, end) for end in (1, 64, 65, 256, 257, 1024, 1100)] == [
+        64, 64, 256, 256, 1024, 1024, 1024]
+    assert [sampler._extent(256, end) for end in (1, 64, 65)] == [64, 64, 256]
+    assert sampler._extent(128, 1) == 128  # a quarter would be below MIN_EXTENT
+
+
 # Models that cannot cache fall back to recomputing the context
 
 

@@ -33,6 +33,18 @@ class KVCache(eqx.Module):
     def size(self) -> int:
         return self.positions.shape[0]
 
+    def prefix(self, n: int) -> "KVCache":
+        """Its first `n` slots as a cache of `n` slots, equal to it while every position it holds
+        and is given is below `n` (so that a decode step reads no empty slots). Any leading
+        (batch) axes are kept."""
+        return KVCache(self.k[..., :n, :], self.v[..., :n], self.positions[..., :n])
+
+    def with_prefix(self, prefix: "KVCache") -> "KVCache":
+        """This cache with its first slots replaced by `prefix`'s (the inverse of `prefix`)."""
+        n = prefix.positions.shape[-1]
+        return KVCache(self.k.at[..., :n, :].set(prefix.k), self.v.at[..., :n].set(prefix.v),
+                       self.positions.at[..., :n].set(prefix.positions))
+
     @typecheck
     def update(
         self, k: Float[Array, "seq kv_heads head_dim"], v: Float[Array, "seq kv_heads head_dim"],
