@@ -532,6 +532,16 @@ def test_a_long_window_is_decoded_over_only_the_cache_slots_it_holds(monkeypatch
         np.testing.assert_array_equal(row, greedy_shifted(model, prompt, 280))
 
 
+def test_caches_of_an_eighth_of_the_weights_or_more_are_read_by_extent():
+    model = gpt2(5000, n_layers=1, n_heads=2, d_model=16, block_size=256,
+                 key=jax.random.PRNGKey(0))  # 34 kB of cache per row, 350 kB of weights
+
+    def rows(n: int):
+        return jax.tree.map(lambda a: jnp.stack([a] * n), model.init_cache())
+    assert [sampler._reads_by_extent(model, rows(n)) for n in (1, 2)] == [False, True]
+    assert not sampler._reads_by_extent(model, None)  # no cache: recomputed
+
+
 def test_extents_are_quarters_of_the_window_down_to_min_extent():
     assert [sampler._extent(1024, end) for end in (1, 64, 65, 256, 257, 1024, 1100)] == [
         64, 64, 256, 256, 1024, 1024, 1024]
