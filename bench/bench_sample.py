@@ -70,7 +70,7 @@ def tokens_per_s(model, batch: int, n_new: int, **kwargs) -> float:
     def generation(n):
         return generate_tokens(model, [PROMPT] * batch, max_new_tokens=n, temperature=1.0,
                                seeds=list(range(batch)), **kwargs)
-    for _ in generation(min(n_new, 20)):  # compiles the prefill and the decode chunk
+    for _ in generation(n_new):  # compiles the prefill and a decode chunk per cache extent
         pass
     start = time.perf_counter()
     for _ in generation(n_new):

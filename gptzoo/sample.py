@@ -213,8 +213,8 @@ def _is_kv_cache(x) -> bool:
 def _extent(size: int, end: int) -> int:
     """How many cache slots a decode chunk reads when the positions it feeds end before `end`:
     the smallest of `size`, `size/4`, `size/16`, ... (at least `MIN_EXTENT`) that holds them.
-    Each extent is its own program, so a generation compiles at most a few; reading the whole
-    cache instead cost GPT-2 small at batch 8 a third of its speed over its first 48 tokens."""
+    Each extent is its own program, so a generation compiles at most a few. Reading the whole
+    cache instead, GPT-2 small at batch 8 decoded its first 48 tokens about a quarter slower."""
     extent = size
     while extent // 4 >= max(end, MIN_EXTENT):
         extent //= 4
@@ -224,8 +224,8 @@ def _extent(size: int, end: int) -> int:
 def _reads_by_extent(model, cache) -> bool:
     """Whether decode chunks read only the cache slots they need (`_extent`). Each extent is
     another program to compile, which pays where the batch's cache is at least an eighth of the
-    weights' bytes: not for the 6-layer char model at batch 1 (a ninth), for GPT-2 small (a
-    seventh at batch 1)."""
+    weights' bytes: not for the 6-layer char model at batch 1 (a ninth), for GPT-2 small (about
+    a seventh at batch 1)."""
     def nbytes(tree) -> int:
         return sum(a.nbytes for a in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
     return cache is not None and 8 * nbytes(cache) >= nbytes(model)

@@ -13,6 +13,7 @@ site-packages (gptzoo in an editable install, a run's recipe, the modules it imp
 size and modification time, as Python's own bytecode cache checks staleness.
 """
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -117,7 +118,8 @@ class StoredJit:
         if path is not None and path.is_file():
             try:
                 program = _load(path, arrays)
-                os.utime(path)  # recently used: kept when the folder is trimmed
+                with contextlib.suppress(OSError):  # a read-only store is still read
+                    os.utime(path)  # recently used: kept when the folder is trimmed
                 self.n_loaded += 1
                 return program
             except Exception as e:  # a file from a crash or another jaxlib: compile instead
@@ -180,13 +182,23 @@ def _store(path: Path, compiled, out_static) -> None:
         data = pickle.dumps((executable, skeleton, out_static, devices.pop().id))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
-        stored = sorted(path.parent.glob("*.program"), key=lambda p: p.stat().st_mtime_ns)
-        for old in stored[:-_ON_DISK]:
-            old.unlink(missing_ok=True)
     except OSError as e:  # storing only saves start-up time: never fail the caller for it
         log.warning("could not store the compiled program %s (%s)", path, e)
     except (pickle.PicklingError, AttributeError, TypeError) as e:  # e.g. a lambda in an output
         log.debug("program %s not stored: its output does not pickle (%s)", path, e)
+    else:
+        _trim(path.parent)
+
+
+def _trim(folder: Path) -> None:
+    """Remove all but the `_ON_DISK` most recently used programs."""
+    def last_used(path: Path) -> int:
+        with contextlib.suppress(OSError):  # another process removed it
+            return path.stat().st_mtime_ns
+        return 0
+    for old in sorted(folder.glob("*.program"), key=last_used)[:-_ON_DISK]:
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 def _load(path: Path, arrays: list):

@@ -108,6 +108,21 @@ def test_a_corrupt_stored_program_is_compiled_again(store, caplog):
     assert path.read_bytes() != b"half a program"
 
 
+def test_the_store_keeps_its_most_recently_used_programs(store, monkeypatch):
+    stored = []
+    for n in range(1, 5):  # four programs, last used at 4000, 1000, 3000, 2000 s
+        later_process(scaled)(jnp.arange(float(n)), 3.0)
+        (new,) = set(store.glob("*.program")) - set(stored)
+        stored.append(new)
+    for path, used in zip(stored, [4000, 1000, 3000, 2000]):
+        os.utime(path, (used, used))
+    monkeypatch.setattr("gptzoo.stored_jit._ON_DISK", 3)
+    later_process(scaled)(jnp.arange(2.0), 3.0)  # the one used at 1000 s is used again
+    later_process(scaled)(jnp.arange(5.0), 3.0)  # a fifth: those used at 2000 and 3000 s go
+    assert {p for p in stored if p.exists()} == {stored[0], stored[1]}
+    assert len(list(store.glob("*.program"))) == 3
+
+
 def test_an_unwritable_store_only_warns(tmp_path, caplog):
     (tmp_path / "file").write_text("not a folder")
     store_programs_in(tmp_path / "file" / "programs")
