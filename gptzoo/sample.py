@@ -243,8 +243,8 @@ def _decode_chunk(model, state: State, n_steps: Int[Array, ""], sampling: tuple,
     back after it, once per chunk.
     """
     noise = _noise(state.keys, state.t, CHUNK, vocab, sampling[0])
-    whole, by_extent = state.cache, not recompute and extent < model.block_size
-    if by_extent:
+    whole, sliced = state.cache, not recompute and extent < model.block_size
+    if sliced:
         state = state._replace(cache=jax.tree.map(lambda c: c.prefix(extent), whole,
                                                   is_leaf=_is_kv_cache))
 
@@ -255,7 +255,7 @@ def _decode_chunk(model, state: State, n_steps: Int[Array, ""], sampling: tuple,
 
     out = jnp.zeros((state.token.shape[0], CHUNK), jnp.int32)
     state, out = jax.lax.fori_loop(0, n_steps, body, (state, out))
-    if by_extent:
+    if sliced:
         state = state._replace(cache=jax.tree.map(lambda c, p: c.with_prefix(p), whole,
                                                   state.cache, is_leaf=_is_kv_cache))
     return state, out
