@@ -47,19 +47,23 @@ def main() -> None:
           f"per device ({source})\n")
     default = load_recipe(RECIPES / "char_shakespeare.py")
     gpt2 = load_recipe(RECIPES / "gpt2_124m.py")
-    if device_memory_bytes() is not None:
-        gpt2_micro = tune_batch(gpt2, log=lambda _: None).micro_batch
-    else:
-        gpt2_micro = args.gpt2_micro_batch
-    rows = [("char_shakespeare", default, default.trainer.batch_size),
-            ("gpt2_124m", gpt2, gpt2_micro)]
     print(f"{'recipe':18} {'micro-batch':>11} {'tokens/s':>10} {'GFLOP/token':>11} {'MFU':>7}")
-    for name, recipe, micro in rows:
-        tokens_per_sec, per_token = throughput(recipe, micro, steps)
-        utilisation = flops.mfu(tokens_per_sec, per_token, peak_flops, n_devices)
-        print(f"{name:18} {micro:>11} {tokens_per_sec:>10,.0f} {per_token / 1e9:>11.3f} "
-              f"{utilisation:>7.1%}")
+    row("char_shakespeare", default.trainer.batch_size,
+        *throughput(default, default.trainer.batch_size, steps), peak_flops, n_devices)
+    if device_memory_bytes() is not None:  # tune-batch's own timing of the micro-batch it finds
+        tuned = tune_batch(gpt2, timed_steps=steps, log=lambda line: print(f"  {line}"))
+        row("gpt2_124m", tuned.micro_batch, tuned.tokens_per_sec, tuned.flops_per_token,
+            peak_flops, n_devices)
+    else:
+        row("gpt2_124m", args.gpt2_micro_batch,
+            *throughput(gpt2, args.gpt2_micro_batch, steps), peak_flops, n_devices)
 
+
+def row(name: str, micro: int, tokens_per_sec: float, per_token: float, peak_flops: float,
+        n_devices: int) -> None:
+    utilisation = flops.mfu(tokens_per_sec, per_token, peak_flops, n_devices)
+    print(f"{name:18} {micro:>11} {tokens_per_sec:>10,.0f} {per_token / 1e9:>11.3f} "
+          f"{utilisation:>7.1%}", flush=True)
 
 if __name__ == "__main__":
     main()

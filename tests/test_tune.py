@@ -1,13 +1,14 @@
 """GPT-2 small's recipe, `gptzoo tune-batch` and the MFU arithmetic."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, TINY, gptzoo_cli, set_args
 
 from gptzoo.trainer import flops
-from gptzoo.trainer.tune import _bisect
+from gptzoo.trainer.tune import Fit, _search
 
 RECIPE = ROOT / "recipes" / "char_shakespeare.py"
 GPT2_SMALL = ROOT / "recipes" / "gpt2_124m.py"
@@ -34,18 +35,39 @@ def test_gpt2_small_recipe_takes_steps_on_cpu(tmp_path, small_text):
     assert resolved["model"]["vocab_size"] % 128 == 0
 
 
-@pytest.mark.parametrize("limit, largest", [(64, 24), (20, 20), (8, 8)])
-def test_bisection_finds_the_largest_fitting_multiple(limit, largest):
+def _memory_models():
+    """Plans of `bytes(micro)` in MB, against a budget of 1,000: linear (as XLA's plans about
+    are), with a large constant, convex, in steps, and one whose run fails below the plan's
+    boundary."""
+    yield "linear", lambda m: 40 + 6.5 * m, None
+    yield "constant", lambda m: 900 + 0.3 * m, None
+    yield "convex", lambda m: 10 + 0.05 * m * m, None
+    yield "steps", lambda m: 100 * (m // 24 + 1), None
+    yield "runs out", lambda m: 40 + 2 * m, 300  # the plan fits up to 480, the device to 299
+
+
+@pytest.mark.parametrize("model", list(_memory_models()), ids=lambda model: model[0])
+@pytest.mark.parametrize("shards, limit", [(1, 512), (4, 512), (4, 64), (8, 8)])
+def test_search_finds_the_largest_fitting_multiple(model, shards, limit):
+    _, plan, runs_up_to = model
     tried = []
 
-    def fits(micro):
+    def trial(micro):
         tried.append(micro)
-        return micro <= 25  # what "fits in memory" looks like from outside: monotone
+        needed = int(plan(micro) * 1e6)
+        fits = needed <= 1e9 and (runs_up_to is None or micro < runs_up_to)
+        return Fit(micro, needed, fits)
 
-    # Multiples of 4 (the batch shards) up to the limit: the largest of them that fits 25.
-    assert _bisect(fits, shards=4, limit=limit) == largest
-    assert all(m % 4 == 0 for m in tried)
-    assert _bisect(lambda m: False, shards=4, limit=limit) is None
+    fitting = [m for m in range(shards, limit + 1, shards) if trial(m).fits]
+    tried.clear()
+    # What a trial of every candidate finds, from the few trials that predictions choose.
+    assert _search(trial, shards, limit, budget=10**9) == (max(fitting) if fitting else None)
+    assert all(m % shards == 0 and m <= limit for m in tried)
+    assert len(tried) == len(set(tried))
+    if model[0] == "linear" and limit == 512:
+        assert len(tried) <= 4  # 1 or 4, twice that, the predicted boundary and one past it
+    candidates = limit // shards  # never worse than doubling and bisecting, plus one
+    assert len(tried) <= 2 * math.ceil(math.log2(candidates)) + 2
 
 
 def test_tune_batch_reports_a_fitting_micro_batch(tmp_path, small_text):
@@ -58,7 +80,7 @@ def test_tune_batch_reports_a_fitting_micro_batch(tmp_path, small_text):
              for line in lines if line.startswith("micro-batch")}
     best = max(m for m, fits in tried.items() if fits)
     assert all(fits == (m <= best) for m, fits in tried.items())
-    assert 1 < best < 16 and (best + 1) in tried  # bisected down to the exact boundary
+    assert 1 < best < 16 and (best + 1) in tried  # searched down to the exact boundary
     assert f"largest micro-batch: {best} sequences" in result.stdout
     assert "tokens/s" in result.stdout
 

@@ -3,7 +3,7 @@
 Each candidate micro-batch compiles the real train step (one optimizer step, no accumulation)
 and is kept if XLA's memory plan for it fits the budget and, when that is the device's own memory,
 one step runs without running out of it. The candidates are multiples of the number of batch
-shards, doubled until one fails and then bisected.
+shards, each predicted from the memory the earlier ones needed (`_search`).
 """
 
 import copy
@@ -64,7 +64,7 @@ def tune_batch(recipe: Recipe, budget_bytes: int | None = None, timed_steps: int
     state = _state(p)
     trials: list[Fit] = []
 
-    def trial(micro: int) -> bool:
+    def trial(micro: int) -> Fit:
         nonlocal state
         batch = jax.device_put(jnp.zeros((1, micro, block + 1), jnp.int32), chunk_sharded(p.mesh))
         args = ((batch, p.train_key, jnp.int32(0)), *state)
@@ -81,10 +81,10 @@ def tune_batch(recipe: Recipe, budget_bytes: int | None = None, timed_steps: int
         trials.append(Fit(micro, needed, fits))
         log(f"micro-batch {micro}: {_size(needed)} of {_size(budget_bytes)} -> "
             f"{'fits' if fits else 'does not fit'}")
-        return fits
+        return trials[-1]
 
     # No micro-batch beyond the global batch: it could never be used.
-    best = _bisect(trial, shards, limit=max(shards, global_batch))
+    best = _search(trial, shards, limit=max(shards, global_batch), budget=budget_bytes)
     if best is None:
         raise GptzooError(f"not even a micro-batch of {shards} sequences of {block} tokens fits "
                           f"{_size(budget_bytes)}; shrink the model or model.block_size, "
@@ -113,23 +113,56 @@ def throughput(recipe: Recipe, micro_batch: int, steps: int = 5) -> tuple[float,
     return tokens_per_sec, _flops_per_token(recipe, p)
 
 
-def _bisect(fits: Callable[[int], bool], shards: int, limit: int) -> int | None:
-    """The largest multiple of `shards` up to `limit` that `fits`, assuming that fitting is
-    monotone: double from `shards` until a failure, then bisect the gap."""
-    good, bad = None, None
-    micro = shards
-    while micro <= limit:
-        if not fits(micro):
-            bad = micro
-            break
-        good, micro = micro, micro * 2
-    if good is None:
+def _search(trial: Callable[[int], Fit], shards: int, limit: int, budget: int) -> int | None:
+    """The largest multiple of `shards` up to `limit` whose `trial` fits, assuming that fitting
+    is monotone in the micro-batch.
+
+    A trial compiles the whole train step, which takes a minute for a large model on a GPU, so
+    each candidate is predicted from the bytes of the trials so far: XLA's plan grows about
+    linearly with the micro-batch, so two trials usually place the boundary and two more confirm
+    it (doubling from 1 and bisecting would take 8 + 7 trials to find 150 of 512). When a
+    prediction lands on the same side of the boundary twice running, the next candidate is the
+    midpoint, so a plan far from linear still takes no more trials than a bisection, plus one.
+    """
+    good = trial(shards)
+    if not good.fits:
         return None
-    bad = bad or (limit // shards + 1) * shards
-    while bad - good > shards:
-        middle = (good + bad) // (2 * shards) * shards
-        good, bad = (middle, bad) if fits(middle) else (good, middle)
-    return good
+    previous, bad, last, same_side = None, None, good, False
+    while good.micro_batch < limit and (bad is None or bad.micro_batch - good.micro_batch > shards):
+        if bad is None:
+            guess = _extrapolate(previous, good, budget, shards)
+        elif same_side or bad.bytes_needed <= budget:  # or it ran out of memory the plan missed
+            guess = (good.micro_batch + bad.micro_batch) // (2 * shards) * shards
+        else:
+            guess = _interpolate(good, bad, budget, shards)
+        upper = limit if bad is None else bad.micro_batch - shards
+        result = trial(min(max(guess, good.micro_batch + shards), upper))
+        same_side, last = bad is not None and result.fits == last.fits, result
+        if result.fits:
+            previous, good = good, result
+        else:
+            bad = result
+    return good.micro_batch
+
+
+def _extrapolate(previous: Fit | None, good: Fit, budget: int, shards: int) -> int:
+    """Where the line through the two largest fitting trials reaches the budget (doubling until
+    there are two, or when the plan did not grow)."""
+    if previous is None or good.bytes_needed <= previous.bytes_needed:
+        return 2 * good.micro_batch
+    per_sequence = (good.bytes_needed - previous.bytes_needed) / (
+        good.micro_batch - previous.micro_batch)
+    return _round(good.micro_batch + (budget - good.bytes_needed) / per_sequence, shards)
+
+
+def _interpolate(good: Fit, bad: Fit, budget: int, shards: int) -> int:
+    """Where the line between a fitting and a failing trial crosses the budget."""
+    fraction = (budget - good.bytes_needed) / (bad.bytes_needed - good.bytes_needed)
+    return _round(good.micro_batch + fraction * (bad.micro_batch - good.micro_batch), shards)
+
+
+def _round(micro: float, shards: int) -> int:
+    return int(micro) // shards * shards
 
 
 def _size(n_bytes: int) -> str:
