@@ -4,6 +4,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.linear import matmul
 
 
 class Embedding(eqx.Module):
@@ -22,8 +23,7 @@ class Embedding(eqx.Module):
     def unembed(self, x: Float[Array, "*batch seq d_model"]) -> Float[Array, "*batch seq vocab"]:
         """Logits, accumulated and returned in float32 whatever the compute dtype: the softmax
         and loss over a large vocabulary need float32 logits."""
-        logits = jnp.matmul(x.reshape(-1, x.shape[-1]), self.weight.T,
-                            preferred_element_type=jnp.float32)
+        logits = matmul(x.reshape(-1, x.shape[-1]), self.weight.T, jnp.float32)
         return logits.reshape(*x.shape[:-1], -1)
 
 

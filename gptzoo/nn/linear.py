@@ -1,3 +1,5 @@
+from functools import partial
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,41 @@ def affine(
     bias: Float[Array, " d_out"] | None, out_dtype=None,
 ) -> Float[Array, "*rows d_out"]:
     # A function of the weights too, so a mismatched input names the dimension d_in.
-    y = jnp.matmul(x.reshape(-1, x.shape[-1]), weight, preferred_element_type=out_dtype)
+    y = matmul(x.reshape(-1, x.shape[-1]), weight, out_dtype)
     y = y.reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
+
+
+def matmul(x: Float[Array, "rows d_in"], w: Float[Array, "d_in d_out"], out_dtype=None
+           ) -> Float[Array, "rows d_out"]:
+    """`x @ w`, accumulated and returned in `out_dtype` (default: the inputs' dtype).
+
+    When `out_dtype` is wider than the inputs (float32 logits from bfloat16 activations), the
+    backward still multiplies in the inputs' dtype: the cotangent is cast down before its two
+    products, as mixed-precision training does. Left to autodiff, the float32 cotangent would
+    promote both to float32 products: on an H100 those took 16 ms of GPT-2 small's 123 ms step
+    (32 sequences of 1,024).
+    """
+    if out_dtype is None or jnp.dtype(out_dtype) == jnp.result_type(x, w):
+        return jnp.matmul(x, w, preferred_element_type=out_dtype)
+    return _widening_matmul(x, w, jnp.dtype(out_dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _widening_matmul(x, w, out_dtype):
+    return jnp.matmul(x, w, preferred_element_type=out_dtype)
+
+
+def _widening_matmul_forward(x, w, out_dtype):
+    return _widening_matmul(x, w, out_dtype), (x, w)
+
+
+def _widening_matmul_backward(out_dtype, saved, cotangent):
+    x, w = saved
+    cotangent = cotangent.astype(jnp.result_type(x, w))
+    # Accumulated in float32 like the forward, returned in each input's dtype.
+    return (jnp.matmul(cotangent, w.T, preferred_element_type=jnp.float32).astype(x.dtype),
+            jnp.matmul(x.T, cotangent, preferred_element_type=jnp.float32).astype(w.dtype))
+
+
+_widening_matmul.defvjp(_widening_matmul_forward, _widening_matmul_backward)
