@@ -65,5 +65,6 @@ def row(name: str, micro: int, tokens_per_sec: float, per_token: float, peak_flo
     print(f"{name:18} {micro:>11} {tokens_per_sec:>10,.0f} {per_token / 1e9:>11.3f} "
           f"{utilisation:>7.1%}", flush=True)
 
+
 if __name__ == "__main__":
     main()
