@@ -2,6 +2,8 @@
 blocks of every zoo recipe, float32 norm statistics and logits, float32 gradients on the master
 weights, and a short bf16 training run that stays close to float32."""
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -11,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import RECIPE, TINY
+from jax.ad_checkpoint import print_saved_residuals
 
 import gptzoo
-from gptzoo.nn import LayerNorm, RMSNorm
+from gptzoo.nn import GLUMLP, MLP, LayerNorm, RMSNorm
 from gptzoo.trainer.precision import in_compute_dtype
 from gptzoo.trainer.step import loss_fn
 
@@ -82,7 +85,9 @@ def test_norms_take_statistics_in_float32_and_return_the_input_dtype(norm):
     norm = in_compute_dtype(norm, "bfloat16")
     jaxpr = jax.make_jaxpr(norm)(x)
     # Everything is computed in float32; bfloat16 appears only where the result is cast back.
-    computed = [e for e in equations(jaxpr.jaxpr) if e.primitive.name != "convert_element_type"]
+    # (A call such as the norm's jax.checkpoint returns its casts' dtype: its insides count.)
+    computed = [e for e in equations(jaxpr.jaxpr)
+                if e.primitive.name != "convert_element_type" and "jaxpr" not in e.params]
     assert computed and all(v.aval.dtype == jnp.float32 for e in computed for v in e.outvars)
     assert jaxpr.out_avals[0].dtype == jnp.bfloat16
     x64 = np.asarray(x, np.float64)
@@ -111,6 +116,32 @@ def test_the_heads_backward_multiplies_in_bf16(name):
     assert len(head) == 3  # the logits, and the products for the input's and the weight's grads
     assert all(v.aval.dtype == jnp.bfloat16 for e in head for v in e.invars)
     assert all(e.outvars[0].aval.dtype == jnp.float32 for e in head)  # accumulated in float32
+
+
+def saved_for_backward(module, x) -> list[str]:
+    """The residuals autodiff keeps from `module(x)`'s forward for its backward, as
+    `jax.ad_checkpoint.print_saved_residuals` names them (e.g. "bf16[4,16,32]")."""
+    params, static = eqx.partition(module, eqx.is_array)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(
+            lambda p, x: eqx.combine(p, static)(x).astype(jnp.float32).sum(), params, x)
+    return [line.split(" ")[0] for line in printed.getvalue().splitlines()]
+
+
+@pytest.mark.parametrize("module, hidden", [
+    (LayerNorm(32), 32), (RMSNorm(32), 32),
+    (MLP(32, key=jax.random.PRNGKey(0)), 128),  # the up-projection's output and GELU's
+    (GLUMLP(32, hidden_mult=4, key=jax.random.PRNGKey(0)), 256),  # gate, up, and their product
+], ids=["layernorm", "rmsnorm", "mlp", "glu"])
+def test_norms_and_activations_keep_only_their_inputs_for_the_backward(module, hidden):
+    # Recomputed from their inputs, not kept as float32 statistics' intermediates (three
+    # activation-sized float32 arrays per norm) or GELU's and SiLU's (four hidden-sized ones).
+    x = jnp.ones((4, 16, 32), jnp.bfloat16)
+    saved = saved_for_backward(in_compute_dtype(module, "bfloat16"), x)
+    assert not any(s.startswith("f32") for s in saved)
+    activations = [s for s in saved if s in (f"bf16[4,16,{hidden}]", f"bf16[64,{hidden}]")]
+    assert len(activations) == (1 if hidden == 32 else 2 if isinstance(module, MLP) else 3)
 
 
 def test_gradients_reach_the_float32_master_weights_in_float32():

@@ -97,11 +97,13 @@ def test_remat_gives_the_same_gradients(remat):
 
     rematted = with_remat(model, remat)
     assert rematted.blocks.remat == remat
-    # The backward pass really recomputes: a remat (jax.checkpoint) appears in the program.
-    def program(m):
-        return str(eqx.filter_make_jaxpr(lambda m: loss_fn(m, inputs, targets, KEY))(m)[0])
+    # The backward pass really recomputes: a remat (jax.checkpoint) of the block appears in the
+    # program, beside those of the norms and activations (which always recompute).
+    def remats(m):
+        return str(eqx.filter_make_jaxpr(lambda m: loss_fn(m, inputs, targets, KEY))(m)[0]
+                   ).count("remat")
 
-    assert "remat" in program(rematted) and "remat" not in program(model)
+    assert remats(rematted) > remats(model)
     assert_same(named_leaves(grads(rematted)), named_leaves(grads(model)), atol=1e-6)
 
 

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.activation import gated
 from gptzoo.nn.linear import Linear
 
-# GELU in its tanh approximation, as GPT-2's MLP and T5 v1.1's GEGLU use it.
-_ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=True)}
+_ACTIVATIONS = ("silu", "gelu")  # SwiGLU, GEGLU (see nn.activation.gated)
 
 
 def llama_hidden_dim(d_model: int, hidden_mult: float = 4, multiple_of: int = 256) -> int:
@@ -60,5 +60,5 @@ class GLUMLP(eqx.Module):
         self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "*batch seq d_model"]:
         gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
-        h = _ACTIVATIONS[self.activation](gate) * up
+        h = gated(gate, up, self.activation)
         return self.dropout(self.down(h), key=key, inference=key is None)

@@ -3,6 +3,7 @@ import jax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.activation import gelu
 from gptzoo.nn.linear import Linear
 
 
@@ -34,5 +35,6 @@ class MLP(eqx.Module):
     def __call__(
         self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "*batch seq d_model"]:
-        h = jax.nn.gelu(self.up(x), approximate=self.approximate_gelu)
+        h = gelu(self.up(x), self.approximate_gelu)
         return self.dropout(self.down(h), key=key, inference=key is None)
+

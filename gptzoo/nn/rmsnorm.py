@@ -1,3 +1,5 @@
+from functools import partial
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,13 @@ class RMSNorm(eqx.Module):
 
     @typecheck
     def __call__(self, x: Float[Array, "*rows d_model"]) -> Float[Array, "*rows d_model"]:
-        # The mean square in float32 whatever x's dtype; the output in x's dtype.
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(axis=-1, keepdims=True) + self.eps)
-        return (y if self.scale is None else y * self.scale).astype(x.dtype)
+        return _rms_norm(x, self.scale, self.eps)
+
+
+# Recomputed in the backward pass from its input, as `LayerNorm` is (see nn/norm.py).
+@partial(jax.checkpoint, static_argnums=(2,))
+def _rms_norm(x, scale, eps):
+    # The mean square in float32 whatever x's dtype; the output in x's dtype.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(axis=-1, keepdims=True) + eps)
+    return (y if scale is None else y * scale).astype(x.dtype)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.activation import gelu
 from gptzoo.nn.attention import causal_mask
 from gptzoo.nn.linear import Linear
 from gptzoo.nn.norm import LayerNorm
@@ -82,5 +83,5 @@ class SGUMLP(eqx.Module):
     def __call__(
         self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "*batch seq d_model"]:
-        h = self.sgu(jax.nn.gelu(self.up(x), approximate=True))
+        h = self.sgu(gelu(self.up(x)))
         return self.dropout(self.down(h), key=key, inference=key is None)
