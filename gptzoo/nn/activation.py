@@ -24,8 +24,13 @@ def _gelu(x, approximate):
     return jax.nn.gelu(x, approximate=approximate)
 
 
+# A gated unit's activations by name: SwiGLU (LLaMA) and GEGLU (T5 v1.1).
+GATE_ACTIVATIONS = {"silu": jax.nn.silu, "gelu": partial(jax.nn.gelu, approximate=True)}
+
+
 @partial(jax.checkpoint, static_argnums=(2,))
 def gated(gate: Float[Array, "*shape"], up: Float[Array, "*shape"], activation: str
           ) -> Float[Array, "*shape"]:
-    """A gated linear unit's `activation(gate) * up`: "silu" (SwiGLU) or "gelu" (GEGLU)."""
-    return (jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)) * up
+    """A gated linear unit's `activation(gate) * up`, the activation named in
+    `GATE_ACTIVATIONS`."""
+    return GATE_ACTIVATIONS[activation](gate) * up

@@ -4,10 +4,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
-from gptzoo.nn.activation import gated
+from gptzoo.nn.activation import GATE_ACTIVATIONS, gated
 from gptzoo.nn.linear import Linear
-
-_ACTIVATIONS = ("silu", "gelu")  # SwiGLU, GEGLU (see nn.activation.gated)
 
 
 def llama_hidden_dim(d_model: int, hidden_mult: float = 4, multiple_of: int = 256) -> int:
@@ -49,7 +47,7 @@ class GLUMLP(eqx.Module):
         self.dropout = eqx.nn.Dropout(dropout)
 
     def __check_init__(self):
-        if self.activation not in _ACTIVATIONS:
+        if self.activation not in GATE_ACTIVATIONS:
             raise ValueError(
                 f"GLUMLP activation={self.activation!r} is unknown; choose 'silu' (SwiGLU) or "
                 "'gelu' (GEGLU)"

@@ -120,7 +120,7 @@ def _search(trial: Callable[[int], Fit], shards: int, limit: int, budget: int) -
     A trial compiles the whole train step (about 20 s for GPT-2 small on an H100), so each
     candidate is predicted from the bytes of the trials so far: XLA's plan grows about
     linearly with the micro-batch, so two trials usually place the boundary and two more confirm
-    it (doubling from 1 and bisecting would take 8 + 7 trials to find 150 of 512). When a
+    it (doubling from 1 and bisecting would take 9 + 7 trials to find 150 of 512). When a
     prediction lands on the same side of the boundary twice running, the next candidate is the
     midpoint, so a plan far from linear still takes no more trials than a bisection, plus one.
     """
