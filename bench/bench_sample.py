@@ -66,17 +66,16 @@ def bytes_per_step(model, batch: int, n_new: int) -> int:
     return int(weights + batch * cache * filled)
 
 
-def tokens_per_s(model, batch: int, n_new: int, **kwargs) -> float:
-    """All rows' tokens per second of a generation whose programs a first call compiled."""
+def tokens_per_s(model, batch: int, n_new: int, repeats: int = 3, **kwargs) -> float:
+    """All rows' tokens per second of a generation whose programs a first call compiled: the
+    best of `repeats` generations, as the bandwidth is the best of its copies (single runs on the
+    2-core machine varied by up to a third)."""
     def generation(n):
         return generate_tokens(model, [PROMPT] * batch, max_new_tokens=n, temperature=1.0,
                                seeds=list(range(batch)), **kwargs)
     for _ in generation(n_new):  # compiles the prefill and a decode chunk per cache extent
         pass
-    start = time.perf_counter()
-    for _ in generation(n_new):
-        pass
-    return batch * n_new / (time.perf_counter() - start)
+    return batch * n_new / min(_timed(lambda: [*generation(n_new)]) for _ in range(repeats))
 
 
 def table(header: list[str], rows: list[list[str]]) -> None:

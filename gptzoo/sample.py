@@ -15,6 +15,7 @@ What the context is once it holds `block_size` tokens (`context`):
 """
 
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -289,9 +290,17 @@ def _decoding_form(model, unstack: bool, rows_first: bool):
     return rowwise_layout(model) if rows_first else model
 
 
+# The last model converted by `_for_decoding`, by id: {id: ((unstack, rows_first), form)}. One
+# entry, dropped when its model is garbage-collected: a loop of `generate` calls on one model
+# converts it once (GPT-2 small's 500 MB of weights took ~0.4 s per call), at the price of
+# keeping one converted copy of the weights while the model lives.
+_last_form: dict[int, tuple] = {}
+
+
 def _for_decoding(model, n_rows: int):
     """`_decoding_form` of `model` for a batch of `n_rows`, or the model itself when that form
-    changes nothing (a program would still copy every weight)."""
+    changes nothing (a program would still copy every weight); the last model's form is reused
+    (`_last_form`)."""
     # Decoding scanned blocks writes every layer's whole cache out of the scan at every token;
     # written out, each block updates its cache in place: 111 -> 144 tokens/s at batch 1 and
     # 151 -> 391 at batch 8 (6 x 384 char model, 2-core CPU). The price: the stacked weights copied
@@ -303,7 +312,18 @@ def _for_decoding(model, n_rows: int):
     # gptzoo/nn/rowwise.py: batch-8 tokens/s 1.1-1.3x (6-layer char), 1.3-1.5x (GPT-2 small),
     # for a copy of the weights.
     rows_first = n_rows >= MIN_ROWS and jax.default_backend() == "cpu"
-    return _decoding_form(model, unstack, rows_first) if unstack or rows_first else model
+    if not (unstack or rows_first):
+        return model
+    flags = (unstack, rows_first)
+    cached = _last_form.get(id(model))
+    if cached is not None and cached[0] == flags:
+        return cached[1]
+    form = _decoding_form(model, unstack, rows_first)
+    if id(model) not in _last_form:  # the id is not reused before the finalizer has run
+        _last_form.clear()
+        weakref.finalize(model, _last_form.pop, id(model), None)
+    _last_form[id(model)] = (flags, form)
+    return form
 
 
 def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
