@@ -11,7 +11,6 @@ import inspect
 import types
 import typing
 
-from beartype import beartype
 from jaxtyping import AbstractArray, TypeCheckError, jaxtyped
 
 
@@ -22,12 +21,20 @@ class ShapeError(TypeCheckError):
 def typecheck(fn):
     """`jaxtyped(typechecker=beartype)`, with the failure explained on the error's first line.
 
-    The wrapper adds only a `try` to each call, and under `jit` it runs at trace time only.
+    The wrapper adds only a `try` to each call, and under `jit` it runs at trace time only. The
+    check is built on the first call: importing beartype and decorating every checked function
+    took ~0.1 s of each command's start-up, and a program read back from disk
+    (`gptzoo.stored_jit`) is never traced.
     """
-    checked = jaxtyped(fn, typechecker=beartype)
+    checked = None
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        nonlocal checked
+        if checked is None:
+            from beartype import beartype
+
+            checked = jaxtyped(fn, typechecker=beartype)
         try:
             return checked(*args, **kwargs)
         except ShapeError:
