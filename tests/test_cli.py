@@ -30,10 +30,13 @@ def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
     imported = set(re.findall(r"\| +([\w.]+)$", run.stderr, flags=re.M))
     assert "gptzoo.sample" in imported
     assert not imported & {"gptzoo.trainer.loop", "gptzoo.trainer.progress", "rich", "optax"}
-    # A second process runs the programs the first stored, tracing none of them.
-    second = gptzoo_cli(*args, "--seed", "3", env={"JAX_LOG_COMPILES": "1"}, check=True)
+    # A second process runs the programs the first stored, tracing none of them, so it never
+    # builds the shape checks (nn/_typecheck.py) nor imports beartype for them.
+    second = gptzoo_cli(*args, "--seed", "3", check=True,
+                        env={"JAX_LOG_COMPILES": "1", "PYTHONPROFILEIMPORTTIME": "1"})
     assert second.stdout == first
     assert not re.findall(r"tracing \w*(_prefill|_decode_chunk)", second.stderr)
+    assert "beartype" not in re.findall(r"\| +([\w.]+)$", second.stderr, flags=re.M)
     assert gptzoo_in_process(*args, "--seed", "3").stdout == first
     assert gptzoo_in_process(*args, "--seed", "4").stdout != first
     greedy = [gptzoo_in_process(*args, "--temperature", "0", "--seed", s).stdout

@@ -377,32 +377,34 @@ def test_the_rowwise_layout_gives_the_models_logits_for_one_row_and_for_many(nam
                                atol=1e-5)
 
 
-def test_batches_of_min_rows_or_more_decode_in_the_rowwise_layout_on_cpu(monkeypatch):
+@pytest.fixture
+def conversions(monkeypatch) -> list[tuple[bool, bool]]:
+    """The `(unstack, rows_first)` flags of each model the sampler converts for decoding."""
     forms = []
     real = sampler._decoding_form
     monkeypatch.setattr(sampler, "_decoding_form",
                         lambda m, *flags: forms.append(flags) or real(m, *flags))
+    return forms
+
+
+def test_batches_of_min_rows_or_more_decode_in_the_rowwise_layout_on_cpu(conversions):
     model = build("gpt2")  # scanned blocks: written out for decoding at any batch size
     generate(model, [PROMPT], n=3)
     generate(model, [PROMPT] * (sampler.MIN_ROWS - 1), n=3)  # padded to MIN_ROWS rows
     # One row keeps XLA:CPU's matrix product, the faster there.
-    assert forms == [(True, False), (True, True)]
+    assert conversions == [(True, False), (True, True)]
 
 
-def test_a_model_is_converted_for_decoding_once_while_it_lives(monkeypatch):
+def test_a_model_is_converted_for_decoding_once_while_it_lives(conversions):
     """Repeated calls on one model reuse its decoding form; another model gets its own, and a
     model's form is released with it."""
-    forms = []
-    real = sampler._decoding_form
-    monkeypatch.setattr(sampler, "_decoding_form",
-                        lambda m, *flags: forms.append(flags) or real(m, *flags))
     model = ARCHS["gpt2"]()  # scanned blocks: converted for decoding; not build's cached one
     first = generate(model, [PROMPT], n=3)
     np.testing.assert_array_equal(generate(model, [PROMPT], n=3), first)
-    assert len(forms) == 1
+    assert len(conversions) == 1
     other = ARCHS["gpt2"]()
     np.testing.assert_array_equal(generate(other, [PROMPT], n=3), first)  # same weights
-    assert len(forms) == 2
+    assert len(conversions) == 2
     del model, other
     gc.collect()
     assert not sampler._last_form
