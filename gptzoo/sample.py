@@ -320,8 +320,11 @@ def _for_decoding(model, n_rows: int):
         return cached[1]
     form = _decoding_form(model, unstack, rows_first)
     if id(model) not in _last_form:  # the id is not reused before the finalizer has run
+        try:
+            weakref.finalize(model, _last_form.pop, id(model), None)
+        except TypeError:  # a model that takes no weak references: converted at every call
+            return form
         _last_form.clear()
-        weakref.finalize(model, _last_form.pop, id(model), None)
     _last_form[id(model)] = (flags, form)
     return form
 

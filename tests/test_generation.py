@@ -410,6 +410,18 @@ def test_a_model_is_converted_for_decoding_once_while_it_lives(conversions):
     assert not sampler._last_form
 
 
+def test_a_model_without_weak_references_is_converted_at_every_call(conversions, monkeypatch):
+    """A pytree that takes no weak references (a tuple-based one, say) is still sampled."""
+    def no_weak_references(model, *args):
+        raise TypeError(f"cannot create weak reference to {type(model).__name__!r} object")
+
+    monkeypatch.setattr(sampler.weakref, "finalize", no_weak_references)
+    model = ARCHS["gpt2"]()
+    first = generate(model, [PROMPT], n=3)
+    np.testing.assert_array_equal(generate(model, [PROMPT], n=3), first)
+    assert len(conversions) == 2 and not sampler._last_form
+
+
 @pytest.mark.parametrize("name", ARCHS)
 def test_the_same_seed_gives_the_same_tokens_another_seed_others(name):
     model = build(name)
