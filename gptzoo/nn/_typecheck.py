@@ -23,7 +23,7 @@ def typecheck(fn):
 
     The wrapper adds only a `try` to each call, and under `jit` it runs at trace time only. The
     check is built on the first call: importing beartype and decorating every checked function
-    took ~0.1 s of each command's start-up, and a program read back from disk
+    took 0.15-0.25 s of each command's start-up, and a program read back from disk
     (`gptzoo.stored_jit`) is never traced.
     """
     checked = None
