@@ -20,6 +20,11 @@ from conftest import (
 import gptzoo
 
 
+def imported_modules(stderr: str) -> set[str]:
+    """The modules a process imported, from its `PYTHONPROFILEIMPORTTIME` lines."""
+    return set(re.findall(r"\| +([\w.]+)$", stderr, flags=re.M))
+
+
 def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
     """The same seed gives the same text in another process; the rest runs in this one."""
     args = ("sample", "--ckpt", trained_run, "--prompt", "ROMEO:", "--max-new-tokens", "40")
@@ -27,7 +32,7 @@ def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
     first = run.stdout
     assert first.startswith("ROMEO:") and len(first) >= len("ROMEO:") + 40
     # Sampling starts without importing the training loop and what only it needs.
-    imported = set(re.findall(r"\| +([\w.]+)$", run.stderr, flags=re.M))
+    imported = imported_modules(run.stderr)
     assert "gptzoo.sample" in imported
     assert not imported & {"gptzoo.trainer.loop", "gptzoo.trainer.progress", "rich", "optax"}
     # A second process runs the programs the first stored, tracing none of them, so it never
@@ -36,7 +41,7 @@ def test_sample_is_reproducible_and_streams_the_prompt(trained_run):
                         env={"JAX_LOG_COMPILES": "1", "PYTHONPROFILEIMPORTTIME": "1"})
     assert second.stdout == first
     assert not re.findall(r"tracing \w*(_prefill|_decode_chunk)", second.stderr)
-    assert "beartype" not in re.findall(r"\| +([\w.]+)$", second.stderr, flags=re.M)
+    assert "beartype" not in imported_modules(second.stderr)
     assert gptzoo_in_process(*args, "--seed", "3").stdout == first
     assert gptzoo_in_process(*args, "--seed", "4").stdout != first
     greedy = [gptzoo_in_process(*args, "--temperature", "0", "--seed", s).stdout

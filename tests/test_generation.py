@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import gc
 import importlib
+import types
 from pathlib import Path
 
 import equinox as eqx
@@ -415,7 +416,7 @@ def test_a_model_without_weak_references_is_converted_at_every_call(conversions,
     def no_weak_references(model, *args):
         raise TypeError(f"cannot create weak reference to {type(model).__name__!r} object")
 
-    monkeypatch.setattr(sampler.weakref, "finalize", no_weak_references)
+    monkeypatch.setattr(sampler, "weakref", types.SimpleNamespace(finalize=no_weak_references))
     model = ARCHS["gpt2"]()
     first = generate(model, [PROMPT], n=3)
     np.testing.assert_array_equal(generate(model, [PROMPT], n=3), first)

@@ -37,4 +37,3 @@ class MLP(eqx.Module):
     ) -> Float[Array, "*batch seq d_model"]:
         h = gelu(self.up(x), self.approximate_gelu)
         return self.dropout(self.down(h), key=key, inference=key is None)
-
