@@ -1,12 +1,19 @@
 """Tokens/s and model FLOPs utilisation (MFU) of the default recipe and of GPT-2 small.
 
     python bench/bench_mfu.py [--quick] [--peak-flops F] [--gpt2-micro-batch N]
+                              [--set KEY=VALUE ...] [--variant KEY=VALUE[,KEY=VALUE...] ...]
 
 MFU counts the model's training FLOPs (6N + 12 L d T per token, `gptzoo.trainer.flops`) over the
 device's peak: its datasheet bf16 peak for known GPUs and TPUs, `--peak-flops` if given, else
 (CPUs) the best float32 matmul this process measures, which is labelled as such. GPT-2 small
-runs at the micro-batch `gptzoo tune-batch` finds where the device reports its memory (GPUs), and
-at `--gpt2-micro-batch` (default 1) elsewhere.
+runs at `--gpt2-micro-batch` when given, else at the micro-batch `gptzoo tune-batch` finds where
+the device reports its memory (GPUs), else at 1.
+
+`--set` overrides GPT-2's recipe; each `--variant` adds a GPT-2 row with its own overrides on top,
+so one process compares settings side by side on one device (a lent GPU's minutes go further):
+
+    python bench/bench_mfu.py --gpt2-micro-batch 64 --variant trainer.remat=full \\
+        --variant trainer.remat=none
 """
 
 import argparse
@@ -15,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from gptzoo.recipe import load_recipe
+from gptzoo.recipe import load_recipe, parse_overrides
 from gptzoo.trainer import flops
 from gptzoo.trainer.tune import device_memory_bytes, throughput, tune_batch
 
@@ -35,8 +42,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
     parser.add_argument("--peak-flops", type=float, help="the device's peak FLOP/s")
-    parser.add_argument("--gpt2-micro-batch", type=int, default=1,
-                        help="GPT-2 small's micro-batch where tune-batch cannot run")
+    parser.add_argument("--gpt2-micro-batch", type=int,
+                        help="GPT-2 small's micro-batch (default: tune-batch's on GPUs, else 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override GPT-2's recipe (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,...]",
+                        help="a further GPT-2 row with these overrides (repeatable)")
     args = parser.parse_args()
     steps = 2 if args.quick else 5
     device = jax.devices()[0]
@@ -46,23 +57,30 @@ def main() -> None:
           f"cores, load average {os.getloadavg()[0]:.2f}; peak {peak_flops / 1e12:.3f} TFLOP/s "
           f"per device ({source})\n")
     default = load_recipe(RECIPES / "char_shakespeare.py")
-    gpt2 = load_recipe(RECIPES / "gpt2_124m.py")
-    print(f"{'recipe':18} {'micro-batch':>11} {'tokens/s':>10} {'GFLOP/token':>11} {'MFU':>7}")
-    row("char_shakespeare", default.trainer.batch_size,
+    base = parse_overrides(args.set)
+    variants = {"": {}} | {v: parse_overrides(v.split(",")) for v in args.variant}
+    width = max(len(f"gpt2_124m {v}") for v in variants)
+    print(f"{'recipe':{width}} {'micro-batch':>11} {'tokens/s':>10} {'GFLOP/token':>11} "
+          f"{'MFU':>7}")
+    row("char_shakespeare", width, default.trainer.batch_size,
         *throughput(default, default.trainer.batch_size, steps), peak_flops, n_devices)
-    if device_memory_bytes() is not None:  # tune-batch's own timing of the micro-batch it finds
-        tuned = tune_batch(gpt2, timed_steps=steps, log=lambda line: print(f"  {line}"))
-        row("gpt2_124m", tuned.micro_batch, tuned.tokens_per_sec, tuned.flops_per_token,
-            peak_flops, n_devices)
-    else:
-        row("gpt2_124m", args.gpt2_micro_batch,
-            *throughput(gpt2, args.gpt2_micro_batch, steps), peak_flops, n_devices)
+    for name, overrides in variants.items():
+        gpt2 = load_recipe(RECIPES / "gpt2_124m.py", base | overrides)
+        label = f"gpt2_124m {name}".strip()
+        if args.gpt2_micro_batch is None and device_memory_bytes() is not None:
+            # tune-batch's own timing of the micro-batch it finds
+            tuned = tune_batch(gpt2, timed_steps=steps, log=lambda line: print(f"  {line}"))
+            row(label, width, tuned.micro_batch, tuned.tokens_per_sec, tuned.flops_per_token,
+                peak_flops, n_devices)
+        else:
+            micro = args.gpt2_micro_batch or 1
+            row(label, width, micro, *throughput(gpt2, micro, steps), peak_flops, n_devices)
 
 
-def row(name: str, micro: int, tokens_per_sec: float, per_token: float, peak_flops: float,
-        n_devices: int) -> None:
+def row(name: str, width: int, micro: int, tokens_per_sec: float, per_token: float,
+        peak_flops: float, n_devices: int) -> None:
     utilisation = flops.mfu(tokens_per_sec, per_token, peak_flops, n_devices)
-    print(f"{name:18} {micro:>11} {tokens_per_sec:>10,.0f} {per_token / 1e9:>11.3f} "
+    print(f"{name:{width}} {micro:>11} {tokens_per_sec:>10,.0f} {per_token / 1e9:>11.3f} "
           f"{utilisation:>7.1%}", flush=True)
 
 
