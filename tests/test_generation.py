@@ -534,7 +534,7 @@ def test_temperature_0_is_argmax_and_top_k_1_is_greedy():
 
 def test_a_long_window_is_decoded_over_only_the_cache_slots_it_holds(monkeypatch):
     """With a 256-token window the first tokens are decoded over the cache's first 64 slots,
-    then over all of them, in a batch whose rows fill them at different tokens (one chunk ends at
+    then its first 128, then all of them, in a batch whose rows fill them at different tokens (one chunk ends at
     position 64 exactly): after every chunk the cache equals decoding over all its slots, and
     greedy tokens equal the full forward's, past the window too."""
     model = randomize(gpt2(V, n_layers=1, n_heads=2, d_model=16, block_size=256,
@@ -556,7 +556,7 @@ def test_a_long_window_is_decoded_over_only_the_cache_slots_it_holds(monkeypatch
 
     tokens, extents, caches = run(64, seeds=[1, 2])
     whole_tokens, whole_extents, whole_caches = run(256, seeds=[1, 2])
-    assert extents[:2] == [64, 256] and set(whole_extents) == {256}
+    assert list(dict.fromkeys(extents)) == [64, 128, 256] and set(whole_extents) == {256}
     np.testing.assert_array_equal(tokens, whole_tokens)
     for cache, whole in zip(caches, whole_caches, strict=True):
         np.testing.assert_array_equal(cache[0].positions, whole[0].positions)
