@@ -156,22 +156,39 @@ def attention_micro(shape: tuple[int, int, int, int], rounds: int) -> dict:
 
 
 def matmul_micro(m: int, k: int, n: int, rounds: int) -> dict:
-    """GFLOP/s of one float32 (m, k) @ (k, n) product in XLA and in torch, interleaved rounds:
-    how far the training step is from its matrix products alone."""
+    """GFLOP/s of one float32 (m, k) @ (k, n) product in XLA and in torch, interleaved rounds of
+    `CALLS` products each: how far the training step is from its matrix products alone. Each
+    product reuses its output buffer, as a compiled step's products do (torch through `out=`):
+    given a fresh output per product (one call a round, or ten kept alive), XLA read up to 40%
+    slower on the 2-core CPU (79 against 133 GFLOP/s for 2048 x 384 x 1152), the price of first
+    touching new memory, which this bench once reported as XLA's rate."""
     import numpy as np
     import torch
 
     a, b = (np.random.default_rng(0).standard_normal(s, np.float32) for s in [(m, k), (k, n)])
     xla_matmul, xa, xb = jax.jit(jnp.matmul), jnp.asarray(a), jnp.asarray(b)
-    runs = {"xla": lambda: jax.block_until_ready(xla_matmul(xa, xb)),
-            "torch": functools.partial(torch.matmul, torch.from_numpy(a), torch.from_numpy(b))}
+    ta, tb, out = torch.from_numpy(a), torch.from_numpy(b), torch.empty(m, n)
+
+    def xla() -> None:
+        for _ in range(CALLS):
+            product = xla_matmul(xa, xb)  # the last one's buffer is reused, as in a step
+        jax.block_until_ready(product)
+
+    def torch_matmul() -> None:
+        for _ in range(CALLS):
+            torch.matmul(ta, tb, out=out)
+
+    runs = {"xla": xla, "torch": torch_matmul}
     seconds = {name: [] for name in runs}
     for _ in range(rounds + 1):  # the first round compiles and warms up
         for name, run in runs.items():
             clock = time.perf_counter()
             run()
-            seconds[name].append(time.perf_counter() - clock)
+            seconds[name].append((time.perf_counter() - clock) / CALLS)
     return {name: 2 * m * k * n / statistics.median(s[1:]) / 1e9 for name, s in seconds.items()}
+
+
+CALLS = 10  # products per timed round of matmul_micro
 
 
 def print_table(rows: dict[str, dict]) -> None:
