@@ -130,7 +130,11 @@ def against_nanogpt(recipe: Recipe, rounds: int) -> dict:
 
 def attention_micro(shape: tuple[int, int, int, int], rounds: int) -> dict:
     """ms of one layer's causal attention forward + backward (batch, seq, heads, head_dim) on each
-    path, interleaved rounds, medians."""
+    path, and through torch's `scaled_dot_product_attention` (nanoGPT's), interleaved rounds,
+    medians."""
+    import numpy as np
+    import torch
+
     import gptzoo.nn.attention as attention
 
     q, k, v, cotangent = jax.random.normal(jax.random.PRNGKey(0), (4, *shape))
@@ -146,11 +150,24 @@ def attention_micro(shape: tuple[int, int, int, int], rounds: int) -> dict:
         # Traced (compiled) under the block size asked for; a block of seq is the plain einsum.
         with mock.patch.multiple(attention, BLOCK=block, MIN_BLOCKED_QUERIES=1):
             jax.block_until_ready(grads[name](q, k, v))
-    ms = {name: [] for name in grads}
+    runs = {name: functools.partial(lambda g: jax.block_until_ready(g(q, k, v)), grad)
+            for name, grad in grads.items()}
+    # torch's layout is (batch, heads, seq, head_dim), as nanoGPT transposes to.
+    tq, tk, tv, tcot = (torch.from_numpy(np.array(a)).transpose(1, 2).contiguous()
+                        for a in (q, k, v, cotangent))
+    tq, tk, tv = (t.requires_grad_() for t in (tq, tk, tv))
+
+    def torch_sdpa() -> None:
+        out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+        torch.autograd.grad((out * tcot).sum(), (tq, tk, tv))
+
+    runs["torch sdpa"] = torch_sdpa
+    torch_sdpa()  # warm-up
+    ms = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, grad in grads.items():
+        for name, run in runs.items():
             clock = time.perf_counter()
-            jax.block_until_ready(grad(q, k, v))
+            run()
             ms[name].append(1e3 * (time.perf_counter() - clock))
     return {name: statistics.median(t) for name, t in ms.items()}
 
