@@ -534,9 +534,9 @@ def test_temperature_0_is_argmax_and_top_k_1_is_greedy():
 
 def test_a_long_window_is_decoded_over_only_the_cache_slots_it_holds(monkeypatch):
     """With a 256-token window the first tokens are decoded over the cache's first 64 slots,
-    then its first 128, then all of them, in a batch whose rows fill them at different tokens (one chunk ends at
-    position 64 exactly): after every chunk the cache equals decoding over all its slots, and
-    greedy tokens equal the full forward's, past the window too."""
+    then its first 128, then all of them, in a batch whose rows fill them at different tokens
+    (one chunk ends at position 64 exactly): after every chunk the cache equals decoding over all
+    its slots, and greedy tokens equal the full forward's, past the window too."""
     model = randomize(gpt2(V, n_layers=1, n_heads=2, d_model=16, block_size=256,
                            key=jax.random.PRNGKey(2)), seed=3)
     prompts = [PROMPT, np.random.default_rng(4).integers(0, V, 33)]
