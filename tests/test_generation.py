@@ -577,11 +577,11 @@ def test_caches_of_an_eighth_of_the_weights_or_more_are_read_by_extent():
     assert not sampler._reads_by_extent(model, None)  # no cache: recomputed
 
 
-def test_extents_are_quarters_of_the_window_down_to_min_extent():
+def test_extents_are_halves_of_the_window_down_to_min_extent():
     assert [sampler._extent(1024, end) for end in (1, 64, 65, 256, 257, 1024, 1100)] == [
-        64, 64, 256, 256, 1024, 1024, 1024]
-    assert [sampler._extent(256, end) for end in (1, 64, 65)] == [64, 64, 256]
-    assert sampler._extent(128, 1) == 128  # a quarter would be below MIN_EXTENT
+        64, 64, 128, 256, 512, 1024, 1024]
+    assert [sampler._extent(256, end) for end in (1, 64, 65, 129)] == [64, 64, 128, 256]
+    assert sampler._extent(96, 1) == 96  # a half would be below MIN_EXTENT
 
 
 # Models that cannot cache fall back to recomputing the context
