@@ -292,11 +292,12 @@ def _decoding_form(model, unstack: bool, rows_first: bool):
     return rowwise_layout(model) if rows_first else model
 
 
-# The last model converted by `_for_decoding`, by id: {id: ((unstack, rows_first), form)}. One
-# entry, dropped when its model is garbage-collected: a loop of `generate` calls on one model
-# converts it once (GPT-2 small's 500 MB of weights: 0.18-0.25 s per call written out, 0.39-0.41 s
-# with the rowwise copy), at the price of keeping one converted copy while the model lives.
-_last_form: dict[int, tuple] = {}
+# The last model converted by `_for_decoding`: [(weak reference to it, (unstack, rows_first),
+# form)]. One entry, dropped when its model is garbage-collected (the reference's callback; a
+# replaced reference never calls back): a loop of `generate` calls on one model converts it once
+# (GPT-2 small's 500 MB of weights: 0.18-0.25 s per call written out, 0.39-0.41 s with the
+# rowwise copy), at the price of keeping one converted copy while the model lives.
+_last_form: list[tuple] = []
 
 
 def _for_decoding(model, n_rows: int):
@@ -317,17 +318,14 @@ def _for_decoding(model, n_rows: int):
     if not (unstack or rows_first):
         return model
     flags = (unstack, rows_first)
-    cached = _last_form.get(id(model))
-    if cached is not None and cached[0] == flags:
-        return cached[1]
+    if _last_form and _last_form[0][0]() is model and _last_form[0][1] == flags:
+        return _last_form[0][2]
     form = _decoding_form(model, unstack, rows_first)
-    if id(model) not in _last_form:  # the id is not reused before the finalizer has run
-        try:
-            weakref.finalize(model, _last_form.pop, id(model), None)
-        except TypeError:  # a model that takes no weak references: converted at every call
-            return form
-        _last_form.clear()
-    _last_form[id(model)] = (flags, form)
+    try:
+        ref = weakref.ref(model, lambda _: _last_form.clear())
+    except TypeError:  # a model that takes no weak references: converted at every call
+        return form
+    _last_form[:] = [(ref, flags, form)]
     return form
 
 

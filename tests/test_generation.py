@@ -397,8 +397,8 @@ def test_batches_of_min_rows_or_more_decode_in_the_rowwise_layout_on_cpu(convers
 
 
 def test_a_model_is_converted_for_decoding_once_while_it_lives(conversions):
-    """Repeated calls on one model reuse its decoding form; another model gets its own, and a
-    model's form is released with it."""
+    """Repeated calls on one model reuse its decoding form; another model's form replaces it
+    (one is kept), and the kept form is released with its model, not with a replaced one."""
     model = ARCHS["gpt2"]()  # scanned blocks: converted for decoding; not build's cached one
     first = generate(model, [PROMPT], n=3)
     np.testing.assert_array_equal(generate(model, [PROMPT], n=3), first)
@@ -406,7 +406,12 @@ def test_a_model_is_converted_for_decoding_once_while_it_lives(conversions):
     other = ARCHS["gpt2"]()
     np.testing.assert_array_equal(generate(other, [PROMPT], n=3), first)  # same weights
     assert len(conversions) == 2
-    del model, other
+    np.testing.assert_array_equal(generate(model, [PROMPT], n=3), first)
+    assert len(conversions) == 3
+    del other
+    gc.collect()
+    assert sampler._last_form  # model's form, kept while model lives
+    del model
     gc.collect()
     assert not sampler._last_form
 
@@ -416,7 +421,7 @@ def test_a_model_without_weak_references_is_converted_at_every_call(conversions,
     def no_weak_references(model, *args):
         raise TypeError(f"cannot create weak reference to {type(model).__name__!r} object")
 
-    monkeypatch.setattr(sampler, "weakref", types.SimpleNamespace(finalize=no_weak_references))
+    monkeypatch.setattr(sampler, "weakref", types.SimpleNamespace(ref=no_weak_references))
     model = ARCHS["gpt2"]()
     first = generate(model, [PROMPT], n=3)
     np.testing.assert_array_equal(generate(model, [PROMPT], n=3), first)
