@@ -59,7 +59,7 @@ def main() -> None:
     default = load_recipe(RECIPES / "char_shakespeare.py")
     base = parse_overrides(args.set)
     variants = {"": {}} | {v: parse_overrides(v.split(",")) for v in args.variant}
-    width = max(len(f"gpt2_124m {v}") for v in variants)
+    width = max(len("char_shakespeare"), *(len(f"gpt2_124m {v}") for v in variants))
     print(f"{'recipe':{width}} {'micro-batch':>11} {'tokens/s':>10} {'GFLOP/token':>11} "
           f"{'MFU':>7}")
     row("char_shakespeare", width, default.trainer.batch_size,

@@ -150,7 +150,7 @@ def attention_micro(shape: tuple[int, int, int, int], rounds: int) -> dict:
         # Traced (compiled) under the block size asked for; a block of seq is the plain einsum.
         with mock.patch.multiple(attention, BLOCK=block, MIN_BLOCKED_QUERIES=1):
             jax.block_until_ready(grads[name](q, k, v))
-    runs = {name: functools.partial(lambda g: jax.block_until_ready(g(q, k, v)), grad)
+    runs = {name: lambda grad=grad: jax.block_until_ready(grad(q, k, v))
             for name, grad in grads.items()}
     # torch's layout is (batch, heads, seq, head_dim), as nanoGPT transposes to.
     tq, tk, tv, tcot = (torch.from_numpy(np.array(a)).transpose(1, 2).contiguous()
@@ -170,6 +170,9 @@ def attention_micro(shape: tuple[int, int, int, int], rounds: int) -> dict:
             run()
             ms[name].append(1e3 * (time.perf_counter() - clock))
     return {name: statistics.median(t) for name, t in ms.items()}
+
+
+CALLS = 10  # products per timed round of matmul_micro
 
 
 def matmul_micro(m: int, k: int, n: int, rounds: int) -> dict:
@@ -203,9 +206,6 @@ def matmul_micro(m: int, k: int, n: int, rounds: int) -> dict:
             run()
             seconds[name].append((time.perf_counter() - clock) / CALLS)
     return {name: 2 * m * k * n / statistics.median(s[1:]) / 1e9 for name, s in seconds.items()}
-
-
-CALLS = 10  # products per timed round of matmul_micro
 
 
 def print_table(rows: dict[str, dict]) -> None:
