@@ -13,6 +13,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from gptzoo.nn.activation_sharding import activation_sharding
 from gptzoo.trainer.accumulate import accumulated_grad
+from gptzoo.trainer.loss import cross_entropy
 from gptzoo.trainer.precision import in_compute_dtype
 from gptzoo.trainer.sharding import activation_rule, batch_sharded, shard
 
@@ -25,9 +26,8 @@ def loss_fn(model, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch s
 def token_losses(model, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
                  key: PRNGKeyArray | None = None) -> Float[Array, "batch predicted"]:
     """The float32 cross-entropy of every predicted position, whatever the compute dtype."""
-    logits = model(inputs, key=key).astype(jnp.float32)
-    targets = predicted(targets, logits)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    logits = model(inputs, key=key)
+    return cross_entropy(logits, predicted(targets, logits))
 
 
 def batch_loss_sum(model, batch: Int[Array, "batch block_plus_1"], key: PRNGKeyArray | None
@@ -135,5 +135,5 @@ def estimate_loss(model, batches: Int[Array, "n batch block_plus_1"],
 def masked_loss_sum(model, inputs, targets, mask, mesh: Mesh | None = None):
     with activations_on(mesh):
         logits = model(inputs)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, predicted(targets, logits))
+    losses = cross_entropy(logits, predicted(targets, logits))
     return jnp.where(predicted(mask, logits), losses, 0.0).sum()
