@@ -14,10 +14,11 @@ from conftest import RECIPE, TINY, gptzoo_cli, set_args
 import gptzoo
 from gptzoo.models import gpt2, llama
 from gptzoo.models.names import named_leaves, per_layer_leaves
-from gptzoo.nn import Stack, unstacked, with_remat
+from gptzoo.nn import Stack, unstacked, with_scan_settings
 from gptzoo.recipe import OptimizerConfig
 from gptzoo.trainer.checkpoint import Checkpoints, load
 from gptzoo.trainer.init_from import Initial
+from gptzoo.trainer.loop import prepare
 from gptzoo.trainer.optimizer import make_optimizer
 from gptzoo.trainer.step import loss_fn
 
@@ -95,7 +96,7 @@ def test_remat_gives_the_same_gradients(remat):
     def grads(m):
         return eqx.filter_grad(lambda m: loss_fn(m, inputs, targets, KEY))(m)
 
-    rematted = with_remat(model, remat)
+    rematted = with_scan_settings(model, remat)
     assert rematted.blocks.remat == remat
     # The backward pass really recomputes: a remat (jax.checkpoint) of the block appears in the
     # program, beside those of the norms and activations (which always recompute).
@@ -107,11 +108,33 @@ def test_remat_gives_the_same_gradients(remat):
     assert_same(named_leaves(grads(rematted)), named_leaves(grads(model)), atol=1e-6)
 
 
+@pytest.mark.parametrize("remat", ["none", "dots_with_no_batch_dims_saveable"])
+def test_an_unrolled_stack_writes_out_its_layers_and_gives_the_same_gradients(remat):
+    model = with_scan_settings(small_gpt2(True, dropout=0.1), remat)
+    unrolled = with_scan_settings(model, remat, unroll=True)
+    inputs, targets = TOKENS[:, :-1], TOKENS[:, 1:]
+    grads = eqx.filter_jit(eqx.filter_grad(lambda m: loss_fn(m, inputs, targets, KEY)))
+
+    def loops(m):  # in the step as XLA receives it (dropout's random bits bring loops of their own)
+        return eqx.filter_jit(grads).lower(m).as_text().count("stablehlo.while")
+
+    assert loops(model) == loops(unrolled) + 2  # the forward's and the backward's over the layers
+    assert_same(named_leaves(grads(unrolled)), named_leaves(grads(model)), atol=1e-6)
+
+
+def test_the_trainer_builds_its_stacks_with_the_recipes_scan_settings(small_text):
+    settings = {"model.scan_layers": "true", "trainer.remat": "full",
+                "trainer.unroll_layers": "true"}
+    recipe = gptzoo.load_recipe(RECIPE, {**TINY, "data.path": str(small_text), **settings})
+    blocks = prepare(recipe, log=lambda _: None).model.blocks
+    assert (blocks.remat, blocks.unroll) == ("full", True)
+
+
 def test_bad_remat_is_a_one_line_error():
     with pytest.raises(ValueError, match="choose one of none, full, .*dots_saveable"):
-        with_remat(small_gpt2(True), "everything")
+        with_scan_settings(small_gpt2(True), "everything")
     with pytest.raises(ValueError, match="scan_layers"):
-        with_remat(small_gpt2(False), "full")
+        with_scan_settings(small_gpt2(False), "full")
     result = gptzoo_cli("train", RECIPE, *set_args({**TINY, "trainer.remat": "bogus"}))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()

@@ -15,7 +15,7 @@ from gptzoo.nn.rmsnorm import RMSNorm
 from gptzoo.nn.rotary import Llama3Scaling, Rotary
 from gptzoo.nn.rowwise import rowwise_layout
 from gptzoo.nn.sgu import SGUMLP, SpatialGatingUnit
-from gptzoo.nn.stack import Stack, stacked, unstacked, with_remat
+from gptzoo.nn.stack import Stack, stacked, unstacked, with_scan_settings
 
 __all__ = [
     "MLP", "Block", "CausalSelfAttention", "Embedding", "LayerNorm", "Linear",
@@ -24,6 +24,6 @@ __all__ = [
     "llama_hidden_dim",
     "ALiBi", "Llama3Scaling", "Rotary", "alibi_slopes",
     "CausalCrossAttention",
-    "Stack", "stacked", "unstacked", "with_remat",
+    "Stack", "stacked", "unstacked", "with_scan_settings",
     "rowwise_layout",
 ]

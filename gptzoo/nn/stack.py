@@ -39,6 +39,12 @@ class Stack(eqx.Module):
     """`n_layers` identical blocks as one: `layers` is a block whose arrays have a leading layer
     axis. `remat`: "none", "full" (keep only each block's input for the backward pass) or a
     `jax.checkpoint_policies` name (e.g. "dots_with_no_batch_dims_saveable"), applied per block.
+    `unroll`: write the scan's layers out one after another instead of looping over them, as a
+    tuple of blocks would be, with the parameters still stacked and `remat` still per block.
+    XLA then compiles every layer (compile time grows with depth, as for a tuple), and does not
+    copy each layer's saved activations into and out of the loop's stacked buffers: GPT-2
+    small's bf16 training step ran 39.4-40.1% MFU against 33.9% looped on an H100 (64
+    sequences; unrolling 4 layers per iteration gave 33.8%).
 
     Indexing, `len` and iteration give the blocks one at a time, as a tuple of blocks would.
     """
@@ -46,6 +52,7 @@ class Stack(eqx.Module):
     layers: eqx.Module
     n_layers: int = eqx.field(static=True)
     remat: str = eqx.field(static=True, default="none")
+    unroll: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
         check_remat(self.remat)
@@ -89,7 +96,8 @@ class Stack(eqx.Module):
             return eqx.combine(params, static)(x, key=key)
 
         layer = self._checkpointed(layer)
-        x, _ = jax.lax.scan(lambda x, xs: (residual(layer(x, *xs)), None), x, (params, keys))
+        x, _ = jax.lax.scan(lambda x, xs: (residual(layer(x, *xs)), None), x, (params, keys),
+                            unroll=self.unroll)
         return x
 
     def decode(self, x: Float[Array, "seq d_model"], positions: Int[Array, " seq"], cache):
@@ -184,17 +192,19 @@ def block_kinds(blocks: "Stack | tuple") -> tuple[eqx.Module, ...]:
     return (blocks.layers,) if isinstance(blocks, Stack) else tuple(blocks)
 
 
-def with_remat(tree, remat: str):
-    """`tree` (a model) with every `Stack`'s rematerialisation set to `remat`. Blocks kept as a
-    tuple (not identical, or built with `scan_layers=False`) are not rematerialised: any `remat`
-    but "none" is refused for a model without a `Stack`."""
+def with_scan_settings(tree, remat: str = "none", unroll: bool = False):
+    """`tree` (a model) with every `Stack`'s rematerialisation set to `remat` and its `unroll`
+    to `unroll`. Blocks kept as a tuple (not identical, or built with `scan_layers=False`) are
+    already unrolled and are not rematerialised: any `remat` but "none" is refused for a model
+    without a `Stack`."""
     check_remat(remat)
     if remat != "none" and not any(map(_is_stack, jax.tree.leaves(tree, is_leaf=_is_stack))):
         raise ValueError(f"remat={remat!r} applies per block of a scanned stack and this model "
                          "has none (its blocks differ, or scan_layers is off); use remat=none "
                          "or build the model with scan_layers=true")
-    return jax.tree.map(lambda x: dataclasses.replace(x, remat=remat) if _is_stack(x) else x,
-                        tree, is_leaf=_is_stack)
+    return jax.tree.map(
+        lambda x: dataclasses.replace(x, remat=remat, unroll=unroll) if _is_stack(x) else x,
+        tree, is_leaf=_is_stack)
 
 
 def unstacked(tree):

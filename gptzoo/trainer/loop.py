@@ -16,7 +16,7 @@ import optax
 
 from gptzoo.data import Batches, BatchSchedule, Corpus, Prefetcher, Tokenizer, prepare_corpus
 from gptzoo.errors import GptzooError
-from gptzoo.nn.stack import with_remat
+from gptzoo.nn.stack import with_scan_settings
 from gptzoo.recipe import Recipe, save_recipe
 from gptzoo.trainer.accumulate import check_micro_batches
 from gptzoo.trainer.checkpoint import Checkpoints, ensure_writable
@@ -81,8 +81,8 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     mesh = make_mesh(recipe)
     check_micro_batches(schedule.sizes, cfg.grad_accum_steps, batch_sharded(mesh))
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    model = build_sharded(lambda: with_remat(recipe.build(tokenizer.vocab_size, key=model_key),
-                                             cfg.remat), mesh)  # remat: per block of each Stack
+    model = build_sharded(lambda: with_scan_settings(  # per block of each Stack
+        recipe.build(tokenizer.vocab_size, key=model_key), cfg.remat, cfg.unroll_layers), mesh)
     model = shard(initial.weights_into(model), mesh) if initial else model
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     # Placed before a resume restores into them: a restored array keeps its template's sharding.
