@@ -3,8 +3,9 @@
     python bench/bench_compile.py [--quick] [--depths 4,12,24,48] [--d-model 128]
 
 The default recipe's real train step (`gptzoo.trainer.loop.prepare`: model, AdamW, the jitted
-chunk of one step) at each depth, with `model.scan_layers` off and on, and scanned with
-`trainer.remat=full`. Prints seconds to trace and lower, and to compile, per configuration.
+chunk of one step) at each depth, with `model.scan_layers` off and on, scanned with
+`trainer.remat=full`, and scanned with `trainer.unroll_layers` (stacked, but written out).
+Prints seconds to trace and lower, and to compile, per configuration.
 Timings on a shared machine are noisy: compare rows of one run.
 """
 
@@ -20,15 +21,18 @@ from gptzoo.trainer.loop import prepare
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "char_shakespeare.py"
 
-CONFIGS = {"unrolled": ("false", "none"), "scanned": ("true", "none"),
-           "scanned+remat": ("true", "full")}
+# (model.scan_layers, trainer.remat, trainer.unroll_layers)
+CONFIGS = {"unrolled": ("false", "none", "false"), "scanned": ("true", "none", "false"),
+           "scanned+remat": ("true", "full", "false"), "scanned+unroll": ("true", "none", "true")}
 
 
-def compile_seconds(depth: int, d_model: int, scan: str, remat: str) -> tuple[float, float]:
+def compile_seconds(depth: int, d_model: int, scan: str, remat: str, unroll: str
+                    ) -> tuple[float, float]:
     """(trace and lower, compile) seconds of one train step of the recipe at `depth` layers."""
     recipe = load_recipe(RECIPE, {
         "model.n_layers": str(depth), "model.d_model": str(d_model), "model.n_heads": "4",
         "model.block_size": "64", "model.scan_layers": scan, "trainer.remat": remat,
+        "trainer.unroll_layers": unroll,
         "trainer.batch_size": "8", "trainer.max_steps": "10"})
     p = prepare(recipe, log=lambda *_: None)
     data = (p.train_batches.chunk(0, 1), p.train_key, jnp.int32(0))
@@ -52,8 +56,8 @@ def main() -> None:
     print(f"{'layers':>6}  " + "  ".join(f"{name:>18}" for name in CONFIGS))
     for depth in depths:
         cells = []
-        for scan, remat in CONFIGS.values():
-            lowering, compiling = compile_seconds(depth, args.d_model, scan, remat)
+        for config in CONFIGS.values():
+            lowering, compiling = compile_seconds(depth, args.d_model, *config)
             cells.append(f"{lowering:7.2f} / {compiling:7.2f}")
         print(f"{depth:>6}  " + "  ".join(f"{c:>18}" for c in cells), flush=True)
 

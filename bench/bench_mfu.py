@@ -74,7 +74,14 @@ def main() -> None:
                 peak_flops, n_devices)
         else:
             micro = args.gpt2_micro_batch or 1
-            row(label, width, micro, *throughput(gpt2, micro, steps), peak_flops, n_devices)
+            try:
+                measured = throughput(gpt2, micro, steps)
+            except jax.errors.JaxRuntimeError as e:  # one variant's memory need not end the rest
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                print(f"{label:{width}} {micro:>11} does not fit the device's memory", flush=True)
+                continue
+            row(label, width, micro, *measured, peak_flops, n_devices)
 
 
 def row(name: str, width: int, micro: int, tokens_per_sec: float, per_token: float,

@@ -113,6 +113,14 @@ def throughput(recipe: Recipe, micro_batch: int, steps: int = 5) -> tuple[float,
     return tokens_per_sec, _flops_per_token(recipe, p)
 
 
+def train_step(recipe: Recipe, micro_batch: int) -> Callable[[], None]:
+    """A function that runs one of `recipe`'s optimizer steps on `micro_batch` random sequences
+    and waits for it, each call continuing from the last: for profiling."""
+    recipe = one_step_recipe(recipe, micro_batch)
+    p = prepare(recipe, log=lambda _: None)
+    return _stepper(p, _state(p), micro_batch, recipe.model.block_size)
+
+
 def _search(trial: Callable[[int], Fit], shards: int, limit: int, budget: int) -> int | None:
     """The largest multiple of `shards` up to `limit` whose `trial` fits, assuming that fitting
     is monotone in the micro-batch.
@@ -192,20 +200,29 @@ def _random_batch(p: Prepared, micro: int, block: int) -> jax.Array:
     return jax.device_put(tokens.astype(np.int32), chunk_sharded(p.mesh))
 
 
-def _time(p: Prepared, state, micro: int, block: int, steps: int) -> float:
+def _stepper(p: Prepared, state, micro: int, block: int) -> Callable[[], None]:
     batch = _random_batch(p, micro, block)
     step = 0
 
-    def one() -> float:
+    def one() -> None:
         nonlocal state, step
-        clock = time.perf_counter()
         *state, _ = p.train_chunk((batch, p.train_key, jnp.int32(step)), *state)
         jax.block_until_ready(state)
         step += 1
+
+    return one
+
+
+def _time(p: Prepared, state, micro: int, block: int, steps: int) -> float:
+    one = _stepper(p, state, micro, block)
+
+    def timed() -> float:
+        clock = time.perf_counter()
+        one()
         return time.perf_counter() - clock
 
     one()  # the compiled step is cached, but the first run of a shape still warms allocators
-    seconds = sorted(one() for _ in range(steps))[steps // 2]
+    seconds = sorted(timed() for _ in range(steps))[steps // 2]
     return micro * block / seconds
 
 
