@@ -68,7 +68,8 @@ def main() -> None:
                  "CPU devices (run it where jax.devices() lists a GPU or TPU)")
     recipe = load_recipe(args.recipe, parse_overrides(args.set))
     step = train_step(recipe, args.micro_batch)
-    step(), step()  # compile, then warm the allocator
+    step()  # compiles
+    step()  # the first run of a shape still warms the allocator
     with tempfile.TemporaryDirectory() as log_dir:
         with jax.profiler.trace(log_dir):
             clock = time.perf_counter()

@@ -1,6 +1,6 @@
 """Scan over layers and rematerialisation: a `Stack` computes what the tuple of its blocks does
-(parameters, logits, dropout, losses in training, the KV-cached decode), remat changes no
-gradient, and weights move between the two layouts by name."""
+(parameters, logits, dropout, losses in training, the KV-cached decode), neither remat nor
+unrolling changes a gradient, and weights move between the two layouts by name."""
 
 import json
 

@@ -43,8 +43,8 @@ class Stack(eqx.Module):
     tuple of blocks would be, with the parameters still stacked and `remat` still per block.
     XLA then compiles every layer (compile time grows with depth, as for a tuple), and does not
     copy each layer's saved activations into and out of the loop's stacked buffers: GPT-2
-    small's bf16 training step ran 39.4-40.1% MFU against 33.9% looped on an H100 (64
-    sequences; unrolling 4 layers per iteration gave 33.8%).
+    small's bf16 training step ran at 39.4% MFU against 33.9% looped on an H100 (64 sequences;
+    unrolling 4 layers per loop iteration gave 33.8%).
 
     Indexing, `len` and iteration give the blocks one at a time, as a tuple of blocks would.
     """
