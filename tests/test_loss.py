@@ -43,7 +43,6 @@ def test_the_gradient_is_scaled_by_each_rows_cotangent_and_keeps_the_logits_dtyp
                                atol=1e-2)
 
 
-
 def test_huge_logits_give_finite_losses_and_gradients():
     logits = jnp.array([[1e4, 1e4 - 1.0, -1e4], [88.0, 89.0, 90.0], [-jnp.inf, 0.0, -jnp.inf]])
     labels = jnp.array([1, 0, 1])
