@@ -10,10 +10,11 @@ runs at `--gpt2-micro-batch` when given, else at the micro-batch `gptzoo tune-ba
 the device reports its memory (GPUs), else at 1.
 
 `--set` overrides GPT-2's recipe; each `--variant` adds a GPT-2 row with its own overrides on top,
-so one process compares settings side by side on one device (a lent GPU's minutes go further):
+so one process compares settings side by side on one device (a lent GPU's minutes go further);
+a variant that runs out of the device's memory prints so and the rest go on:
 
-    python bench/bench_mfu.py --gpt2-micro-batch 64 --variant trainer.remat=full \\
-        --variant trainer.remat=none
+    python bench/bench_mfu.py --gpt2-micro-batch 64 --variant trainer.remat=none \\
+        --variant trainer.unroll_layers=false
 """
 
 import argparse
