@@ -1,7 +1,8 @@
 """char_shakespeare.py with ALiBi in place of learned positions (Press et al. 2022): pre-norm
 GPT-2 blocks whose attention scores are biased by `-slope_h * distance`, so a model trained on
 128-character windows also reads longer ones. `model.head_qk=true` adds the head-QK trick
-(BlinkDL, RWKV). Trained in under 8 minutes on a 2-core CPU.
+(BlinkDL, RWKV). Its 1900 steps and evaluations took 12 minutes on a 2-core CPU
+(docs/recipes_table.md).
 
     gptzoo train recipes/alibi_shakespeare.py
     gptzoo train recipes/alibi_shakespeare.py --set model.head_qk=true
