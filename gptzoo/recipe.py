@@ -77,7 +77,7 @@ class TrainerConfig:
     wandb_project: str = "gptzoo"
     precision: str = "float32"  # float32, or bfloat16 compute over float32 master weights
     remat: str = "none"  # none, full, or a jax.checkpoint_policies name, per block
-    unroll_layers: bool = False  # scanned layers written out: slower compiles, faster GPU steps
+    unroll_layers: bool = False  # scanned layers written out: slower compiles, faster steps
     grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size stays the global)
     # [(step, batch size), ...]: the global batch from each listed step on; None: batch_size
     batch_schedule: list | None = None
