@@ -1,13 +1,16 @@
 """Tokens/s and model FLOPs utilisation (MFU) of the default recipe and of GPT-2 small.
 
-    python bench/bench_mfu.py [--quick] [--peak-flops F] [--gpt2-micro-batch N]
+    python bench/bench_mfu.py [--quick] [--peak-flops F] [--gpt2-micro-batch N [--grad-accum K]]
                               [--set KEY=VALUE ...] [--variant KEY=VALUE[,KEY=VALUE...] ...]
 
 MFU counts the model's training FLOPs (6N + 12 L d T per token, `gptzoo.trainer.flops`) over the
 device's peak: its datasheet bf16 peak for known GPUs and TPUs, `--peak-flops` if given, else
 (CPUs) the best float32 matmul this process measures, which is labelled as such. GPT-2 small
 runs at `--gpt2-micro-batch` when given, else at the micro-batch `gptzoo tune-batch` finds where
-the device reports its memory (GPUs), else at 1.
+the device reports its memory (GPUs), else at 1. Each row times one optimizer step per
+micro-batch, steps dispatched back to back as the trainer dispatches them; with `--grad-accum K`
+each GPT-2 optimizer step accumulates K micro-batches, as its recipe does (its 512 sequences are
+8 micro-batches of 64; tiny Shakespeare, the corpus when no `data.path` is set, holds 4).
 
 `--set` overrides GPT-2's recipe; each `--variant` adds a GPT-2 row with its own overrides on top,
 so one process compares settings side by side on one device (a lent GPU's minutes go further);
@@ -19,10 +22,12 @@ a variant that runs out of the device's memory prints so and the rest go on:
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import jax
 
+from gptzoo.errors import GptzooError
 from gptzoo.recipe import load_recipe, parse_overrides
 from gptzoo.trainer import flops
 from gptzoo.trainer.tune import device_memory_bytes, throughput, tune_batch
@@ -49,7 +54,11 @@ def main() -> None:
                         help="override GPT-2's recipe (repeatable)")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,...]",
                         help="a further GPT-2 row with these overrides (repeatable)")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                        help="micro-batches per GPT-2 optimizer step (default 1)")
     args = parser.parse_args()
+    if args.grad_accum != 1 and not args.gpt2_micro_batch:
+        parser.error("--grad-accum needs --gpt2-micro-batch")
     steps = 2 if args.quick else 5
     device = jax.devices()[0]
     n_devices = len(jax.devices())
@@ -76,7 +85,7 @@ def main() -> None:
         else:
             micro = args.gpt2_micro_batch or 1
             try:
-                measured = throughput(gpt2, micro, steps)
+                measured = throughput(gpt2, micro, steps, args.grad_accum)
             except jax.errors.JaxRuntimeError as e:  # one variant's memory need not end the rest
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise
@@ -93,4 +102,7 @@ def row(name: str, width: int, micro: int, tokens_per_sec: float, per_token: flo
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except GptzooError as e:  # a bad --set or a corpus too small for the batch: one line
+        sys.exit(f"error: {e}")

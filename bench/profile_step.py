@@ -68,13 +68,14 @@ def main() -> None:
                  "CPU devices (run it where jax.devices() lists a GPU or TPU)")
     recipe = load_recipe(args.recipe, parse_overrides(args.set))
     step = train_step(recipe, args.micro_batch)
-    step()  # compiles
-    step()  # the first run of a shape still warms the allocator
+    jax.block_until_ready(step())  # compiles
+    jax.block_until_ready(step())  # the first run of a shape still warms the allocator
     with tempfile.TemporaryDirectory() as log_dir:
         with jax.profiler.trace(log_dir):
             clock = time.perf_counter()
-            for _ in range(args.steps):
-                step()
+            for _ in range(args.steps):  # back to back, as the trainer dispatches them
+                state = step()
+            jax.block_until_ready(state)
             wall = time.perf_counter() - clock
         data = ProfileData.from_file(str(next(Path(log_dir).rglob("*.xplane.pb"))))
     kernels = device_kernels(data)

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, TINY, gptzoo_cli, set_args
 
+from gptzoo.recipe import load_recipe
 from gptzoo.trainer import flops
-from gptzoo.trainer.tune import Fit, _search
+from gptzoo.trainer.tune import Fit, _search, one_step_recipe, throughput
 
 RECIPE = ROOT / "recipes" / "char_shakespeare.py"
 GPT2_SMALL = ROOT / "recipes" / "gpt2_124m.py"
@@ -83,6 +84,17 @@ def test_tune_batch_reports_a_fitting_micro_batch(tmp_path, small_text):
     assert 1 < best < 16 and (best + 1) in tried  # searched down to the exact boundary
     assert f"largest micro-batch: {best} sequences" in result.stdout
     assert "tokens/s" in result.stdout
+
+
+def test_throughput_times_whole_accumulated_steps(small_text):
+    recipe = load_recipe(RECIPE, {**TINY, "data.path": str(small_text),
+                                  "trainer.steps_per_call": "5"})
+    stepped = one_step_recipe(recipe, 4, grad_accum_steps=2)
+    cfg = stepped.trainer
+    assert (cfg.batch_size, cfg.grad_accum_steps, cfg.steps_per_call) == (8, 2, 1)
+    assert recipe.trainer.steps_per_call == 5  # the recipe given is left as it was
+    tokens_per_sec, per_token = throughput(recipe, 4, steps=2, grad_accum_steps=2)
+    assert tokens_per_sec > 0 and per_token > 0
 
 
 def test_tune_batch_on_cpu_needs_a_budget(small_text):

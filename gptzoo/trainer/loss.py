@@ -8,7 +8,8 @@ softmax's gradient. `cross_entropy`'s backward is written by hand: `softmax - on
 elementwise pass, in which XLA also fuses the cast to the compute dtype of the head's backward.
 On an H100 GPT-2 small's step went from 31.8% to 33.9% MFU with it, and its passes over the
 logits are three kernels: the forward's two reductions (the maximum, then the sum of
-exponentials; 4.2 ms each) and that backward (6.4 ms), of the step's 162 ms.
+exponentials; 4.2 ms each) and that backward (6.4 ms), of the recipe's 138 ms of kernels a
+step.
 """
 
 import jax

@@ -10,6 +10,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -95,27 +96,31 @@ def tune_batch(recipe: Recipe, budget_bytes: int | None = None, timed_steps: int
                       _flops_per_token(recipe, p), trials)
 
 
-def one_step_recipe(recipe: Recipe, micro_batch: int) -> Recipe:
-    """A copy of `recipe` that trains one micro-batch of `micro_batch` per call, unaccumulated."""
+def one_step_recipe(recipe: Recipe, micro_batch: int, grad_accum_steps: int = 1) -> Recipe:
+    """A copy of `recipe` that takes one optimizer step per call, on `grad_accum_steps`
+    micro-batches of `micro_batch` sequences."""
     recipe = copy.deepcopy(recipe)
     cfg = recipe.trainer
-    cfg.grad_accum_steps, cfg.batch_schedule, cfg.steps_per_call = 1, None, 1
-    cfg.batch_size = micro_batch
+    cfg.grad_accum_steps, cfg.batch_schedule, cfg.steps_per_call = grad_accum_steps, None, 1
+    cfg.batch_size = micro_batch * grad_accum_steps
     return recipe
 
 
-def throughput(recipe: Recipe, micro_batch: int, steps: int = 5) -> tuple[float, float | None]:
-    """`(tokens/s, training FLOPs per token or None)` of `recipe`'s train step on one micro-batch
-    of `micro_batch` sequences: what `gptzoo tune-batch` reports, for benchmarks."""
-    recipe = one_step_recipe(recipe, micro_batch)
+def throughput(recipe: Recipe, micro_batch: int, steps: int = 5, grad_accum_steps: int = 1
+               ) -> tuple[float, float | None]:
+    """`(tokens/s, training FLOPs per token or None)` of `recipe`'s train step on micro-batches
+    of `micro_batch` sequences, `grad_accum_steps` of them per optimizer step (one: what `gptzoo
+    tune-batch` reports), for benchmarks."""
+    recipe = one_step_recipe(recipe, micro_batch, grad_accum_steps)
     p = prepare(recipe, log=lambda _: None)
-    tokens_per_sec = _time(p, _state(p), micro_batch, recipe.model.block_size, steps)
+    tokens_per_sec = _time(p, _state(p), recipe.trainer.batch_size, recipe.model.block_size, steps)
     return tokens_per_sec, _flops_per_token(recipe, p)
 
 
-def train_step(recipe: Recipe, micro_batch: int) -> Callable[[], None]:
-    """A function that runs one of `recipe`'s optimizer steps on `micro_batch` random sequences
-    and waits for it, each call continuing from the last: for profiling."""
+def train_step(recipe: Recipe, micro_batch: int) -> Callable[[], Any]:
+    """A function that dispatches one of `recipe`'s optimizer steps on `micro_batch` random
+    sequences, each call continuing from the last, and returns the new state without waiting
+    for it: for profiling."""
     recipe = one_step_recipe(recipe, micro_batch)
     p = prepare(recipe, log=lambda _: None)
     return _stepper(p, _state(p), micro_batch, recipe.model.block_size)
@@ -200,30 +205,31 @@ def _random_batch(p: Prepared, micro: int, block: int) -> jax.Array:
     return jax.device_put(tokens.astype(np.int32), chunk_sharded(p.mesh))
 
 
-def _stepper(p: Prepared, state, micro: int, block: int) -> Callable[[], None]:
-    batch = _random_batch(p, micro, block)
+def _stepper(p: Prepared, state, batch_size: int, block: int) -> Callable[[], Any]:
+    """A function that dispatches one optimizer step on `batch_size` random sequences, each call
+    continuing from the last, and returns the new state without waiting for it."""
+    batch = _random_batch(p, batch_size, block)
     step = 0
 
-    def one() -> None:
+    def one():
         nonlocal state, step
         *state, _ = p.train_chunk((batch, p.train_key, jnp.int32(step)), *state)
-        jax.block_until_ready(state)
         step += 1
+        return state
 
     return one
 
 
-def _time(p: Prepared, state, micro: int, block: int, steps: int) -> float:
-    one = _stepper(p, state, micro, block)
-
-    def timed() -> float:
-        clock = time.perf_counter()
-        one()
-        return time.perf_counter() - clock
-
-    one()  # the compiled step is cached, but the first run of a shape still warms allocators
-    seconds = sorted(timed() for _ in range(steps))[steps // 2]
-    return micro * block / seconds
+def _time(p: Prepared, state, batch_size: int, block: int, steps: int) -> float:
+    """Tokens/s over `steps` steps dispatched back to back, as the trainer dispatches them: the
+    host waits once, at the end, so the device need not wait for it between steps."""
+    one = _stepper(p, state, batch_size, block)
+    jax.block_until_ready(one())  # the compiled step is cached, but a shape's first run warms
+    clock = time.perf_counter()
+    for _ in range(steps):
+        state = one()
+    jax.block_until_ready(state)
+    return steps * batch_size * block / (time.perf_counter() - clock)
 
 
 def _flops_per_token(recipe: Recipe, p: Prepared) -> float | None:
