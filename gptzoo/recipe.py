@@ -71,6 +71,7 @@ class TrainerConfig:
     log_interval: int = 10
     steps_per_call: int = 10  # train steps fused into one jitted call with lax.scan
     keep_checkpoints: int = 3
+    keep_best: bool = False  # also RUN_DIR/best: the step of the lowest val loss so far
     max_bad_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops
     seed: int = 0
     wandb: bool = False  # also log to Weights & Biases (pip install -e .[wandb])

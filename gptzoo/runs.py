@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gptzoo.errors import GptzooError
+from gptzoo.trainer.checkpoint import BEST
 from gptzoo.trainer.run_status import read_status
 from gptzoo.trainer.sinks import read_records
 
@@ -18,11 +19,13 @@ STATUS_STYLES = {"finished": "green", "running": "cyan", "interrupted": "yellow"
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Every run directory (one holding recipe.json) at or below `root`, by path."""
+    """Every run directory (one holding recipe.json) at or below `root`, by path, but a run's
+    `best/` (`trainer.keep_best`): its run's row shows the best val loss."""
     if not root.is_dir():
         raise GptzooError(f"{root} is not a folder; pass the folder holding your runs "
                           "(default runs/)")
-    return sorted(p.parent for p in root.rglob("recipe.json"))
+    runs = {p.parent for p in root.rglob("recipe.json")}
+    return sorted(run for run in runs if not (run.name == BEST and run.parent in runs))
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:

@@ -2,7 +2,12 @@
 
     gptzoo train recipes/char_shakespeare_gpu.py
 
-nanoGPT reports val loss 1.4697 for this shape after 5000 iterations on an A100.
+nanoGPT reports val loss 1.4697 for this shape, the lowest of its 5000 iterations on an A100,
+keeping only the checkpoint of that evaluation: on 1M characters the model overfits. On one H100
+gptzoo's val loss (50 batches) was lowest at step 1,500, 1.4520, and 1.6613 by step 4,250, so the
+recipe keeps its best step too (`trainer.keep_best`):
+
+    gptzoo sample --ckpt runs/char_shakespeare_gpu/best
 """
 
 from gptzoo.models import gpt2
@@ -16,7 +21,8 @@ optimizer = OptimizerConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, weight_
 # The stacked layers' scan written out: on an H100 the same setting took GPT-2 small from 33.9%
 # to 39.4% MFU (recipes/gpt2_124m.py).
 trainer = TrainerConfig(max_steps=5000, batch_size=64, eval_interval=250, eval_steps=50,
-                        checkpoint_interval=1000, seed=1337, unroll_layers=True)
+                        checkpoint_interval=1000, seed=1337, unroll_layers=True,
+                        precision="bfloat16", keep_best=True)  # bfloat16: nanoGPT's on GPUs
 
 
 def build_model(model: ModelConfig, vocab_size: int, *, key):

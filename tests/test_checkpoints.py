@@ -1,6 +1,7 @@
 """Checkpoints: arrays keyed by name, mismatches named, rotation, fallback past a corrupt newest
 step, resume refusals, Ctrl-C cases, an unwritable run directory and a full disk."""
 
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from conftest import RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
 import gptzoo
 from gptzoo.errors import GptzooError
 from gptzoo.trainer import loop
-from gptzoo.trainer.checkpoint import Checkpoints, named_arrays
+from gptzoo.trainer.checkpoint import BestCheckpoint, Checkpoints, named_arrays
 
 
 class Pair(eqx.Module):
@@ -223,3 +224,44 @@ def test_a_save_is_refused_before_writing_when_the_disk_is_nearly_full(tmp_path,
                                           r"step 1 is intact"):
         checkpoints.save(2, Pair(jnp.ones(4), jnp.ones(4)), state, {})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
+def test_best_checkpoint_keeps_the_lowest_validation_loss_across_a_resume(tmp_path):
+    state = {"count": jnp.zeros(())}
+
+    def offer(best, step, val_loss):
+        best.offer(step, val_loss, Pair(jnp.full(2, float(step)), jnp.zeros(2)), state, {})
+
+    best = BestCheckpoint(tmp_path)
+    for step, val_loss in [(10, 3.0), (20, 2.5), (30, 2.7)]:
+        offer(best, step, val_loss)
+    best.close()
+    resumed = BestCheckpoint(tmp_path)  # what a resumed run starts from
+    assert (resumed.step, resumed.val_loss) == (20, 2.5)
+    for step, val_loss, kept in [(40, 2.6, 20), (50, float("nan"), 20), (60, 2.4, 60),
+                                 (70, 2.45, 60)]:
+        offer(resumed, step, val_loss)
+        assert resumed.checkpoints.manager.all_steps() == [kept]  # one step, the lowest
+    restored = resumed.checkpoints.restore(60, Pair(jnp.zeros(2), jnp.zeros(2)))
+    np.testing.assert_array_equal(restored.first, [60.0, 60.0])
+
+
+def test_keep_best_makes_a_run_directory_of_the_best_step(tmp_path, small_text, capsys):
+    run_dir = tmp_path / "run"
+    gptzoo.train(tiny_recipe(small_text, **{"trainer.keep_best": "true"}), run_dir=run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lowest = min((r for r in records if "val_loss" in r), key=lambda r: r["val_loss"])
+    assert Checkpoints(run_dir / "best").manager.all_steps() == [lowest["step"]]
+    assert f"at step {lowest['step']}: {run_dir / 'best'}" in capsys.readouterr().out
+    model, _ = gptzoo.load(run_dir / "best")  # as sample, eval and export-hf read it
+    expected = Checkpoints(run_dir).restore(lowest["step"], model)
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    result = gptzoo_cli("eval", "--ckpt", run_dir / "best")
+    assert result.returncode == 0 and result.stdout.startswith("val loss"), result.stderr
+
+
+def test_a_new_run_refuses_a_directory_with_a_best_checkpoint(tmp_path, small_text):
+    (tmp_path / "run" / "best" / "checkpoints" / "10").mkdir(parents=True)
+    with pytest.raises(GptzooError, match="already holds checkpoints; pass --resume"):
+        gptzoo.train(tiny_recipe(small_text), run_dir=tmp_path / "run")

@@ -196,6 +196,8 @@ def build_model(model, vocab_size, *, key):
 def test_runs_table_shows_each_status(tmp_path, trained_run, small_text):
     root = tmp_path / "runs"
     shutil.copytree(trained_run, root / "done")
+    (root / "done" / "best").mkdir()  # trainer.keep_best's run directory: part of its run's row
+    shutil.copy(trained_run / "recipe.json", root / "done" / "best")
     interrupted = start_training(root / "stopped", small_text)
     interrupted.send_signal(signal.SIGINT)
     assert interrupted.wait(timeout=300) == 130

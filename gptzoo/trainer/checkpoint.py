@@ -10,6 +10,7 @@ complete folder that later became unreadable is skipped in favour of the newest 
 """
 
 import logging
+import math
 import os
 import re
 import shutil
@@ -39,6 +40,7 @@ ocp.type_handlers.register_type_handler(
 _absl.setLevel(_level)
 _SAVE_MARGIN_BYTES = 1_000_000  # orbax's metadata and the JSON record, with room to spare
 _PARTIAL_SETTLE_TRIES, _PARTIAL_SETTLE_SECONDS = 20, 0.1  # at most ~2 s after a failed save
+BEST = "best"  # RUN_DIR/best: see BestCheckpoint
 
 
 class UnreadableCheckpoint(GptzooError):
@@ -220,6 +222,35 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class BestCheckpoint:
+    """`RUN_DIR/best`, a run directory of its own (recipe, tokenizer and one checkpoint) holding
+    the step of the lowest validation loss so far, saved at each evaluation that lowers it (as
+    nanoGPT's `always_save_checkpoint=False` keeps its `ckpt.pt`): `gptzoo sample`, `eval` and
+    `export-hf` and `--init-from` read `RUN_DIR/best` as they read any run directory, so a run
+    that overfits still yields the model from before it did."""
+
+    def __init__(self, run_dir: Path, warn: Callable[[str], None] = _warn):
+        self.run_dir = run_dir / BEST
+        self.checkpoints = Checkpoints(self.run_dir, keep=1)
+        self.step, self.val_loss = None, math.inf  # a resumed run's, read from its checkpoint
+        try:
+            found = self.checkpoints.restore_newest(self.checkpoints.meta, warn=warn)
+        except UnreadableCheckpoint as e:
+            warn(f"{e}; the next evaluation's step replaces it")
+            found = None
+        if found is not None:
+            self.step, self.val_loss = found[0], found[1]["val_loss"]
+
+    def offer(self, step: int, val_loss: float, model, opt_state, meta: dict[str, Any]) -> None:
+        """Save `step` if `val_loss` is the lowest so far (a NaN never is)."""
+        if val_loss < self.val_loss:
+            self.checkpoints.save(step, model, opt_state, {**meta, "val_loss": val_loss})
+            self.step, self.val_loss = step, val_loss
+
+    def close(self) -> None:
+        self.checkpoints.close()
 
 
 def _reason(e: BaseException) -> str:

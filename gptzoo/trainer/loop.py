@@ -19,7 +19,7 @@ from gptzoo.errors import GptzooError
 from gptzoo.nn.stack import with_scan_settings
 from gptzoo.recipe import Recipe, save_recipe
 from gptzoo.trainer.accumulate import check_micro_batches
-from gptzoo.trainer.checkpoint import Checkpoints, ensure_writable
+from gptzoo.trainer.checkpoint import BEST, BestCheckpoint, Checkpoints, ensure_writable
 from gptzoo.trainer.distributed import agreed_stop, is_main, main_first
 from gptzoo.trainer.evaluate import evaluate
 from gptzoo.trainer.guard import BadSteps
@@ -139,6 +139,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                 run.sinks.write(record)
                 reporter.log(record)
                 bad_steps.stop_if_diverged()  # at records only: no host sync between them
+                if run.best is not None and "val_loss" in record:
+                    run.best.offer(step, record["val_loss"], model, opt_state, run.meta)
             if due(cfg.checkpoint_interval) or interrupted:
                 run.checkpoints.save(step, model, opt_state, run.meta)
             if due(cfg.log_interval) or due(cfg.checkpoint_interval):
@@ -146,6 +148,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             if interrupted:
                 break
     run.checkpoints.close()
+    if run.best is not None:
+        run.best.close()
     run.sinks.close()
     return _finish(run, p, model, step, interrupted, reporter, block_size)
 
@@ -161,6 +165,7 @@ class _Run:
     train_key: jax.Array
     meta: dict  # saved with every checkpoint
     checkpoints: Checkpoints
+    best: BestCheckpoint | None  # trainer.keep_best
     sinks: Sinks
     status: RunStatus
 
@@ -170,11 +175,12 @@ def _open_run(recipe: Recipe, run_dir: Path, p: Prepared, resume: bool) -> _Run:
     write the recipe and tokenizer; open the metrics sinks and the run's status."""
     meta = {"tokenizer": p.tokenizer.to_dict(),
             "recipe": {"name": recipe.name, **recipe.to_dict()}}
-    saved_steps = run_dir / "checkpoints"
-    if not resume and saved_steps.is_dir() and any(saved_steps.iterdir()):
+    if not resume and any(steps.is_dir() and any(steps.iterdir())
+                          for steps in (run_dir / "checkpoints", run_dir / BEST / "checkpoints")):
         raise GptzooError(f"{run_dir} already holds checkpoints; pass --resume to continue that "
                           "run or --run-dir NEW_DIR to start a new one")
     checkpoints = Checkpoints(run_dir, keep=recipe.trainer.keep_checkpoints)
+    best = BestCheckpoint(run_dir) if recipe.trainer.keep_best else None
     start, model, opt_state, train_key = 0, p.model, p.opt_state, p.train_key
     if resume:
         start, model, opt_state, train_key = _resume(checkpoints, meta, model, opt_state, run_dir)
@@ -186,8 +192,12 @@ def _open_run(recipe: Recipe, run_dir: Path, p: Prepared, resume: bool) -> _Run:
         p.tokenizer.save(run_dir)
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
         sinks = open_sinks(recipe, run_dir, metrics, resume_step=resume_step)
+        if best is not None:  # a run directory of its own for sample, eval and export-hf
+            save_recipe(recipe, best.run_dir)
+            p.tokenizer.save(best.run_dir)
     status = RunStatus.begin(run_dir, resume, parameters=_count(model), write=is_main())
-    return _Run(run_dir, start, model, opt_state, train_key, meta, checkpoints, sinks, status)
+    return _Run(run_dir, start, model, opt_state, train_key, meta, checkpoints, best, sinks,
+                status)
 
 
 def _validation_estimate(model, p: Prepared, step: int, eval_steps: int) -> dict[str, float]:
@@ -218,6 +228,9 @@ def _finish(run: _Run, p: Prepared, model, step: int, interrupted: bool, reporte
     reporter.print(f"final val loss {result.loss:.4f} ({result.bits_per_token:.4f} bits/token, "
                    f"{result.bits_per_byte:.4f} bits/byte) over the whole validation split "
                    f"({result.n_tokens:,} tokens)")
+    if run.best is not None and run.best.step is not None:
+        reporter.print(f"lowest val loss {run.best.val_loss:.4f} at step {run.best.step}: "
+                       f"{run.best.run_dir} (gptzoo sample --ckpt {run.best.run_dir})")
     return TrainResult(model, p.tokenizer, run.run_dir, step, result.loss, False,
                        result.bits_per_byte)
 
