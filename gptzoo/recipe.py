@@ -8,6 +8,7 @@ ones take the defaults below). Every field is overridable from the command line 
 alone; a run of a custom recipe executes its copy of `recipe.py`, so load only runs you trust.
 """
 
+import ast
 import dataclasses
 import difflib
 import importlib.util
@@ -222,12 +223,23 @@ def _parse(value: Any, kind: type) -> Any:
         return float(value)
     if kind is str:
         return str(value)
-    if kind is list:  # from the command line as JSON: --set trainer.batch_schedule='[[0,16]]'
-        value = json.loads(value) if isinstance(value, str) else value
+    if kind is list:  # from the command line, JSON or Python: '[[0,16],[200,32]]', '[(0,16)]'
+        value = _literal(value) if isinstance(value, str) else value
         if not isinstance(value, list | tuple):
             raise ValueError(value)
-        return list(value)
+        return [list(v) if isinstance(v, tuple) else v for v in value]  # one form, either syntax
     raise TypeError(f"cannot parse {kind}")
+
+
+def _literal(text: str) -> Any:
+    """A JSON value, or a Python literal (tuples) as the recipe file itself would write it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            return ast.literal_eval(text)
+        except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
+            raise ValueError(text) from e
 
 
 def _example(options: tuple) -> str:

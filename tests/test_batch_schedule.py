@@ -38,9 +38,18 @@ def test_a_bad_schedule_is_one_line_naming_the_key():
     for bad in ("[[1,8]]", "[[0,8],[0,16]]", "[[0,8],[5,0]]", "[[0,8],[5]]"):
         with pytest.raises(GptzooError, match=r"trainer.batch_schedule=.*steps increasing"):
             gptzoo.load_recipe(RECIPE, {"trainer.batch_schedule": bad})
+    with pytest.raises(GptzooError, match=r"trainer.batch_schedule must be list or NoneType, got "
+                                          r"'\[\(0,8\)'; e.g. --set"):
+        gptzoo.load_recipe(RECIPE, {"trainer.batch_schedule": "[(0,8)"})
     with pytest.raises(GptzooError, match="batch 6 is not divisible by trainer.grad_accum_steps"):
         gptzoo.load_recipe(RECIPE, {"trainer.batch_schedule": "[[0,8],[5,6]]",
                                     "trainer.grad_accum_steps": "4"})
+
+
+def test_a_schedule_is_json_or_python_as_the_recipe_file_writes_it():
+    for written in ("[[0, 8], [12, 16]]", "[(0, 8), (12, 16)]"):
+        recipe = gptzoo.load_recipe(RECIPE, {"trainer.batch_schedule": written})
+        assert recipe.trainer.batch_schedule == [[0, 8], [12, 16]]
 
 
 def test_the_batch_changes_at_the_listed_step_and_resumes_exactly_across_it(tmp_path,
