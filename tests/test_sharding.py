@@ -27,8 +27,13 @@ def test_the_mesh_section_resolves_minus_one_and_refuses_what_does_not_fit():
     assert mesh_shape(MeshConfig(), 8) == (8, 1, 1)
     assert mesh_shape(MeshConfig(data=2, fsdp=-1), 8) == (2, 4, 1)
     assert mesh_shape(MeshConfig(data=1, fsdp=2, tensor=4), 8) == (1, 2, 4)
-    with pytest.raises(GptzooError, match=r"mesh.data and mesh.fsdp are both -1.*mesh.fsdp=1"):
-        mesh_shape(MeshConfig(data=-1, fsdp=-1), 8)
+    with pytest.raises(GptzooError, match=r"mesh.data and mesh.fsdp are both -1; .*: --set "
+                                          r"mesh.data=1 leaves them to mesh.fsdp$"):
+        mesh_shape(MeshConfig(fsdp=-1), 8)  # data is -1 by default
+    with pytest.raises(GptzooError, match=r"mesh.data, mesh.fsdp and mesh.tensor are all -1; .*: "
+                                          r"--set mesh.data=1 --set mesh.fsdp=1 leaves them to "
+                                          r"mesh.tensor$"):
+        mesh_shape(MeshConfig(fsdp=-1, tensor=-1), 8)
     with pytest.raises(GptzooError, match=r"mesh.data=2 x mesh.fsdp=2 x mesh.tensor=1 does not "
                                           r"cover the 8 device\(s\) here; set one of them to -1"):
         mesh_shape(MeshConfig(data=2, fsdp=2), 8)

@@ -54,9 +54,11 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     if bad:
         raise GptzooError(f"mesh.{bad[0]}={sizes[bad[0]]} must be a positive number of devices "
                           f"or -1 (the devices left); fix it with --set mesh.{bad[0]}=...")
-    if len(free) > 1:
-        raise GptzooError(f"mesh.{free[0]} and mesh.{free[1]} are both -1; only one axis can take "
-                          f"the devices left: set --set mesh.{free[1]}=1")
+    if len(free) > 1:  # data is -1 by default: keep the axis the user chose, the last one
+        named = ", ".join(f"mesh.{a}" for a in free[:-1]) + f" and mesh.{free[-1]}"
+        fixes = " ".join(f"--set mesh.{a}=1" for a in free[:-1])
+        raise GptzooError(f"{named} are {'both' if len(free) == 2 else 'all'} -1; only one axis "
+                          f"can take the devices left: {fixes} leaves them to mesh.{free[-1]}")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free and n_devices % fixed == 0:
         sizes[free[0]] = n_devices // fixed
