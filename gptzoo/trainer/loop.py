@@ -229,8 +229,9 @@ def _finish(run: _Run, p: Prepared, model, step: int, interrupted: bool, reporte
                    f"{result.bits_per_byte:.4f} bits/byte) over the whole validation split "
                    f"({result.n_tokens:,} tokens)")
     if run.best is not None and run.best.step is not None:
-        reporter.print(f"lowest val loss {run.best.val_loss:.4f} at step {run.best.step}: "
-                       f"{run.best.run_dir} (gptzoo sample --ckpt {run.best.run_dir})")
+        reporter.print(f"lowest val loss of the evaluations in training {run.best.val_loss:.4f} "
+                       f"at step {run.best.step}: {run.best.run_dir} (gptzoo sample --ckpt "
+                       f"{run.best.run_dir})")
     return TrainResult(model, p.tokenizer, run.run_dir, step, result.loss, False,
                        result.bits_per_byte)
 
