@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1, metavar="K",
                         help="micro-batches per GPT-2 optimizer step (default 1)")
     args = parser.parse_args()
-    if args.grad_accum != 1 and not args.gpt2_micro_batch:
-        parser.error("--grad-accum needs --gpt2-micro-batch")
+    if args.grad_accum < 1 or (args.grad_accum > 1 and not args.gpt2_micro_batch):
+        parser.error("--grad-accum takes a positive K, with --gpt2-micro-batch")
     steps = 2 if args.quick else 5
     device = jax.devices()[0]
     n_devices = len(jax.devices())

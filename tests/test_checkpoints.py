@@ -246,15 +246,20 @@ def test_best_checkpoint_keeps_the_lowest_validation_loss_across_a_resume(tmp_pa
     np.testing.assert_array_equal(restored.first, [60.0, 60.0])
 
 
-def test_keep_best_makes_a_run_directory_of_the_best_step(tmp_path, small_text, capsys):
+def test_keep_best_makes_a_run_directory_of_the_best_step(tmp_path, small_text, capsys,
+                                                          monkeypatch):
+    # A tiny run's losses only fall; scripted ones rise after step 20 as an overfitting run's do.
+    scripted = {10: 3.0, 20: 2.0, 30: 2.5}
+    monkeypatch.setattr(loop, "_validation_estimate",
+                        lambda model, p, step, eval_steps: {"val_loss": scripted[step]})
     run_dir = tmp_path / "run"
     gptzoo.train(tiny_recipe(small_text, **{"trainer.keep_best": "true"}), run_dir=run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    lowest = min((r for r in records if "val_loss" in r), key=lambda r: r["val_loss"])
-    assert Checkpoints(run_dir / "best").manager.all_steps() == [lowest["step"]]
-    assert f"at step {lowest['step']}: {run_dir / 'best'}" in capsys.readouterr().out
+    assert [r["val_loss"] for r in records if "val_loss" in r] == [3.0, 2.0, 2.5]
+    assert Checkpoints(run_dir / "best").manager.all_steps() == [20]
+    assert f"at step 20: {run_dir / 'best'}" in capsys.readouterr().out
     model, _ = gptzoo.load(run_dir / "best")  # as sample, eval and export-hf read it
-    expected = Checkpoints(run_dir).restore(lowest["step"], model)
+    expected = Checkpoints(run_dir).restore(20, model)
     for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)
     result = gptzoo_cli("eval", "--ckpt", run_dir / "best")
