@@ -82,11 +82,13 @@ def _exit_if_complete() -> None:
 def train(recipe_path, overrides, run_dir, resume, init_from, coordinator, num_processes,
           process_id):
     """Train the model a RECIPE file describes (a recipe .py, or a run's recipe.json)."""
+    from gptzoo.compile_cache import enable_compilation_cache
     from gptzoo.recipe import load_recipe, parse_overrides
     from gptzoo.trainer import train as run_training
     from gptzoo.trainer.distributed import join_cluster
 
     join_cluster(coordinator, num_processes, process_id)
+    enable_compilation_cache()
     recipe = load_recipe(recipe_path, parse_overrides(list(overrides)))
     try:
         result = run_training(recipe, run_dir=run_dir, resume=resume, init_from=init_from)
@@ -126,12 +128,8 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
     """Generate text from a trained run, printing it as it is produced."""
     from pathlib import Path
 
-    from gptzoo.sample import (
-        check_context,
-        check_sampling_args,
-        enable_compilation_cache,
-        stream_batch,
-    )
+    from gptzoo.compile_cache import enable_compilation_cache
+    from gptzoo.sample import check_context, check_sampling_args, stream_batch
     from gptzoo.trainer import load
 
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, context, keep)
@@ -175,8 +173,10 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
 @friendly_errors
 def evaluate(run_dir, data_path):
     """Loss, bits per token and bits per byte of text on the whole validation split."""
+    from gptzoo.compile_cache import enable_compilation_cache
     from gptzoo.trainer import evaluate_run
 
+    enable_compilation_cache()
     result = evaluate_run(run_dir, data_path)
     click.echo(f"val loss {result.loss:.4f} | {result.bits_per_token:.4f} bits per token "
                f"| {result.bits_per_byte:.4f} bits per byte | {result.n_tokens:,} tokens")

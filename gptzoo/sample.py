@@ -14,10 +14,8 @@ What the context is once it holds `block_size` tokens (`context`):
   "slide": the cache keeps the last `block_size` positions of every layer (rotary/ALiBi only).
 """
 
-import os
 import weakref
 from collections.abc import Iterator
-from pathlib import Path
 from typing import NamedTuple
 
 import equinox as eqx
@@ -31,7 +29,7 @@ from gptzoo.errors import GptzooError
 from gptzoo.nn import Stack, rowwise_layout, unstacked
 from gptzoo.nn.kv_cache import KVCache
 from gptzoo.nn.rowwise import MIN_ROWS
-from gptzoo.stored_jit import store_programs_in, stored_jit
+from gptzoo.stored_jit import stored_jit
 
 CHUNK = 16  # most tokens per compiled decode call; the host streams text between calls
 BUCKET = 64  # prompts are padded to a multiple of this, so few prompt lengths compile
@@ -83,25 +81,6 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
     if not 0 < keep <= 1:
         raise GptzooError(f"--keep={keep} must be in (0, 1]: the fraction of the window kept "
                           "when it is full")
-
-
-def enable_compilation_cache() -> None:
-    """Keep compiled programs under the user's cache directory ($XDG_CACHE_HOME or ~/.cache,
-    /gptzoo): the sampler's own programs, ready to run (`programs/`, see `gptzoo.stored_jit`),
-    and every other in JAX's persistent compilation cache (`jax/`), so a second `gptzoo sample`
-    of a run starts without tracing or compiling its decode loop.
-
-    `GPTZOO_NO_COMPILE_CACHE=1` turns it off; `GPTZOO_COMPILE_CACHE=DIR` puts it elsewhere.
-    """
-    if os.environ.get("GPTZOO_NO_COMPILE_CACHE", "") not in ("", "0"):
-        return
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptzoo"
-    path = Path(os.environ.get("GPTZOO_COMPILE_CACHE") or base)
-    store_programs_in(path / "programs")
-    jax.config.update("jax_compilation_cache_dir", str(path / "jax"))
-    # Every program, however quick to compile: the sampler's small ones add up at start-up.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def has_cache(model) -> bool:

@@ -27,7 +27,7 @@ atexit.register(shutil.rmtree, _JAX_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_e
 os.environ.update(_JAX_CACHE)
 for _name, _value in _JAX_CACHE.items():  # jax read its environment when it was imported
     jax.config.update(_name.lower(), _value if _name.endswith("DIR") else int(_value))
-# And `gptzoo sample`'s own cache (gptzoo.sample.enable_compilation_cache), not ~/.cache/gptzoo.
+# And gptzoo's own (gptzoo.compile_cache), not ~/.cache/gptzoo.
 os.environ["GPTZOO_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="gptzoo-tests-sample-cache-")
 atexit.register(shutil.rmtree, os.environ["GPTZOO_COMPILE_CACHE"], ignore_errors=True)
 

@@ -84,6 +84,19 @@ def test_eval_reports_the_whole_validation_split(trained_run, small_text):
     assert f"| {count:,} tokens" in out
 
 
+def test_a_second_training_run_reads_its_programs_from_the_compile_cache(tmp_path, small_text):
+    """`gptzoo train` keeps what it compiles under GPTZOO_COMPILE_CACHE (JAX's persistent cache,
+    when the user names none of their own): the same recipe again compiles nothing new."""
+    env = {"GPTZOO_COMPILE_CACHE": str(tmp_path / "cache"), "JAX_COMPILATION_CACHE_DIR": "",
+           "JAX_LOG_COMPILES": "1"}
+    tiny = set_args({**TINY, "data.path": str(small_text), "trainer.max_steps": "10"})
+    first = gptzoo_cli("train", RECIPE, *tiny, "--run-dir", tmp_path / "a", env=env, check=True)
+    hit = "Persistent compilation cache hit for 'jit_train_chunk'"
+    assert hit not in first.stderr and any((tmp_path / "cache" / "jax").iterdir())
+    second = gptzoo_cli("train", RECIPE, *tiny, "--run-dir", tmp_path / "b", env=env, check=True)
+    assert hit in second.stderr
+
+
 def test_keys_lists_every_required_key():
     out = gptzoo_in_process("keys", RECIPE).stdout
     for key in ("trainer.max_steps", "trainer.batch_size", "trainer.eval_interval",
