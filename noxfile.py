@@ -49,6 +49,7 @@ def bench(session):
     session.run("python", "bench/bench_train.py", *session.posargs, env=env)
     session.run("python", "bench/bench_sample.py", *session.posargs, env=env)
     session.run("python", "bench/bench_loader.py", *session.posargs, env=env)
+    session.run("python", "bench/bench_loop.py", *session.posargs, env=env)
     session.run("python", "bench/bench_compile.py", *session.posargs, env=env)
     session.run("python", "bench/bench_mfu.py", *session.posargs, env=env)
     # Generates a 2 GB corpus (once, under the temp dir) and prepares and trains on it.

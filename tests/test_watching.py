@@ -20,7 +20,7 @@ from gptzoo.plot import plot_runs
 from gptzoo.recipe import load_recipe
 from gptzoo.trainer.progress import MetricsLog, Reporter
 from gptzoo.trainer.run_status import RunStatus
-from gptzoo.trainer.sinks import open_sinks
+from gptzoo.trainer.sinks import TensorBoardSink, open_sinks
 
 
 def records(run_dir):
@@ -59,6 +59,25 @@ def test_tensorboard_shows_every_record(trained_run):
         assert sorted(got) == sorted(want), tag
         assert got == pytest.approx(want, rel=1e-6), tag  # event files store float32
     assert sorted(scalars(trained_run, "loss/val")) == [10, 20, 30]
+
+
+def test_tensorboard_sees_a_record_within_seconds_while_the_run_goes_on(tmp_path):
+    """The sink hands records to tensorboardX's writer thread, which writes them to disk within
+    about a second without `close()` or a flush in the training loop: a live run is followed."""
+    sink = TensorBoardSink(tmp_path, None)
+    try:
+        sink.write({"step": 7, "train_loss": 2.5})
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if scalars(tmp_path, "loss/train") == {7: 2.5}:
+                    return
+            except KeyError:  # no event file with the tag yet
+                pass
+            time.sleep(0.1)
+        pytest.fail("the record did not reach the event file within 10 s")
+    finally:
+        sink.close()
 
 
 def test_records_carry_wall_time_and_the_run_its_status(trained_run):

@@ -103,7 +103,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     p = prepare(recipe, init_from=init_from)
     run = _open_run(recipe, run_dir, p, resume)
     model, opt_state = run.model, run.opt_state  # placed by the rules: see prepare, _resume
-    schedule = make_schedule(recipe.optimizer, cfg.max_steps)
+    # One compiled program: called eagerly, optax's schedule is a dozen operations, each a
+    # dispatch and, the first time, a compilation.
+    learning_rate = jax.jit(make_schedule(recipe.optimizer, cfg.max_steps))
     bad_steps = BadSteps(cfg.max_bad_steps, recipe.optimizer.lr)
     loader = Prefetcher(p.train_batches, _plan(run.start, cfg), chunk_sharded(p.mesh))
     reporter = reporter or Reporter(cfg.max_steps, run.start, quiet=not is_main())
@@ -121,17 +123,19 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
         for first, n, batches in loader:
             steady &= batches.shape[:2] in compiled  # a new chunk shape compiles: not in tokens/s
             compiled.add(batches.shape[:2])
-            model, opt_state, stats = p.train_chunk((batches, run.train_key, jnp.int32(first)),
+            # A NumPy scalar travels with the call; jnp.int32 would be an operation of its own.
+            model, opt_state, stats = p.train_chunk((batches, run.train_key, np.int32(first)),
                                                   model, opt_state)
             bad_steps.count(first, stats.finite)
             step, timed_tokens = first + n, timed_tokens + n * batch_size(first) * block_size
             interrupted = agreed_stop(sigint.caught, due(cfg.log_interval)
                                       or due(cfg.checkpoint_interval))
             if due(cfg.log_interval) or interrupted:
+                losses, grad_norms = jax.device_get((stats.loss, stats.grad_norm))  # waits
                 elapsed = time.perf_counter() - clock
-                record = {"step": step, "train_loss": float(stats.loss[-1]),
-                          "grad_norm": float(stats.grad_norm[-1]), "bad_steps": bad_steps.take(),
-                          "lr": float(schedule(step - 1)), "batch_size": batch_size(step - 1),
+                record = {"step": step, "train_loss": float(losses[-1]),
+                          "grad_norm": float(grad_norms[-1]), "bad_steps": bad_steps.take(),
+                          "lr": float(learning_rate(step - 1)), "batch_size": batch_size(step - 1),
                           "tokens_per_sec": timed_tokens / elapsed if steady else None,
                           "wall_time": run.status.wall_time()}
                 if due(cfg.eval_interval):
