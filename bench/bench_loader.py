@@ -21,6 +21,7 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gptzoo.data import Prefetcher
 from gptzoo.errors import GptzooError
@@ -73,7 +74,7 @@ def main() -> None:
                                      cfg.batch_size, block_size)) for s, k in plan)
         clock = None
         for first, _, batches in source:
-            model, opt_state, losses = p.train_chunk((batches, p.train_key, jnp.int32(first)),
+            model, opt_state, losses = p.train_chunk((batches, p.train_key, np.int32(first)),
                                                      model, opt_state)
             if clock is None:
                 jax.block_until_ready(losses)

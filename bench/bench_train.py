@@ -18,6 +18,7 @@ from unittest import mock
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe, load_recipe, parse_overrides
@@ -49,7 +50,7 @@ def chunk_timer(p, n: int):
         batches = jax.device_put(p.train_batches.chunk(step, n), chunk_sharded(p.mesh))
         jax.block_until_ready(batches)
         clock = time.perf_counter()
-        model, opt_state, losses = p.train_chunk((batches, p.train_key, jnp.int32(step)),
+        model, opt_state, losses = p.train_chunk((batches, p.train_key, np.int32(step)),
                                                  model, opt_state)
         jax.block_until_ready((model, opt_state, losses))
         step += n
@@ -132,7 +133,6 @@ def attention_micro(shape: tuple[int, int, int, int], rounds: int) -> dict:
     """ms of one layer's causal attention forward + backward (batch, seq, heads, head_dim) on each
     path, and through torch's `scaled_dot_product_attention` (nanoGPT's), interleaved rounds,
     medians."""
-    import numpy as np
     import torch
 
     import gptzoo.nn.attention as attention
@@ -182,7 +182,6 @@ def matmul_micro(m: int, k: int, n: int, rounds: int) -> dict:
     given a fresh output per product (one call a round, or ten kept alive), XLA read up to 40%
     slower on the 2-core CPU (79 against 133 GFLOP/s for 2048 x 384 x 1152), the price of first
     touching new memory, which this bench once reported as XLA's rate."""
-    import numpy as np
     import torch
 
     a, b = (np.random.default_rng(0).standard_normal(s, np.float32) for s in [(m, k), (k, n)])

@@ -213,7 +213,7 @@ def _stepper(p: Prepared, state, batch_size: int, block: int) -> Callable[[], An
 
     def one():
         nonlocal state, step
-        *state, _ = p.train_chunk((batch, p.train_key, jnp.int32(step)), *state)
+        *state, _ = p.train_chunk((batch, p.train_key, np.int32(step)), *state)
         step += 1
         return state
 
