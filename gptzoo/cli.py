@@ -212,10 +212,12 @@ def prepare(recipe_path, overrides):
 @friendly_errors
 def tune_batch(recipe_path, overrides, memory_gb, peak_flops):
     """Find the largest micro-batch of a RECIPE that fits, and its tokens/s."""
+    from gptzoo.compile_cache import enable_compilation_cache
     from gptzoo.recipe import load_recipe, parse_overrides
     from gptzoo.trainer.tune import report
     from gptzoo.trainer.tune import tune_batch as find
 
+    enable_compilation_cache()  # each micro-batch it tries is a program of its own
     recipe = load_recipe(recipe_path, parse_overrides(list(overrides)))
     if memory_gb is not None and memory_gb <= 0:
         raise click.BadParameter(f"{memory_gb} is not a positive size", param_hint="--memory-gb")
