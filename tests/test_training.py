@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import equinox as eqx
 import jax
@@ -38,6 +39,46 @@ def test_loss_goes_down_and_metrics_are_logged(tmp_path, small_text):
     assert result.val_bpb == pytest.approx(result.val_loss / np.log(2))  # ASCII: a byte a token
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert saved["trainer"]["max_steps"] == 60 and saved["model"]["d_model"] == 32
+
+
+class _StillComputing:
+    """A chunk's result that an asynchronous device (a GPU) has not finished: reading it waits."""
+
+    def __init__(self, value, seconds: float):
+        self.value, self.seconds = value, seconds
+
+    def __array__(self, dtype=None, copy=None):
+        time.sleep(self.seconds)
+        return np.asarray(self.value, dtype)
+
+
+def test_tokens_per_sec_includes_waiting_for_a_chunk_the_device_has_not_finished(
+        tmp_path, small_text, monkeypatch):
+    """On a GPU the train chunk's call returns at once and the log step's read of its losses
+    waits for the device: that wait is the chunk's compute and belongs in tokens/s. Simulated
+    here by losses that take a second to read (the CPU runs a chunk within its call)."""
+    import gptzoo.trainer.loop as loop
+
+    prepare = loop.prepare
+
+    def asynchronous(*args, **kwargs):
+        p = prepare(*args, **kwargs)
+        chunk = p.train_chunk
+
+        def call(*chunk_args):
+            model, opt_state, stats = chunk(*chunk_args)
+            return model, opt_state, stats._replace(loss=_StillComputing(stats.loss, 1.0))
+
+        p.train_chunk = call
+        return p
+
+    monkeypatch.setattr(loop, "prepare", asynchronous)
+    recipe = gptzoo.load_recipe(RECIPE, {**TINY, "trainer.max_steps": "15",
+                                         "data.path": str(small_text)})
+    gptzoo.train(recipe, run_dir=tmp_path / "run")
+    speeds = [r["tokens_per_sec"] for r in read_metrics(tmp_path / "run") if r["tokens_per_sec"]]
+    tokens_per_chunk = 5 * 8 * 32  # steps_per_call x batch_size x block_size
+    assert speeds and all(speed < tokens_per_chunk / 1.0 for speed in speeds)
 
 
 def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, small_text):

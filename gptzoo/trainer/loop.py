@@ -131,7 +131,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             interrupted = agreed_stop(sigint.caught, due(cfg.log_interval)
                                       or due(cfg.checkpoint_interval))
             if due(cfg.log_interval) or interrupted:
-                losses, grad_norms = jax.device_get((stats.loss, stats.grad_norm))  # waits
+                # Waits for the chunk, whose call returned at once on a GPU: part of tokens/s.
+                losses, grad_norms = jax.device_get((stats.loss, stats.grad_norm))
                 elapsed = time.perf_counter() - clock
                 record = {"step": step, "train_loss": float(losses[-1]),
                           "grad_norm": float(grad_norms[-1]), "bad_steps": bad_steps.take(),
