@@ -86,7 +86,7 @@ def test_eval_reports_the_whole_validation_split(trained_run, small_text):
 
 def test_a_second_training_run_reads_its_programs_from_the_compile_cache(tmp_path, small_text):
     """`gptzoo train` keeps what it compiles under GPTZOO_COMPILE_CACHE (JAX's persistent cache,
-    when the user names none of their own): the same recipe again compiles nothing new."""
+    when the user names none of their own): the same recipe again reads its train chunk from it."""
     env = {"GPTZOO_COMPILE_CACHE": str(tmp_path / "cache"), "JAX_COMPILATION_CACHE_DIR": "",
            "JAX_LOG_COMPILES": "1"}
     tiny = set_args({**TINY, "data.path": str(small_text), "trainer.max_steps": "10"})
