@@ -118,9 +118,8 @@ def throughput(recipe: Recipe, micro_batch: int, steps: int = 5, grad_accum_step
 
 
 def train_step(recipe: Recipe, micro_batch: int) -> Callable[[], Any]:
-    """A function that dispatches one of `recipe`'s optimizer steps on `micro_batch` random
-    sequences, each call continuing from the last, and returns the new state without waiting
-    for it: for profiling."""
+    """`_stepper` of `recipe`'s optimizer step on `micro_batch` random sequences: for
+    profiling."""
     recipe = one_step_recipe(recipe, micro_batch)
     p = prepare(recipe, log=lambda _: None)
     return _stepper(p, _state(p), micro_batch, recipe.model.block_size)
