@@ -134,6 +134,38 @@ def against_nanogpt(recipe: Recipe, rounds: int) -> dict:
     return row
 
 
+def nanogpt_breakdown(recipe: Recipe, steps: int) -> dict:
+    """Where nanoGPT's eager step spends its time, ms per step from torch's profiler (which slows
+    the small operations a little): matrix products, attention (`scaled_dot_product_attention`'s
+    kernels, forward and backward) and all of it. Their ratio is the most gptzoo could gain on
+    this shape with products and attention no faster than torch's, for its step can be no shorter
+    than those two; against `torch.compile`, which runs the same products and attention and fuses
+    the rest, the most is less still."""
+    import nanogpt
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    m, batch = recipe.model, recipe.trainer.batch_size
+    vocab = 65  # tiny Shakespeare's characters, as in against_nanogpt
+    torch.manual_seed(0)
+    model = nanogpt.GPT(vocab, m.block_size, m.n_layers, m.n_heads, m.d_model, bias=m.use_bias)
+    step = nanogpt.train_step(model, compile_model=False, lr=recipe.optimizer.lr)
+    idx = torch.randint(0, vocab, (batch, m.block_size + 1))
+    inputs, targets = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    for _ in range(2):
+        step(inputs, targets)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(inputs, targets)
+    self_ms = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    products = sum(ms for name, ms in self_ms.items()
+                   if name in ("aten::mm", "aten::addmm", "aten::bmm"))
+    attention = sum(ms for name, ms in self_ms.items() if "scaled_dot_product" in name)
+    step_ms = sum(self_ms.values())
+    return {"step": step_ms, "products": products, "attention": attention,
+            "ceiling": step_ms / (products + attention)}
+
+
 def attention_micro(shape: tuple[int, int, int, int], rounds: int) -> dict:
     """ms of one layer's causal attention forward + backward (batch, seq, heads, head_dim) on each
     path, and through torch's `scaled_dot_product_attention` (nanoGPT's), interleaved rounds,
@@ -265,6 +297,13 @@ def main() -> None:
         print(f"{name}: " + ", ".join(
             f"{k} {v:.2f}x" if k == "ratio" else f"{k} {v:,.0f}" for k, v in row.items())
             + " (ratio: gptzoo over nanoGPT's faster, the median of the rounds' ratios)")
+    print("\nnanoGPT's eager step under torch's profiler, ms per step")
+    for name in NANOGPT_SHAPES:
+        b = nanogpt_breakdown(recipes[name], 3 if args.quick else 10)
+        print(f"{name}: step {b['step']:,.1f}, matrix products {b['products']:,.1f} "
+              f"({b['products'] / b['step']:.0%}), attention {b['attention']:,.1f}; with "
+              f"products and attention as fast as torch's and all else free, gptzoo would train "
+              f"at most {b['ceiling']:.2f}x nanoGPT eager")
     print(f"\none layer's causal attention forward + backward, ms, medians of {rounds} rounds")
     for shape in [(12, 64, 4, 32), (8, 256, 6, 64)]:
         print(f"batch, seq, heads, head_dim {shape}: " + ", ".join(
