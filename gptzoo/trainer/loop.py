@@ -2,7 +2,6 @@
 
 import math
 import signal
-import time
 from collections.abc import Callable
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from gptzoo.trainer.evaluate import evaluate
 from gptzoo.trainer.guard import BadSteps
 from gptzoo.trainer.init_from import Initial
 from gptzoo.trainer.optimizer import make_optimizer, make_schedule
-from gptzoo.trainer.progress import MetricsLog, Reporter
+from gptzoo.trainer.progress import MetricsLog, Reporter, Throughput
 from gptzoo.trainer.run_status import RunStatus
 from gptzoo.trainer.sharding import (
     batch_sharded,
@@ -116,28 +115,26 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     def due(interval: int) -> bool:
         return step % interval == 0 or step == cfg.max_steps
 
-    step, compiled, interrupted = run.start, set(), False
+    step, interrupted = run.start, False
     batch_size = p.train_batches.schedule.size
     with _catch_sigint() as sigint, closing(loader), run.status.recording():
-        clock, timed_tokens, steady = time.perf_counter(), 0, True
+        throughput = Throughput()
         for first, n, batches in loader:
-            steady &= batches.shape[:2] in compiled  # a new chunk shape compiles: not in tokens/s
-            compiled.add(batches.shape[:2])
+            throughput.add(batches.shape[:2], n * batch_size(first) * block_size)
             # A NumPy scalar travels with the call; jnp.int32 would be an operation of its own.
             model, opt_state, stats = p.train_chunk((batches, run.train_key, np.int32(first)),
                                                   model, opt_state)
             bad_steps.count(first, stats.finite)
-            step, timed_tokens = first + n, timed_tokens + n * batch_size(first) * block_size
+            step = first + n
             interrupted = agreed_stop(sigint.caught, due(cfg.log_interval)
                                       or due(cfg.checkpoint_interval))
             if due(cfg.log_interval) or interrupted:
                 # Waits for the chunk, whose call returned at once on a GPU: part of tokens/s.
                 losses, grad_norms = jax.device_get((stats.loss, stats.grad_norm))
-                elapsed = time.perf_counter() - clock
                 record = {"step": step, "train_loss": float(losses[-1]),
                           "grad_norm": float(grad_norms[-1]), "bad_steps": bad_steps.take(),
                           "lr": float(learning_rate(step - 1)), "batch_size": batch_size(step - 1),
-                          "tokens_per_sec": timed_tokens / elapsed if steady else None,
+                          "tokens_per_sec": throughput.tokens_per_sec(),
                           "wall_time": run.status.wall_time()}
                 if due(cfg.eval_interval):
                     record.update(_validation_estimate(model, p, step, cfg.eval_steps))
@@ -149,7 +146,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
             if due(cfg.checkpoint_interval) or interrupted:
                 run.checkpoints.save(step, model, opt_state, run.meta)
             if due(cfg.log_interval) or due(cfg.checkpoint_interval):
-                clock, timed_tokens, steady = time.perf_counter(), 0, True
+                throughput.restart()
             if interrupted:
                 break
     run.checkpoints.close()

@@ -66,6 +66,28 @@ def format_bar(record: dict[str, Any], last: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+class Throughput:
+    """Training tokens per second since the last `restart()`; `None` for a stretch in which a
+    chunk of a new shape compiled (not steady state)."""
+
+    def __init__(self):
+        self.compiled: set[tuple[int, ...]] = set()
+        self.restart()
+
+    def restart(self) -> None:
+        self.clock, self.tokens, self.steady = time.perf_counter(), 0, True
+
+    def add(self, chunk_shape: tuple[int, ...], tokens: int) -> None:
+        """A chunk of `tokens` dispatched; `chunk_shape` (steps, batch) not seen before compiles."""
+        self.steady &= chunk_shape in self.compiled
+        self.compiled.add(chunk_shape)
+        self.tokens += tokens
+
+    def tokens_per_sec(self) -> float | None:
+        """Read once the chunks' results are: on a GPU a call returns before its work is done."""
+        return self.tokens / (time.perf_counter() - self.clock) if self.steady else None
+
+
 class Reporter:
     """`quiet`: show nothing (the other processes of a multi-host run)."""
 
