@@ -118,9 +118,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     step, interrupted = run.start, False
     batch_size = p.train_batches.schedule.size
     with _catch_sigint() as sigint, closing(loader), run.status.recording():
-        throughput = Throughput()
+        throughput = Throughput(block_size)
         for first, n, batches in loader:
-            throughput.add(batches.shape[:2], n * batch_size(first) * block_size)
+            throughput.add(batches.shape[:2])
             # A NumPy scalar travels with the call; jnp.int32 would be an operation of its own.
             model, opt_state, stats = p.train_chunk((batches, run.train_key, np.int32(first)),
                                                   model, opt_state)

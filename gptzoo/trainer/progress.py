@@ -67,21 +67,22 @@ def format_bar(record: dict[str, Any], last: dict[str, Any]) -> str:
 
 
 class Throughput:
-    """Training tokens per second since the last `restart()`; `None` for a stretch in which a
-    chunk of a new shape compiled (not steady state)."""
+    """Training tokens per second since the last `restart()`, for windows of `block_size`
+    tokens; `None` for a stretch in which a chunk of a new shape compiled (not steady state)."""
 
-    def __init__(self):
-        self.compiled: set[tuple[int, ...]] = set()
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.compiled: set[tuple[int, int]] = set()
         self.restart()
 
     def restart(self) -> None:
         self.clock, self.tokens, self.steady = time.perf_counter(), 0, True
 
-    def add(self, chunk_shape: tuple[int, ...], tokens: int) -> None:
-        """A chunk of `tokens` dispatched; `chunk_shape` (steps, batch) not seen before compiles."""
+    def add(self, chunk_shape: tuple[int, int]) -> None:
+        """A chunk of `(steps, batch)` windows dispatched; a shape not seen before compiles."""
         self.steady &= chunk_shape in self.compiled
         self.compiled.add(chunk_shape)
-        self.tokens += tokens
+        self.tokens += chunk_shape[0] * chunk_shape[1] * self.block_size
 
     def tokens_per_sec(self) -> float | None:
         """Read once the chunks' results are: on a GPU a call returns before its work is done."""

@@ -14,7 +14,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gptzoo.errors import GptzooError
@@ -68,7 +67,7 @@ def tune_batch(recipe: Recipe, budget_bytes: int | None = None, timed_steps: int
 
     def trial(micro: int) -> Fit:
         nonlocal state
-        args = ((_random_batch(p, micro, block), p.train_key, jnp.int32(0)), *state)
+        args = ((_random_batch(p, micro, block), p.train_key, np.int32(0)), *state)
         compiled = p.train_chunk.lower(*args).lowered.compile()
         needed = _bytes_needed(compiled.memory_analysis())
         fits = needed <= budget_bytes
