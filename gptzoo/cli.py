@@ -232,23 +232,37 @@ def tune_batch(recipe_path, overrides, memory_gb, peak_flops):
 @click.option("--block-size", type=int, default=None,
               help="Context of a rotary model's run (KV cache, training window) [the config's "
               "max_position_embeddings, at most 4096]. GPT-2 keeps n_positions.")
+@click.option("--adapter", type=click.Path(), metavar="PEFT_DIR",
+              help="Also read this PEFT LoRA adapter of the model: --out becomes a LoRA run over "
+              "the model, imported into OUT/base.")
 @friendly_errors
-def import_hf(hf_dir, out, block_size):
+def import_hf(hf_dir, out, block_size, adapter):
     """Turn a local Hugging Face GPT-2 or LLaMA-family folder into a run directory."""
-    from gptzoo.hf import import_hf as run_import
+    if adapter:
+        from gptzoo.hf.peft_runs import import_peft
 
-    run_import(hf_dir, out, block_size)
-    click.echo(f"imported {hf_dir} into {out}; try gptzoo sample --ckpt {out}")
+        import_peft(hf_dir, adapter, out, block_size)
+    else:
+        from gptzoo.hf import import_hf as run_import
+
+        run_import(hf_dir, out, block_size)
+    click.echo(f"imported {adapter or hf_dir} into {out}; try gptzoo sample --ckpt {out}")
 
 
 @main.command(name="export-hf")
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="The folder to write.")
+@click.option("--peft", is_flag=True, help="Write a LoRA run's adapters alone, as PEFT's "
+              "adapter_config.json and adapter_model.safetensors [the whole model, merged].")
 @friendly_errors
-def export_hf(run_dir, out):
+def export_hf(run_dir, out, peft):
     """Write a gpt2- or llama-architecture run as a Hugging Face folder (config.json,
-    model.safetensors, tokenizer) for AutoModelForCausalLM.from_pretrained."""
-    from gptzoo.hf import export_hf as run_export
+    model.safetensors, tokenizer) for AutoModelForCausalLM.from_pretrained; with --peft, a LoRA
+    run's adapters for PEFT."""
+    if peft:
+        from gptzoo.hf.peft_runs import export_peft as run_export
+    else:
+        from gptzoo.hf import export_hf as run_export
 
     run_export(run_dir, out)
     click.echo(f"exported {run_dir} to {out}")

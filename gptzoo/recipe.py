@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import sys
 import traceback
 import types
@@ -25,6 +26,7 @@ from gptzoo.atomic import write_text_atomic
 from gptzoo.data.batch_schedule import BatchSchedule
 from gptzoo.data.text import SHAKESPEARE
 from gptzoo.errors import GptzooError
+from gptzoo.lora.adapters import PROJECTIONS, compile_targets
 from gptzoo.models import ARCHITECTURES, build_architecture
 from gptzoo.nn.stack import REMAT_POLICIES
 
@@ -95,9 +97,27 @@ class MeshConfig:
     tensor: int = 1
 
 
-SECTIONS = ("model", "data", "optimizer", "trainer", "mesh")
+@dataclasses.dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA): with `rank` > 0 a fine-tuning (`--init-from RUN`) trains only
+    an adapter on each projection whose module path (`blocks.3.attention.qkv`) the regular
+    expression `targets` finds; the run's weights stay frozen. Its update is scaled by
+    `alpha / rank`, or `alpha / sqrt(rank)` with `rslora`."""
+
+    rank: int = 0  # 0: no adapters, every weight trains
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0  # on the adapters' inputs
+    targets: str = PROJECTIONS  # the attention and MLP projections
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+SECTIONS = ("model", "data", "optimizer", "trainer", "mesh", "lora")
 DEFAULTS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
-            "trainer": TrainerConfig, "mesh": MeshConfig}
+            "trainer": TrainerConfig, "mesh": MeshConfig, "lora": LoRAConfig}
 # (key, predicate, what it must be) checked after overrides, so bad values fail before training.
 _CHECKS = [
     ("trainer.max_steps", lambda v: v > 0, "a positive integer"),
@@ -120,6 +140,9 @@ _CHECKS = [
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data.val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
     ("data.vocab_size", lambda v: v > 256, "above 256 (the byte alphabet and <|endoftext|>)"),
+    ("lora.rank", lambda v: v >= 0, "0 (off) or a positive rank"),
+    ("lora.alpha", lambda v: v > 0, "positive"),
+    ("lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
 ]
 
 
@@ -134,6 +157,7 @@ class Recipe:
     trainer: TrainerConfig
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     architecture: str | None = None  # a built-in, built from `model` without build_model
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
     def build(self, vocab_size: int, *, key) -> Any:
         """The recipe's model from its (overridden) model section."""
@@ -166,6 +190,7 @@ class Recipe:
                 raise GptzooError(f"{key}={self.get(key)!r} must be {what}; "
                                   f"fix it with --set {key}=...")
         _check_batches(self.trainer)
+        compile_targets(self.lora.targets)
 
     def _split(self, key: str) -> tuple[str, str]:
         if key not in self.keys():

@@ -6,8 +6,9 @@
   LLaMA's) or a byte-level BPE trained on the training split (`train_bpe`).
 
 Every kind has `encode(text) -> int32 array`, `decode(tokens) -> str`, `vocab_size`,
-`end_of_text` (an id or None), `start_tokens()` (what an empty prompt starts from), `to_dict()`
-and `save(run_dir)`; `tokenizer_from_dict` rebuilds whichever kind a checkpoint holds.
+`end_of_text` (an id or None), `start_tokens()` (what an empty prompt starts from), `to_dict()`,
+`save(run_dir)` and `to_hf()` (the same ids as a Hugging Face tokenizer, for `export-hf`);
+`tokenizer_from_dict` rebuilds whichever kind a checkpoint holds.
 """
 
 import hashlib
@@ -36,6 +37,7 @@ class Tokenizer(Protocol):
     def start_tokens(self) -> Int[np.ndarray, " n"]: ...
     def to_dict(self) -> dict: ...
     def save(self, run_dir: Path) -> Path: ...
+    def to_hf(self): ...
 
 
 class _Saved:
@@ -94,6 +96,16 @@ class CharTokenizer(_Saved):
     def to_dict(self) -> dict:
         return {"kind": "char", "chars": "".join(self.chars)}
 
+    def to_hf(self):
+        """A BPE over the characters with no merges, so that each character (code point) is its
+        own token with its own id, and a decoder that joins them without spaces."""
+        from tokenizers import Tokenizer as HF
+        from tokenizers import decoders, models
+
+        tokenizer = HF(models.BPE(vocab=dict(self.index), merges=[]))
+        tokenizer.decoder = decoders.Fuse()
+        return tokenizer
+
     @classmethod
     def from_dict(cls, d: dict) -> "CharTokenizer":
         return cls(d["chars"])
@@ -117,6 +129,18 @@ class ByteTokenizer(_Saved):
 
     def to_dict(self) -> dict:
         return {"kind": "bytes"}
+
+    def to_hf(self):
+        """The 256 byte tokens `<0x00>` ... `<0xFF>` (ids the byte values) of a BPE with no merges
+        and no other tokens: every character falls back to its UTF-8 bytes, as LLaMA's tokenizer
+        does for characters outside its vocabulary, and decoding joins the bytes back."""
+        from tokenizers import Tokenizer as HF
+        from tokenizers import decoders, models
+
+        vocab = {f"<0x{b:02X}>": b for b in range(256)}
+        tokenizer = HF(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        return tokenizer
 
 
 class HFTokenizer(_Saved):
@@ -168,6 +192,9 @@ class HFTokenizer(_Saved):
 
     def to_dict(self) -> dict:
         return {"kind": "hf", "json": self.tokenizer.to_str()}
+
+    def to_hf(self):
+        return self.tokenizer
 
     def _file_text(self) -> str:
         return self.tokenizer.to_str(pretty=True)

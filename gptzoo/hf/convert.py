@@ -110,20 +110,35 @@ def _copy(names: tuple[str, ...], source: Path, destination: Path) -> None:
             shutil.copyfile(source / name, destination / name)
 
 
-def export_hf(run_dir: str | Path, out: str | Path) -> Path:
-    """Write a gpt2- or llama-architecture run as a folder `transformers` loads with
-    `AutoModelForCausalLM.from_pretrained`."""
-    run_dir, out = Path(run_dir), Path(out)
+def exportable_recipe(run_dir: Path) -> Recipe:
+    """The recipe of a run that transformers can hold, else one line saying why not."""
     recipe = load_run_recipe(run_dir)
     if recipe.architecture not in FAMILIES:
         raise GptzooError(f"{run_dir} was trained from a custom recipe; export-hf writes runs of "
                           f"the built-in architectures {', '.join(FAMILIES)}")
     _check_exportable(recipe.architecture, recipe.model, run_dir)
-    model, tokenizer = load(run_dir)
+    return recipe
+
+
+def write_tokenizer(tokenizer, run_dir: Path, out: Path) -> None:
+    """`out/tokenizer.json` in Hugging Face's form (a char or bytes tokenizer's too: see their
+    `to_hf`) and the run's other tokenizer files. A char or bytes one also gets a
+    `tokenizer_config.json` naming the generic fast class, so that `AutoTokenizer` reads its
+    tokenizer.json as it is rather than as the model family's own tokenizer."""
+    tokenizer.to_hf().save(str(out / "tokenizer.json"))
+    _copy(TOKENIZER_FILES[1:], run_dir, out)  # an imported model's other tokenizer files
     if not isinstance(tokenizer, HFTokenizer):
-        raise GptzooError(f"{run_dir} uses gptzoo's {tokenizer.to_dict()['kind']} tokenizer, "
-                          "which has no Hugging Face equivalent; train with data.tokenizer=bpe "
-                          "or a tokenizer.json to export")
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast",
+                    "clean_up_tokenization_spaces": False}
+        (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def export_hf(run_dir: str | Path, out: str | Path) -> Path:
+    """Write a gpt2- or llama-architecture run as a folder `transformers` loads with
+    `AutoModelForCausalLM.from_pretrained`; a LoRA run's adapters are merged into the weights."""
+    run_dir, out = Path(run_dir), Path(out)
+    recipe = exportable_recipe(run_dir)
+    model, tokenizer = load(run_dir)
     arrays = {k: np.asarray(v) for k, v in per_layer_leaves(model).items()}
     vocab_size = arrays["token_embedding.weight"].shape[0]
     tensors = write_params(FAMILIES[recipe.architecture](recipe.model), arrays)
@@ -131,6 +146,5 @@ def export_hf(run_dir: str | Path, out: str | Path) -> Path:
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     config = write_config(recipe.architecture, recipe.model, vocab_size)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer.save(out)
-    _copy(TOKENIZER_FILES[1:], run_dir, out)  # an imported model's other tokenizer files
+    write_tokenizer(tokenizer, run_dir, out)
     return out

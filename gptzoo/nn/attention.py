@@ -7,7 +7,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.kv_cache import KVCache
-from gptzoo.nn.linear import Linear
+from gptzoo.nn.linear import Linear, projection_keys
 
 
 @typecheck
@@ -220,8 +220,9 @@ class CausalSelfAttention(eqx.Module):
     ) -> Float[Array, "*batch seq d_model"]:
         seq = x.shape[-2]
         positions = jnp.arange(seq) if positions is None else positions
-        q, k, v = self._heads(x)
-        return self._attend(q, k, v, positions, positions, key)
+        qkv_key, out_key = projection_keys(key, 2)
+        q, k, v = self._heads(x, qkv_key)
+        return self._attend(q, k, v, positions, positions, key, out_key)
 
     def init_cache(self, size: int) -> KVCache:
         return KVCache.empty(size, self.n_kv_heads, self.head_dim, self.out.weight.dtype)
@@ -270,16 +271,16 @@ class CausalSelfAttention(eqx.Module):
         k, v, positions = _after(y, k, v, positions)
         return self.out(y.reshape(seq, -1).astype(x.dtype)), cache.update(k, v, positions)
 
-    def _heads(self, x):
-        qkv = self.qkv(x).reshape(*x.shape[:-1], self.n_heads + 2 * self.n_kv_heads, -1)
+    def _heads(self, x, key=None):
+        qkv = self.qkv(x, key=key).reshape(*x.shape[:-1], self.n_heads + 2 * self.n_kv_heads, -1)
         return jnp.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=-2)
 
-    def _attend(self, q, k, v, q_positions, k_positions, key):
+    def _attend(self, q, k, v, q_positions, k_positions, key, out_key=None):
         *batch, seq, _, _ = q.shape
         attn_key, resid_key = jax.random.split(key) if key is not None else (None, None)
         bias = None
         if self.positional is not None:
             q, k, bias = self.positional(q, k, q_positions, k_positions)
         y = causal_attend(q, k, v, bias, dropout=self.attn_dropout, key=attn_key)
-        return self.resid_dropout(self.out(y.reshape(*batch, seq, -1)), key=resid_key,
+        return self.resid_dropout(self.out(y.reshape(*batch, seq, -1), key=out_key), key=resid_key,
                                   inference=key is None)

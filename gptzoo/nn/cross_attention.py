@@ -5,7 +5,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.attention import causal_attend
-from gptzoo.nn.linear import Linear
+from gptzoo.nn.linear import Linear, projection_keys
 from gptzoo.nn.norm import LayerNorm
 
 
@@ -58,8 +58,11 @@ class CausalCrossAttention(eqx.Module):
             raise ValueError(f"{n_latents} latents exceed the context of {seq} positions they are "
                              "the last of; pass at most seq latents")
         attn_key, resid_key = jax.random.split(key) if key is not None else (None, None)
-        q = self.q(self.query_norm(latents)).reshape(*latents.shape[:-1], self.n_heads, -1)
-        kv = self.kv(self.context_norm(context)).reshape(*context.shape[:-1], 2 * self.n_heads, -1)
+        q_key, kv_key, out_key = projection_keys(key, 3)
+        q = self.q(self.query_norm(latents), key=q_key).reshape(*latents.shape[:-1], self.n_heads,
+                                                                 -1)
+        kv = self.kv(self.context_norm(context), key=kv_key).reshape(*context.shape[:-1],
+                                                                      2 * self.n_heads, -1)
         k, v = jnp.split(kv, 2, axis=-2)
         y = causal_attend(q, k, v, dropout=self.attn_dropout, key=attn_key).reshape(latents.shape)
-        return self.resid_dropout(self.out(y), key=resid_key, inference=key is None)
+        return self.resid_dropout(self.out(y, key=out_key), key=resid_key, inference=key is None)

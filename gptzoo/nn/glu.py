@@ -5,7 +5,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.activation import GATE_ACTIVATIONS, gated
-from gptzoo.nn.linear import Linear
+from gptzoo.nn.linear import Linear, projection_keys
 
 
 def llama_hidden_dim(d_model: int, hidden_mult: float = 4, multiple_of: int = 256) -> int:
@@ -57,6 +57,7 @@ class GLUMLP(eqx.Module):
     def __call__(
         self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "*batch seq d_model"]:
-        gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
+        gate_up_key, down_key = projection_keys(key, 2)
+        gate, up = jnp.split(self.gate_up(x, key=gate_up_key), 2, axis=-1)
         h = gated(gate, up, self.activation)
-        return self.dropout(self.down(h), key=key, inference=key is None)
+        return self.dropout(self.down(h, key=down_key), key=key, inference=key is None)

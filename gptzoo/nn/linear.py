@@ -26,10 +26,11 @@ class Linear(eqx.Module):
         self.weight = init_std * jax.random.normal(key, (d_in, d_out))
         self.bias = jax.numpy.zeros(d_out) if use_bias else None
 
-    def __call__(self, x: Float[Array, "*rows d_in"], *, out_dtype=None
-                 ) -> Float[Array, "*rows d_out"]:
+    def __call__(self, x: Float[Array, "*rows d_in"], *, key: PRNGKeyArray | None = None,
+                 out_dtype=None) -> Float[Array, "*rows d_out"]:
         """`out_dtype` (e.g. float32 for logits from bfloat16 inputs): the matmul accumulates and
-        returns that dtype instead of the inputs'."""
+        returns that dtype instead of the inputs'. `key` is unused: projections share one call,
+        and an adapted one (`LoRALinear`) drops out its input with it."""
         return affine(x, self.weight, self.bias, out_dtype)
 
 
@@ -77,3 +78,12 @@ def _widening_matmul_backward(out_dtype, saved, cotangent):
 
 
 _widening_matmul.defvjp(_widening_matmul_forward, _widening_matmul_backward)
+
+
+def projection_keys(key: PRNGKeyArray | None, n: int) -> list[PRNGKeyArray | None]:
+    """Dropout keys for the `n` projections of a module that draws its own dropout from `key`
+    (`LoRALinear`'s input dropout): split from `fold_in(key, 1)`, so the module's other random
+    draws stay as they were. `n` Nones without a key (inference)."""
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(jax.random.fold_in(key, 1), n))

@@ -4,7 +4,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.activation import gelu
-from gptzoo.nn.linear import Linear
+from gptzoo.nn.linear import Linear, projection_keys
 
 
 class MLP(eqx.Module):
@@ -35,5 +35,6 @@ class MLP(eqx.Module):
     def __call__(
         self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "*batch seq d_model"]:
-        h = gelu(self.up(x), self.approximate_gelu)
-        return self.dropout(self.down(h), key=key, inference=key is None)
+        up_key, down_key = projection_keys(key, 2)
+        h = gelu(self.up(x, key=up_key), self.approximate_gelu)
+        return self.dropout(self.down(h, key=down_key), key=key, inference=key is None)

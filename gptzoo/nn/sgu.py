@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.activation import gelu
 from gptzoo.nn.attention import causal_mask
-from gptzoo.nn.linear import Linear
+from gptzoo.nn.linear import Linear, projection_keys
 from gptzoo.nn.norm import LayerNorm
 
 
@@ -83,5 +83,6 @@ class SGUMLP(eqx.Module):
     def __call__(
         self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "*batch seq d_model"]:
-        h = self.sgu(gelu(self.up(x)))
-        return self.dropout(self.down(h), key=key, inference=key is None)
+        up_key, down_key = projection_keys(key, 2)
+        h = self.sgu(gelu(self.up(x, key=up_key)))
+        return self.dropout(self.down(h, key=down_key), key=key, inference=key is None)

@@ -267,10 +267,12 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"
 
 
-def load(run_dir: str | Path):
+def load(run_dir: str | Path, merge: bool = True):
     """The model and tokenizer of a run directory's newest readable checkpoint (no training
-    state); an unreadable newer one is skipped with a warning."""
+    state); an unreadable newer one is skipped with a warning. A LoRA run's model is its base
+    run's with the adapters merged into the weights, or, with `merge=False`, kept apart."""
     from gptzoo.data import tokenizer_from_dict
+    from gptzoo.lora.run import BASE_KEY, load_adapted
     from gptzoo.recipe import load_run_recipe
 
     run_dir = Path(run_dir)
@@ -283,13 +285,19 @@ def load(run_dir: str | Path):
     checkpoints = Checkpoints(run_dir)
 
     def restore(step: int):
-        tokenizer = tokenizer_from_dict(checkpoints.meta(step)["tokenizer"])
+        meta = checkpoints.meta(step)
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        if BASE_KEY in meta:
+            return load_adapted(run_dir, recipe, checkpoints, step, meta, tokenizer.vocab_size,
+                                merge), tokenizer
         template = eqx.filter_eval_shape(recipe.build, tokenizer.vocab_size,
                                          key=jax.random.PRNGKey(0))
         return checkpoints.restore(step, template), tokenizer
 
-    found = checkpoints.restore_newest(restore)
-    checkpoints.close()
+    try:
+        found = checkpoints.restore_newest(restore)
+    finally:
+        checkpoints.close()
     if found is None:
         raise GptzooError(f"{run_dir} holds no checkpoints; train it first with gptzoo train")
     return found[1]

@@ -8,7 +8,14 @@ import equinox as eqx
 
 from gptzoo.data import Tokenizer
 from gptzoo.errors import GptzooError
-from gptzoo.models.names import per_layer_leaves, replace_per_layer, shape_differences, shapes
+from gptzoo.models.names import (
+    named_leaves,
+    per_layer_leaves,
+    replace_arrays,
+    replace_per_layer,
+    shape_differences,
+    shapes,
+)
 from gptzoo.trainer.checkpoint import load
 
 
@@ -27,7 +34,11 @@ class Initial:
 
     def weights_into(self, model: eqx.Module) -> eqx.Module:
         """`model` (the recipe's) with every array taken, by module path, from this run's;
-        refused, naming the parameters, when the two differ in names or shapes."""
+        refused, naming the parameters, when the two differ in names or shapes. Arrays of the
+        same layout are taken as they are (no per-layer copies of a scanned model)."""
+        same = named_leaves(self.model)
+        if shapes(named_leaves(model)) == shapes(same):
+            return replace_arrays(model, same)
         ours, theirs = per_layer_leaves(model), per_layer_leaves(self.model)  # any layouts
         differences = shape_differences(shapes(ours), shapes(theirs), "checkpoint", "the recipe")
         if differences:

@@ -15,6 +15,8 @@ import optax
 
 from gptzoo.data import Batches, BatchSchedule, Corpus, Prefetcher, Tokenizer, prepare_corpus
 from gptzoo.errors import GptzooError
+from gptzoo.lora.run import BASE_KEY, recorded_base
+from gptzoo.lora.training import Trainable, trainable
 from gptzoo.nn.stack import with_scan_settings
 from gptzoo.recipe import Recipe, save_recipe
 from gptzoo.trainer.accumulate import check_micro_batches
@@ -62,6 +64,7 @@ class Prepared:
     opt_state: optax.OptState
     train_key: jax.Array
     train_chunk: Callable
+    trained: Trainable  # every array, or LoRA's adapters
 
 
 def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> Prepared:
@@ -83,13 +86,16 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     model = build_sharded(lambda: with_scan_settings(  # per block of each Stack
         recipe.build(tokenizer.vocab_size, key=model_key), cfg.remat, cfg.unroll_layers), mesh)
     model = shard(initial.weights_into(model), mesh) if initial else model
+    model, trained = trainable(recipe, model, initial, key=jax.random.fold_in(model_key, 1))
+    model = shard(model, mesh)  # the adapters too
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     # Placed before a resume restores into them: a restored array keeps its template's sharding.
-    opt_state = shard(optimizer.init(eqx.filter(model, eqx.is_array)), mesh)
+    opt_state = shard(optimizer.init(trained.partition(model)[0]), mesh)
     train_chunk = make_train_chunk(optimizer, mesh, precision=cfg.precision,
-                                   grad_accum_steps=cfg.grad_accum_steps)
+                                   grad_accum_steps=cfg.grad_accum_steps,
+                                   partition=trained.partition)
     return Prepared(corpus, tokenizer, train_batches, val_batches, mesh, model, optimizer,
-                    opt_state, train_key, train_chunk)
+                    opt_state, train_key, train_chunk, trained)
 
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
@@ -99,6 +105,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     run_dir = Path(run_dir or Path("runs") / recipe.name)
     cfg, block_size = recipe.trainer, recipe.model.block_size
     ensure_writable(run_dir)
+    if resume and init_from is None and recipe.lora.rank:  # the base its checkpoints name
+        init_from = recorded_base(run_dir)
     p = prepare(recipe, init_from=init_from)
     run = _open_run(recipe, run_dir, p, resume)
     model, opt_state = run.model, run.opt_state  # placed by the rules: see prepare, _resume
@@ -108,7 +116,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     bad_steps = BadSteps(cfg.max_bad_steps, recipe.optimizer.lr)
     loader = Prefetcher(p.train_batches, _plan(run.start, cfg), chunk_sharded(p.mesh))
     reporter = reporter or Reporter(cfg.max_steps, run.start, quiet=not is_main())
-    reporter.print(f"training {recipe.name}: {_count(model):,} parameters, "
+    reporter.print(f"training {recipe.name}: {_count(model):,} parameters"
+                   f"{p.trained.describe(model)}, "
                    f"{len(jax.devices())} {jax.devices()[0].platform} device(s) in "
                    f"{jax.process_count()} process(es), run dir {run_dir}")
 
@@ -142,9 +151,10 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                 reporter.log(record)
                 bad_steps.stop_if_diverged()  # at records only: no host sync between them
                 if run.best is not None and "val_loss" in record:
-                    run.best.offer(step, record["val_loss"], model, opt_state, run.meta)
+                    run.best.offer(step, record["val_loss"], p.trained.checkpointed(model),
+                                   opt_state, run.meta)
             if due(cfg.checkpoint_interval) or interrupted:
-                run.checkpoints.save(step, model, opt_state, run.meta)
+                run.checkpoints.save(step, p.trained.checkpointed(model), opt_state, run.meta)
             if due(cfg.log_interval) or due(cfg.checkpoint_interval):
                 throughput.restart()
             if interrupted:
@@ -176,7 +186,7 @@ def _open_run(recipe: Recipe, run_dir: Path, p: Prepared, resume: bool) -> _Run:
     """Refuse to overwrite a run unless resuming it; restore the newest checkpoint if resuming;
     write the recipe and tokenizer; open the metrics sinks and the run's status."""
     meta = {"tokenizer": p.tokenizer.to_dict(),
-            "recipe": {"name": recipe.name, **recipe.to_dict()}}
+            "recipe": {"name": recipe.name, **recipe.to_dict()}, **p.trained.meta()}
     if not resume and any(steps.is_dir() and any(steps.iterdir())
                           for steps in (run_dir / "checkpoints", run_dir / BEST / "checkpoints")):
         raise GptzooError(f"{run_dir} already holds checkpoints; pass --resume to continue that "
@@ -185,7 +195,10 @@ def _open_run(recipe: Recipe, run_dir: Path, p: Prepared, resume: bool) -> _Run:
     best = BestCheckpoint(run_dir) if recipe.trainer.keep_best else None
     start, model, opt_state, train_key = 0, p.model, p.opt_state, p.train_key
     if resume:
-        start, model, opt_state, train_key = _resume(checkpoints, meta, model, opt_state, run_dir)
+        start, saved, opt_state, train_key = _resume(checkpoints, meta,
+                                                     p.trained.checkpointed(model), opt_state,
+                                                     run_dir)
+        model = p.trained.restored(model, saved)
     meta["key"] = np.asarray(train_key).tolist()
     resume_step = start if resume else None
     sinks = Sinks([])  # the other processes of a multi-host run write none of the run's files
@@ -277,6 +290,10 @@ def _resume(checkpoints: Checkpoints, meta: dict, model, opt_state, run_dir: Pat
 
 
 def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
+    if saved.get(BASE_KEY, {}).get("hash") != current.get(BASE_KEY, {}).get("hash"):
+        raise GptzooError(f"--resume over another base: the checkpoint's adapters in {run_dir} "
+                          f"were trained on {saved.get(BASE_KEY)}, --init-from gives "
+                          f"{current.get(BASE_KEY)}; resume with the base they were trained on")
     if saved["tokenizer"] != current["tokenizer"]:
         raise GptzooError(f"the tokenizer of this data (data.tokenizer, data.path) differs from "
                           f"the checkpoint's in {run_dir}; resume with the data.path and "

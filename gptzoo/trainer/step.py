@@ -2,6 +2,7 @@
 module mapping `tokens (batch, seq)` to `logits (batch, seq, vocab)`, with dropout keyed by an
 optional `key`; a model may instead predict only the last `n` positions, `(batch, n, vocab)`."""
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
@@ -69,12 +70,20 @@ def guarded_update(optimizer: optax.GradientTransformation, loss, grads, params,
     return params, opt_state, grad_norm, finite
 
 
+def trainable_arrays(model):
+    """`make_train_chunk`'s default `partition`: every array trains."""
+    return eqx.partition(model, eqx.is_array)
+
+
 def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, *,
-                     precision: str = "float32", grad_accum_steps: int = 1):
+                     precision: str = "float32", grad_accum_steps: int = 1,
+                     partition: Callable = trainable_arrays):
     """`train_chunk((batches, key, start), model, opt_state)` runs one optimizer step per batch of
     `batches (n_steps, batch, block + 1)` (a `Batches.chunk`) in one compiled `lax.scan` and
     returns the updated model and state and each step's `StepStats`. Each step computes in
     `precision` (`trainer.precision`) over `grad_accum_steps` micro-batches of its batch.
+    `partition(model)` gives `(trainable, frozen)` parts (e.g. LoRA's adapters and the rest): only
+    the first gets gradients and optimizer updates, the second is read as it is.
 
     The dropout randomness of step `s` comes from `fold_in(key, s)` and its batch from the
     loader's (seed, step), so a run resumes exactly from any step. Model and state are donated.
@@ -83,7 +92,7 @@ def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, *,
     @eqx.filter_jit(donate="all-except-first")
     def train_chunk(data, model, opt_state):
         batches, key, start = data
-        params, static = eqx.partition(model, eqx.is_array)
+        params, static = partition(model)
 
         def step(carry, xs):
             params, opt_state = carry
@@ -92,7 +101,7 @@ def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, *,
             batch = jax.lax.with_sharding_constraint(batch, batch_sharded(mesh))
             loss, grads = accumulated_grad(
                 lambda p, rows, k: batch_loss_sum(
-                    eqx.combine(in_compute_dtype(p, precision), static), rows, k),
+                    in_compute_dtype(eqx.combine(p, static), precision), rows, k),
                 params, batch, grad_accum_steps, dropout_key, batch_sharded(mesh))
             # Gradients split as their parameters: reduce-scattered over fsdp, not all-reduced.
             grads = shard(grads, mesh)
