@@ -164,3 +164,30 @@ def loss_window_by_window(model, tokens, block_size: int, n_predicted: int) -> t
                 total -= z[tokens[position + 1]] - np.log(np.exp(z).sum())
                 count += 1
     return total / count, count
+
+
+# Small random transformers models for the tests that import published weights (nothing is
+# downloaded): a GPT-2 with its fused c_attn, and a LLaMA with grouped-query heads.
+HF_CONFIGS = {
+    "gpt2": dict(n_layer=2, n_embd=32, n_head=2, n_positions=64),
+    "llama": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64),
+}
+
+
+def save_hf_model(architecture: str, folder: Path, seed: int = 0, **config):
+    """A small random transformers `architecture` (HF_CONFIGS, updated by `config`) over the
+    256 byte tokens, saved in `folder` with gptzoo's bytes tokenizer as its tokenizer.json."""
+    import torch
+    import transformers
+
+    from gptzoo.data import ByteTokenizer
+
+    cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig}[architecture]
+    hf_config = cls(vocab_size=256, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                    **{**HF_CONFIGS[architecture], **config})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    model.save_pretrained(folder)
+    ByteTokenizer().to_hf().save(str(folder / "tokenizer.json"))
+    return model

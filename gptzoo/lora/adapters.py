@@ -68,7 +68,8 @@ def add_lora(model, settings, splits: Mapping[str, tuple[int, ...]] | None = Non
         names = projection_paths(model)
         shown = [n for n in names if not re.search(r"\.[1-9]\d*\.", n)][:8]
         raise GptzooError(f"lora.targets={settings.targets!r} matches no projection; the model's "
-                          f"include {', '.join(shown)}; fix it with --set lora.targets=...")
+                          f"projections include {', '.join(shown)}; fix it with --set "
+                          "lora.targets=...")
     return model
 
 
