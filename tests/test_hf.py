@@ -267,10 +267,16 @@ def test_bfloat16_weights_import_exactly(tmp_path):
     assert max_diff(model, hf.float(), random_tokens(1)) <= TOLERANCE
 
 
-def test_export_refuses_runs_without_a_transformers_equivalent(trained_run, tmp_path):
-    with pytest.raises(GptzooError, match="char tokenizer, which has no Hugging Face equivalent"):
-        export_hf(trained_run, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
+def test_the_default_recipes_char_run_exports(trained_run, tmp_path):
+    """The README's first run (char tokens) loads in transformers with its ids and logits."""
+    export_hf(trained_run, tmp_path / "hf")
+    model, tokenizer = load(trained_run)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = SHAKESPEARE.read_text()[:64]
+    ids = tokenizer.encode(text)
+    assert hf_tokenizer(text)["input_ids"] == ids.tolist() and hf_tokenizer.decode(ids) == text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert max_diff(model, hf, ids[None, :32]) <= TOLERANCE
 
 
 def test_a_missing_tensor_is_named(tmp_path):

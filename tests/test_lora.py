@@ -218,6 +218,8 @@ def test_a_peft_adapter_imports_with_pefts_logits_and_exports_back_exactly(
         fan_in_fan_out=architecture == "gpt2")).eval()
     made.save_pretrained(tmp_path / "adapter")
     theirs = torch_logits(made, TOKENS)
+    with made.disable_adapter():
+        assert np.abs(torch_logits(made, TOKENS) - theirs).max() > 1e-3  # the adapter acts
     result = gptzoo_in_process("import-hf", tmp_path / "hf", "--adapter", tmp_path / "adapter",
                                "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
@@ -354,5 +356,6 @@ def test_lora_on_eight_devices_equals_one(llama, tmp_path):
     found = json.loads(eight.stdout.strip().splitlines()[-1])
     for mesh, adapters in found.items():
         for name, array in adapter_arrays(one.model).items():
-            np.testing.assert_allclose(adapters[name], array, atol=1e-5, err_msg=f"{mesh} {name}")
+            # Adam's first steps magnify rounding where a gradient is near zero
+            np.testing.assert_allclose(adapters[name], array, atol=1e-4, err_msg=f"{mesh} {name}")
         np.testing.assert_allclose(losses(tmp_path / mesh), losses(tmp_path / "one"), rtol=1e-5)

@@ -131,16 +131,27 @@ class ByteTokenizer(_Saved):
         return {"kind": "bytes"}
 
     def to_hf(self):
-        """The 256 byte tokens `<0x00>` ... `<0xFF>` (ids the byte values) of a BPE with no merges
-        and no other tokens: every character falls back to its UTF-8 bytes, as LLaMA's tokenizer
-        does for characters outside its vocabulary, and decoding joins the bytes back."""
+        """GPT-2's byte-level alphabet (each byte one printable symbol) as a BPE of those 256
+        symbols, id the byte value, with no merges: every text is its UTF-8 bytes, and decoding
+        joins the bytes back and replaces a broken character with U+FFFD, as `decode` does."""
         from tokenizers import Tokenizer as HF
-        from tokenizers import decoders, models
+        from tokenizers import decoders, models, pre_tokenizers
 
-        vocab = {f"<0x{b:02X}>": b for b in range(256)}
-        tokenizer = HF(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
-        tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
+        tokenizer = HF(models.BPE(vocab=vocab, merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                           use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
         return tokenizer
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's symbol for each byte value: printable Latin-1 bytes stand for themselves, the
+    others for the code points from 256 on, in order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
 
 
 class HFTokenizer(_Saved):

@@ -104,11 +104,13 @@ def write_adapter(out: Path, tensors: dict[str, np.ndarray], config: dict) -> No
 
 # adapter_config.json keys whose values (other than unset, empty or this one) change what the
 # adapter computes in ways gptzoo does not: the value it must have, and what to say.
-_UNSUPPORTED = {"use_dora": (False, "DoRA"), "bias": ("none", "trained biases"),
-                "lora_bias": (False, "trained biases"), "modules_to_save": (None, "modules_to_save"),
-                "rank_pattern": ({}, "per-module ranks"), "alpha_pattern": ({}, "per-module alphas"),
-                "layer_replication": (None, "layer replication"),
-                "target_parameters": (None, "target_parameters")}
+_UNSUPPORTED = {
+    "use_dora": (False, "DoRA"), "bias": ("none", "trained biases"),
+    "lora_bias": (False, "trained biases"), "modules_to_save": (None, "modules_to_save"),
+    "rank_pattern": ({}, "per-module ranks"), "alpha_pattern": ({}, "per-module alphas"),
+    "layer_replication": (None, "layer replication"),
+    "target_parameters": (None, "target_parameters"),
+}
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:

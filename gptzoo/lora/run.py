@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from gptzoo.errors import GptzooError
-from gptzoo.lora.adapters import add_lora, adapter_of, merge_lora
+from gptzoo.lora.adapters import adapter_of, add_lora, merge_lora
 from gptzoo.models.names import (
     is_shape,
     named_leaves,
