@@ -9,6 +9,7 @@ import equinox as eqx
 from gptzoo.data import Tokenizer
 from gptzoo.errors import GptzooError
 from gptzoo.models.names import (
+    is_shape,
     named_leaves,
     per_layer_leaves,
     replace_arrays,
@@ -33,13 +34,15 @@ class Initial:
         return cls(Path(run_dir), model, tokenizer)
 
     def weights_into(self, model: eqx.Module) -> eqx.Module:
-        """`model` (the recipe's) with every array taken, by module path, from this run's;
-        refused, naming the parameters, when the two differ in names or shapes. Arrays of the
-        same layout are taken as they are (no per-layer copies of a scanned model)."""
+        """`model` (the recipe's, or a template of its shapes) with every array taken, by module
+        path, from this run's; refused, naming the parameters, when the two differ in names or
+        shapes. Arrays of the same layout are taken as they are (no per-layer copies of a
+        scanned model)."""
         same = named_leaves(self.model)
-        if shapes(named_leaves(model)) == shapes(same):
+        if shapes(named_leaves(model, _array_or_shape)) == shapes(same):
             return replace_arrays(model, same)
-        ours, theirs = per_layer_leaves(model), per_layer_leaves(self.model)  # any layouts
+        ours = per_layer_leaves(model, _array_or_shape)  # any layouts
+        theirs = per_layer_leaves(self.model)
         differences = shape_differences(shapes(ours), shapes(theirs), "checkpoint", "the recipe")
         if differences:
             more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
@@ -47,3 +50,7 @@ class Initial:
                               f"{'; '.join(differences[:3])}{more}; set the recipe's model "
                               "section to the run's (its recipe.json) or train from scratch")
         return replace_per_layer(model, theirs)
+
+
+def _array_or_shape(leaf) -> bool:
+    return eqx.is_array(leaf) or is_shape(leaf)

@@ -83,9 +83,14 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     mesh = make_mesh(recipe)
     check_micro_batches(schedule.sizes, cfg.grad_accum_steps, batch_sharded(mesh))
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    model = build_sharded(lambda: with_scan_settings(  # per block of each Stack
-        recipe.build(tokenizer.vocab_size, key=model_key), cfg.remat, cfg.unroll_layers), mesh)
-    model = shard(initial.weights_into(model), mesh) if initial else model
+    def build():
+        return with_scan_settings(  # per block of each Stack
+            recipe.build(tokenizer.vocab_size, key=model_key), cfg.remat, cfg.unroll_layers)
+
+    if initial:  # its weights fill the recipe's model: none are drawn to be replaced
+        model = shard(initial.weights_into(eqx.filter_eval_shape(build)), mesh)
+    else:
+        model = build_sharded(build, mesh)
     model, trained = trainable(recipe, model, initial, key=jax.random.fold_in(model_key, 1))
     model = shard(model, mesh)  # the adapters too
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
