@@ -152,12 +152,18 @@ def test_accumulated_and_bfloat16_lora_steps_agree_with_float32(llama, tmp_path)
     expected = adapter_arrays(llama.result.model)
     for name, array in adapter_arrays(whole.model).items():
         np.testing.assert_allclose(array, expected[name], atol=2e-5, err_msg=name)
-    half = train(tuned(llama, **{"trainer.precision": "bfloat16"}), tmp_path / "bf16",
-                 init_from=llama.base)
+    bf16 = tuned(llama, **{"trainer.precision": "bfloat16"})
+    half = train(bf16, tmp_path / "bf16", init_from=llama.base)
     np.testing.assert_allclose(losses(tmp_path / "bf16"), losses(llama.run), rtol=0.02)
     assert half.model.blocks.layers.attention.qkv.weight.dtype == jnp.float32
     np.testing.assert_array_equal(half.model.blocks.layers.attention.qkv.weight,
                                   llama.result.model.blocks.layers.attention.qkv.weight)
+    # The frozen weights compute in bfloat16 too: the step casts the stacked q/k/v weight.
+    p = prepare(bf16, init_from=llama.base)
+    step = eqx.filter_make_jaxpr(p.train_chunk)(
+        (p.train_batches.chunk(0, 1), p.train_key, np.int32(0)), p.model, p.opt_state)[0]
+    assert p.model.blocks.layers.attention.qkv.weight.shape == (2, 32, 64)
+    assert "bf16[2,32,64]" in str(step)
 
 
 def torch_logits(model, tokens) -> np.ndarray:
