@@ -8,6 +8,7 @@ from gptzoo.nn.embedding import Embedding, PositionalEmbedding
 from gptzoo.nn.glu import GLUMLP, llama_hidden_dim
 from gptzoo.nn.head_qk import HeadQK
 from gptzoo.nn.linear import Linear
+from gptzoo.nn.lora import LoRALinear
 from gptzoo.nn.mlp import MLP
 from gptzoo.nn.norm import LayerNorm
 from gptzoo.nn.parallel_block import ParallelBlock
@@ -18,7 +19,7 @@ from gptzoo.nn.sgu import SGUMLP, SpatialGatingUnit
 from gptzoo.nn.stack import Stack, stacked, unstacked, with_scan_settings
 
 __all__ = [
-    "MLP", "Block", "CausalSelfAttention", "Embedding", "LayerNorm", "Linear",
+    "MLP", "Block", "CausalSelfAttention", "Embedding", "LayerNorm", "Linear", "LoRALinear",
     "PositionalEmbedding", "attend", "causal_attend", "causal_mask",
     "GLUMLP", "HeadQK", "ParallelBlock", "RMSNorm", "SGUMLP", "SpatialGatingUnit",
     "llama_hidden_dim",
