@@ -1,7 +1,7 @@
 """Fine-tuning an imported GPT-2-small-shaped model on CPU, every weight against LoRA (rank 8 on
 the attention and MLP projections): peak RSS and ms per training step.
 
-    python bench/bench_lora.py [--quick] [--steps N] [--batch B] [--dir DIR]
+    python bench/bench_lora.py [--quick] [--steps N] [--batch B] [--remat full none] [--dir DIR]
 
 A random GPT-2 small (transformers' `GPT2Config()`: 12 layers, 768 wide, 12 heads, 1,024
 positions, 50,257 tokens; 124M parameters) is made locally with CPU torch, saved with gptzoo's
@@ -10,8 +10,11 @@ in a process of its own, set up as `gptzoo train RUN/recipe.json --init-from RUN
 (`gptzoo.trainer.loop.prepare`; `--set lora.rank=8` for LoRA), one step per call of the very
 train chunk the training loop calls, `B` sequences of 1,024 tokens per step: the first (compiling)
 step untimed, then `N`. The peak resident memory of each process comes from the kernel
-(`os.wait4`), so the two ways do not mix. `--quick` shrinks the model (2 layers, 128 wide) and
-the steps: a smoke test. Timings move with whatever else runs on the machine.
+(`os.wait4`), so the two ways do not mix. Both ways are measured with each `trainer.remat` of
+`--remat`: with `full` each block keeps only its input for the backward pass; with `none` the
+activations of a 1,024-token sequence through 12 layers, kept for the backward pass, outweigh
+the optimizer state that LoRA saves. `--quick` shrinks the model (2 layers, 128 wide) and the
+steps: a smoke test. Timings move with whatever else runs on the machine.
 """
 
 import argparse
@@ -30,7 +33,10 @@ QUICK = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 256}
 
 
 def make_base(folder: Path, quick: bool) -> Path:
-    """The random GPT-2 in `folder/hf`, imported into `folder/run`."""
+    """The random GPT-2 in `folder/hf`, imported into `folder/run` (kept from an earlier run
+    with the same `--dir`)."""
+    if (folder / "run" / "recipe.json").is_file():
+        return folder / "run"
     import torch
     import transformers
 
@@ -46,7 +52,7 @@ def make_base(folder: Path, quick: bool) -> Path:
     return folder / "run"
 
 
-def train_steps(base: Path, rank: int, steps: int, batch: int) -> dict:
+def train_steps(base: Path, rank: int, steps: int, batch: int, remat: str) -> dict:
     """In the child process: set the fine-tuning up and time `steps` steps after the first."""
     import jax
     import numpy as np
@@ -58,7 +64,7 @@ def train_steps(base: Path, rank: int, steps: int, batch: int) -> dict:
 
     recipe = load_recipe(base / "recipe.json", {
         "lora.rank": rank, "trainer.batch_size": batch, "trainer.max_steps": steps + 1,
-        "trainer.steps_per_call": 1, "optimizer.warmup_steps": 1})
+        "trainer.steps_per_call": 1, "optimizer.warmup_steps": 1, "trainer.remat": remat})
     p = prepare(recipe, log=lambda *_: None, init_from=base)
     model, opt_state, times = p.model, p.opt_state, []
     for step in range(steps + 1):
@@ -74,10 +80,10 @@ def train_steps(base: Path, rank: int, steps: int, batch: int) -> dict:
             "loss": float(stats.loss[-1])}
 
 
-def measure(base: Path, rank: int, steps: int, batch: int) -> dict:
+def measure(base: Path, rank: int, steps: int, batch: int, remat: str) -> dict:
     """`train_steps` in a fresh process, with its peak RSS in MB."""
     command = [sys.executable, __file__, "--child", str(base), "--rank", str(rank), "--steps",
-               str(steps), "--batch", str(batch)]
+               str(steps), "--batch", str(batch), "--remat", remat]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT, text=True,
                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
     output = child.stdout.read()
@@ -93,11 +99,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per way")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--rank", type=int, default=8, help="LoRA's rank")
+    parser.add_argument("--remat", nargs="+", default=["full", "none"],
+                        help="the trainer.remat settings to measure both ways with")
     parser.add_argument("--dir", type=Path, help="where the model and runs go [a temp dir]")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(train_steps(args.child, args.rank, args.steps, args.batch)))
+        print(json.dumps(train_steps(args.child, args.rank, args.steps, args.batch,
+                                     args.remat[0])))
         return
     steps = 2 if args.quick else args.steps
     with tempfile.TemporaryDirectory(prefix="bench_lora_") as scratch:
@@ -107,17 +116,23 @@ def main() -> None:
               f"{' (quick)' if args.quick else ''}, {args.batch} x "
               f"{json.loads((base / 'recipe.json').read_text())['model']['block_size']} tokens "
               f"per step, {steps} timed steps")
-        results = {"full": measure(base, 0, steps, args.batch),
-                   f"LoRA r={args.rank}": measure(base, args.rank, steps, args.batch)}
+        for remat in args.remat:
+            report(remat, {"full": measure(base, 0, steps, args.batch, remat),
+                           f"LoRA r={args.rank}": measure(base, args.rank, steps, args.batch,
+                                                          remat)})
+
+
+def report(remat: str, results: dict) -> None:
+    print(f"trainer.remat={remat}")
     for name, r in results.items():
-        print(f"{name:10s} {r['trained']:>12,} trained  peak RSS {r['rss_mb']:8,.0f} MB  "
+        print(f"  {name:10s} {r['trained']:>12,} trained  peak RSS {r['rss_mb']:8,.0f} MB  "
               f"{statistics.median(r['ms']):9,.0f} ms/step (median; "
               f"{', '.join(f'{t:,.0f}' for t in r['ms'])})  loss {r['loss']:.3f}")
     full, lora = results.values()
     ratios = {"peak RSS": lora["rss_mb"] / full["rss_mb"],
               "ms per step": statistics.median(lora["ms"]) / statistics.median(full["ms"])}
-    print("LoRA / full: " + ", ".join(f"{k} {v:.2f} (goal <= {GOALS[k]})"
-                                      for k, v in ratios.items()))
+    print("  LoRA / full: " + ", ".join(f"{k} {v:.2f} (goal <= {GOALS[k]})"
+                                        for k, v in ratios.items()))
 
 
 if __name__ == "__main__":
