@@ -261,14 +261,45 @@ def test_sample_and_eval_read_a_lora_run_as_peft_computes_it(llama, small_text):
     ours = np.concatenate(list(generate_tokens(load(llama.run)[0], [prompt], max_new_tokens=12,
                                                temperature=0.0)), axis=1)[0]
     np.testing.assert_array_equal(ours, ids)
-    sample = gptzoo_in_process("sample", "--ckpt", llama.run, "--prompt", "ROMEO:",
-                               "--max-new-tokens", "12", "--temperature", "0")
-    assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:"), sample.stderr
     scores = [gptzoo_in_process("eval", "--ckpt", run, "--data", small_text)
               for run in (llama.run, llama.base)]
     tuned_loss, base_loss = (float(s.stdout.split("val loss ")[1].split()[0]) for s in scores)
     print(f"val loss: tuned {tuned_loss:.4f}, base {base_loss:.4f}")
     assert tuned_loss < base_loss  # fine-tuned on this text, from a random model
+
+
+def test_the_fine_tuning_walkthrough_on_gpt2(tmp_path, small_text):
+    """docs/fine-tuning.md's steps on a local GPT-2 folder: import, LoRA fine-tune on a text
+    file, sample, export merged and as a PEFT adapter; transformers and PEFT (over the imported
+    folder) give gptzoo's logits."""
+    save_hf_model("gpt2", tmp_path / "gpt2")
+    steps = [("import-hf", tmp_path / "gpt2", "--out", tmp_path / "runs/gpt2"),
+             ("train", tmp_path / "runs/gpt2/recipe.json", "--init-from", tmp_path / "runs/gpt2",
+              *set_args({"lora.rank": 4, "data.path": small_text, "trainer.max_steps": 2,
+                         "trainer.batch_size": 2, "trainer.steps_per_call": 2,
+                         "trainer.log_interval": 2, "trainer.eval_interval": 2,
+                         "trainer.eval_steps": 1, "trainer.checkpoint_interval": 2,
+                         "optimizer.lr": 3e-2, "optimizer.warmup_steps": 1}),
+              "--run-dir", tmp_path / "runs/gpt2_lora"),
+             ("sample", "--ckpt", tmp_path / "runs/gpt2_lora", "--prompt", "ROMEO:",
+              "--max-new-tokens", "8"),
+             ("export-hf", tmp_path / "runs/gpt2_lora", "--out", tmp_path / "gpt2_tuned"),
+             ("export-hf", tmp_path / "runs/gpt2_lora", "--peft", "--out", tmp_path / "adapter")]
+    for step in steps:
+        result = gptzoo_in_process(*step)
+        assert result.returncode == 0, (step[0], result.stderr)
+    assert result.stdout.startswith("exported")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["c_attn", "c_fc", "c_proj"] and config["fan_in_fan_out"]
+    ours = gptzoo_logits(load(tmp_path / "runs/gpt2_lora")[0], TOKENS)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2_tuned").eval()
+    adapted = with_peft(tmp_path / "gpt2", tmp_path / "adapter")
+    differences = {"merged export": np.abs(torch_logits(merged, TOKENS) - ours).max(),
+                   "PEFT": np.abs(torch_logits(adapted, TOKENS) - ours).max()}
+    print(f"GPT-2, trained adapter, max |logit - gptzoo's|: {differences}")
+    assert max(differences.values()) <= TOLERANCE
+    with adapted.disable_adapter():
+        assert np.abs(torch_logits(adapted, TOKENS) - ours).max() > 1e-3  # the adapter acts
 
 
 def one_line_error(result, *fragments):
