@@ -83,6 +83,7 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     mesh = make_mesh(recipe)
     check_micro_batches(schedule.sizes, cfg.grad_accum_steps, batch_sharded(mesh))
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+
     def build():
         return with_scan_settings(  # per block of each Stack
             recipe.build(tokenizer.vocab_size, key=model_key), cfg.remat, cfg.unroll_layers)
