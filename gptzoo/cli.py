@@ -46,7 +46,7 @@ _output_complete = False  # set by a command once everything it does is done and
 def entry() -> None:
     """The installed `gptzoo` command (and `python -m gptzoo`): `main`, and then, after a
     command that set `_output_complete`, an exit without Python's final teardown of every module
-    and object, which takes 0.5-0.8 s once JAX is loaded (measured: `gptzoo sample`). Every atexit
+    and object, which takes a noticeable fraction of a second once JAX is loaded. Every atexit
     handler still runs first: this one is registered before any other, so it runs last."""
     atexit.register(_exit_if_complete)
     main()

@@ -71,8 +71,8 @@ class JsonlSink:
 class TensorBoardSink:
     """Event files in the run directory. tensorboardX's own thread writes each record to disk
     within `FLUSH_SECONDS`, so `tensorboard --logdir runs` follows the run live without the loop
-    waiting for the disk (a flush at every record took ~2 ms of each log step: the devices idle
-    meanwhile). A killed run's events lack at most that last second; metrics.jsonl has them."""
+    waiting for the disk (a flush at every record would idle the devices at each log step). A
+    killed run's events lack at most that last second; metrics.jsonl has them."""
 
     FLUSH_SECONDS = 1
 
