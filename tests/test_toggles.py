@@ -5,7 +5,6 @@ them with `decoder`, trained a few steps."""
 
 import json
 import math
-import textwrap
 
 import equinox as eqx
 import jax
@@ -50,11 +49,6 @@ def self_attention(positional=None, n_kv_heads=None, seed=0):
                                   key=jax.random.PRNGKey(seed))
 
 
-def np_softmax(s):
-    e = np.exp(s - s.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def np_rotate(x, positions):
     """RoFormer, channel pairs (i, i + head_dim / 2) read as complex numbers, times e^{i m theta_i}
     at position m."""
@@ -93,7 +87,9 @@ def np_attention(x, attention, positional=None, *, memory=None, mixes=None):
                                         (*values.shape[:-2], *memory_v.shape[1:]))
         values = np.concatenate([memory_values, values], -2)
         visible = np.concatenate([np.ones((seq, memory_k.shape[1]), bool), visible], -1)
-    weights = np_softmax(np.where(visible, scores, -np.inf))
+    scores = np.where(visible, scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights = weights / weights.sum(-1, keepdims=True)
     if mixes is not None:
         weights = np.einsum("gh,...hqk->...gqk", f64(mixes[1]), weights)
     heads = np.moveaxis(weights @ values, -3, -2).reshape(*x.shape[:-1], H * HD)
@@ -120,11 +116,8 @@ def test_memory_kv_matches_numpy(positional, n_kv_heads, seq):
     np.testing.assert_allclose(module(x[0]), expected[0], rtol=1e-4, atol=1e-5)
     # The memory matters: without it the output is the wrapped attention's.
     assert not np.allclose(module(x), module.attention(x), atol=1e-3)
-
-
-def test_memory_kv_refuses_an_empty_memory():
     with pytest.raises(ValueError, match="num_mem_kv=0"):
-        nn.MemoryKVAttention(self_attention(), num_mem_kv=0, key=jax.random.PRNGKey(1))
+        nn.MemoryKVAttention(module.attention, num_mem_kv=0, key=jax.random.PRNGKey(1))
 
 
 # Talking heads
@@ -217,9 +210,9 @@ def toggled_gpt(attention="memory", *, positional="rotary", sandwich=False, shif
     def norm():
         return nn.TokenShift(nn.LayerNorm(D)) if shift else nn.LayerNorm(D)
 
-    def block(key):
-        attn_key, mem_key, mlp_key = jax.random.split(key, 3)
-        inner = self_attention(positional, n_kv_heads=2, seed=int(attn_key[-1]))
+    def block(key):  # every array is redrawn below
+        mem_key, mlp_key = jax.random.split(key)
+        inner = self_attention(positional, n_kv_heads=2)
         wrapped = {"memory": lambda: nn.MemoryKVAttention(inner, 2, key=mem_key),
                    "talking": lambda: nn.TalkingHeadsAttention(inner)}[attention]()
         out_norms = {"attn_out_norm": nn.LayerNorm(D), "mlp_out_norm": nn.LayerNorm(D)}
@@ -284,7 +277,6 @@ from gptzoo.recipe import ModelConfig
 @dataclasses.dataclass
 class TogglesConfig(ModelConfig):
     attention: str = "memory"  # memory | talking
-    num_mem_kv: int = 4
 
 
 model = TogglesConfig()
@@ -297,10 +289,8 @@ def build_model(model, vocab_size, *, key):
         attn_key, mem_key, mlp_key = jax.random.split(k, 3)
         attention = nn.CausalSelfAttention(d, model.n_heads,
                                            positional=nn.Rotary(d // model.n_heads), key=attn_key)
-        if model.attention == "memory":
-            attention = nn.MemoryKVAttention(attention, model.num_mem_kv, key=mem_key)
-        else:
-            attention = nn.TalkingHeadsAttention(attention)
+        attention = (nn.MemoryKVAttention(attention, 4, key=mem_key)
+                     if model.attention == "memory" else nn.TalkingHeadsAttention(attention))
         return nn.Block(attn_norm=nn.TokenShift(nn.LayerNorm(d)), attention=attention,
                         mlp_norm=nn.TokenShift(nn.LayerNorm(d)),
                         mlp=nn.MLP(d, activation="relu2", key=mlp_key),
@@ -315,7 +305,7 @@ def build_model(model, vocab_size, *, key):
 @pytest.mark.parametrize("attention", ["memory", "talking"])
 def test_recipe_with_every_toggle_trains(tmp_path, small_text, attention):
     path = tmp_path / "toggles.py"
-    path.write_text(textwrap.dedent(TOGGLES_RECIPE))
+    path.write_text(TOGGLES_RECIPE)
     recipe = gptzoo.load_recipe(path, {**TINY_ONE_EVAL, "optimizer.lr": "3e-3",
                                        "data.path": str(small_text),
                                        "model.attention": attention})
