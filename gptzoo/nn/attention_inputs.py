@@ -1,7 +1,9 @@
 """What attention variants built around a `CausalSelfAttention` (memory key/values, talking heads)
 read from it: its queries, keys and values after its position hook, over a whole sequence or over
 one example's KV cache, and its output projection. The variants reuse the wrapped module's
-weights and hook, so they change how the scores are formed and nothing else."""
+weights and hook, so they change how the scores are formed and nothing else. `positioned` splits
+q/k/v with `CausalSelfAttention._heads`, so whatever that module does to its heads there carries
+over to the variants; anything it does only inside its own `_attend` or `decode` does not."""
 
 from typing import NamedTuple
 
