@@ -8,6 +8,7 @@ from gptzoo.nn.embedding import Embedding, PositionalEmbedding
 from gptzoo.nn.glu import GLUMLP, llama_hidden_dim
 from gptzoo.nn.head_qk import HeadQK
 from gptzoo.nn.linear import Linear
+from gptzoo.nn.memory_kv import MemoryKVAttention
 from gptzoo.nn.mlp import MLP
 from gptzoo.nn.norm import LayerNorm
 from gptzoo.nn.parallel_block import ParallelBlock
@@ -16,6 +17,8 @@ from gptzoo.nn.rotary import Llama3Scaling, Rotary
 from gptzoo.nn.rowwise import rowwise_layout
 from gptzoo.nn.sgu import SGUMLP, SpatialGatingUnit
 from gptzoo.nn.stack import Stack, stacked, unstacked, with_scan_settings
+from gptzoo.nn.talking_heads import TalkingHeadsAttention
+from gptzoo.nn.token_shift import TokenShift
 
 __all__ = [
     "MLP", "Block", "CausalSelfAttention", "Embedding", "LayerNorm", "Linear",
@@ -24,6 +27,7 @@ __all__ = [
     "llama_hidden_dim",
     "ALiBi", "Llama3Scaling", "Rotary", "alibi_slopes",
     "CausalCrossAttention",
+    "MemoryKVAttention", "TalkingHeadsAttention", "TokenShift",
     "Stack", "stacked", "unstacked", "with_scan_settings",
     "rowwise_layout",
 ]
