@@ -51,8 +51,9 @@ def route(
 def load_balancing_loss(stats: RouterStats) -> Float[Array, ""]:
     """The Switch Transformer's auxiliary loss as transformers' `load_balancing_loss_func`:
     `n_experts * sum_e f_e * P_e`, `f_e` the share of top-k choices that went to expert e and
-    `P_e` its mean router probability, per token (`f` sums to `top_k`, `P` to 1). It is 1 when
-    routing is uniform and grows as it concentrates.
+    `P_e` its mean router probability, per token (`f` sums to `top_k`, `P` to 1). It is `top_k`
+    when choices and probabilities are spread evenly over the experts, and grows as they
+    concentrate on the same ones.
 
     Over several layers, pass their stats summed (a `Stack` of `MoEBlock`s returns them so): as
     transformers concatenates every layer's router logits before taking the means, this is not
@@ -85,7 +86,7 @@ class MoEMLP(eqx.Module):
     - `key`: initialisation key.
 
     Called on `(*batch, seq, d_model)`, it returns the output and the tokens' `RouterStats`. Every
-    token counts in the statistics, as in transformers without an attention mask.
+    token counts in the statistics, as in transformers without an attention mask (its training).
     """
 
     router: Linear
@@ -119,14 +120,15 @@ class MoEMLP(eqx.Module):
 
     @typecheck
     def __call__(
-        self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
+        self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None,
+        path: str | None = None,
     ) -> tuple[Float[Array, "*batch seq d_model"], RouterStats]:
+        """The output and the tokens' `RouterStats`; `path`, when given, replaces the layer's
+        own for this call."""
         rows = x.reshape(-1, x.shape[-1])
         choices, weights, stats = route(self.router(rows), self.top_k)
-        y = self.experts(rows, choices, weights, path=self._path()).reshape(x.shape)
+        path = self.path if path is None else path
+        if path == "auto":
+            path = "ragged" if jax.default_backend() == "tpu" else "blocks"
+        y = self.experts(rows, choices, weights, path=path).reshape(x.shape)
         return self.dropout(y, key=key, inference=key is None), stats
-
-    def _path(self) -> str:
-        if self.path != "auto":
-            return self.path
-        return "ragged" if jax.default_backend() == "tpu" else "blocks"

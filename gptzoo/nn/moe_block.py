@@ -1,5 +1,3 @@
-import dataclasses
-
 import equinox as eqx
 import jax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
@@ -42,5 +40,5 @@ class MoEBlock(eqx.Module):
         whole expert weights per token, where reading every expert once costs less."""
         y, cache = self.attention.decode(self.attn_norm(x), positions, cache)
         x = x + y
-        y, _ = dataclasses.replace(self.mlp, path="dense")(self.mlp_norm(x))
+        y, _ = self.mlp(self.mlp_norm(x), path="dense")
         return x + y, cache
