@@ -127,8 +127,13 @@ class MoEMLP(eqx.Module):
         own for this call."""
         rows = x.reshape(-1, x.shape[-1])
         choices, weights, stats = route(self.router(rows), self.top_k)
-        path = self.path if path is None else path
-        if path == "auto":
-            path = "ragged" if jax.default_backend() == "tpu" else "blocks"
+        path = resolve_path(self.path if path is None else path)
         y = self.experts(rows, choices, weights, path=path).reshape(x.shape)
         return self.dropout(y, key=key, inference=key is None), stats
+
+
+def resolve_path(path: str) -> str:
+    """The expert path that `path` names here: "auto" is "ragged" on TPU, "blocks" elsewhere."""
+    if path != "auto":
+        return path
+    return "ragged" if jax.default_backend() == "tpu" else "blocks"
