@@ -4,8 +4,8 @@ routed to them that compute the same.
 - "dense": every expert on every token, combined with the routing weights (zero for the experts
   a token did not choose). Costs `n_experts / top_k` times the routed FLOPs: the reference.
 - "ragged": the choices sorted by expert and multiplied with `jax.lax.ragged_dot`, one group per
-  expert. Only TPU has a native kernel for it; XLA's CPU and GPU lowerings expand it into a dense
-  zero-padded product over every expert, more FLOPs than "dense".
+  expert. Only TPU has a native kernel for it; XLA's CPU lowering, and by default its GPU one,
+  expand it into a dense zero-padded product over every expert, more FLOPs than "dense".
 - "blocks": the choices sorted by expert, each expert's run padded to whole blocks of
   `block_rows`, and every block multiplied by its expert's weights in one batched product: the
   routed FLOPs plus at most a block of padding per expert. Dropless either way: no token is
