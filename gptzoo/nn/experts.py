@@ -80,35 +80,41 @@ class Experts(eqx.Module):
         - `path`: "dense", "ragged" or "blocks" (see the module's docstring).
         - `block_rows`: rows per block of the "blocks" path; default `block_rows_for`'s.
         """
-        if path == "dense":
-            dense_weights = jnp.zeros((x.shape[0], self.n_experts), weights.dtype)
-            dense_weights = dense_weights.at[jnp.arange(x.shape[0])[:, None], choices].set(weights)
-            return self._dense(x, dense_weights)
         if path not in PATHS:
             raise ValueError(f"expert path {path!r} is unknown; choose one of {', '.join(PATHS)}")
+        if path == "dense":
+            y, combine = self._dense(x), "erd,re->rd"
+            weights = (jax.nn.one_hot(choices, self.n_experts, dtype=weights.dtype)
+                       * weights[..., None]).sum(1)  # zero for the experts not chosen
+        else:
+            y, combine = self._grouped(x, choices, path, block_rows), "rkd,rk->rd"
+        return jnp.einsum(combine, y.astype(jnp.float32), weights).astype(x.dtype)
+
+    def _dense(self, x):
+        """Every expert's output for every row, `(experts, rows, d_model)`."""
+        def product(h, w):  # the input rows first, then each expert's own hidden rows
+            return jnp.einsum("ri,eio->ero" if h.ndim == 2 else "eri,eio->ero", h, w)
+
+        return self._feed_forward(x, product)
+
+    def _grouped(self, x, choices, path: str, block_rows: int | None):
+        """Each row's chosen experts' outputs, `(rows, k, d_model)`, computed grouped by
+        expert."""
         if path == "ragged":
             block_rows = 1
         elif block_rows is None:
             block_rows = block_rows_for(choices.size, self.n_experts)
         groups = group_by_expert(choices, self.n_experts, block_rows)
         rows = x.at[groups.source].get(mode="fill", fill_value=0)  # padding rows read zeros
-        if path == "ragged":
-            def product(h, w):
+
+        def product(h, w):
+            if path == "ragged":
                 return jax.lax.ragged_dot(h, w, groups.sizes)
-        else:
-            def product(h, w):
-                blocks = h.reshape(-1, block_rows, h.shape[-1])
-                return jnp.einsum("nbi,nio->nbo", blocks, w[groups.block_expert]).reshape(
-                    h.shape[0], -1)
-        y = self._feed_forward(rows, product)[groups.row_of_choice]  # (rows, k, d_model)
-        return jnp.einsum("rkd,rk->rd", y.astype(jnp.float32), weights).astype(x.dtype)
+            blocks = h.reshape(-1, block_rows, h.shape[-1])
+            return jnp.einsum("nbi,nio->nbo", blocks, w[groups.block_expert]).reshape(
+                h.shape[0], -1)
 
-    def _dense(self, x, dense_weights):
-        def product(h, w):  # the input rows first, then each expert's own hidden rows
-            return jnp.einsum("ri,eio->ero" if h.ndim == 2 else "eri,eio->ero", h, w)
-
-        y = self._feed_forward(x, product)
-        return jnp.einsum("erd,re->rd", y.astype(jnp.float32), dense_weights).astype(x.dtype)
+        return self._feed_forward(rows, product)[groups.row_of_choice]
 
     def _feed_forward(self, x, product: Callable[[Array, Array], Array]) -> Array:
         """The SwiGLU feed-forward, `product(h, w)` multiplying rows `h` by stacked weights `w`."""
