@@ -10,8 +10,8 @@ each token through `--top-k` of them, the dense model's `Block`s one SwiGLU of w
 load-balancing loss at Mixtral's coefficient for the mixture), its gradient and an AdamW update,
 jitted; the mixture runs on each expert path ("blocks", "dense", "ragged"), in interleaved rounds
 with the dense model, and the ratio printed is the median of the rounds' ratios (load that comes
-and goes cancels within a round). The goal on a CPU: the default path ("blocks" there) at most
-1.5x the dense step.
+and goes cancels within a round). The goal on a CPU: the default path ("blocks" there at this
+size) at most 1.5x the dense step.
 """
 
 import argparse
@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from gptzoo import nn
-from gptzoo.nn.moe import resolve_path
+from gptzoo.nn.experts import expert_path
 from gptzoo.nn.stack import run_blocks, stack_blocks
 
 VOCAB = 65  # characters, as char_shakespeare
@@ -119,7 +119,8 @@ def main() -> None:
     print(f"{jax.devices()[0].platform}: {args.layers} layers x {args.d_model}, "
           f"{args.experts} experts of {args.d_hidden} (top {args.top_k}) against one SwiGLU of "
           f"{args.top_k * args.d_hidden}; {args.batch} x {args.seq} tokens per step; expert "
-          f"path by default here: {resolve_path('auto')}")
+          f"path by default here: "
+          f"{expert_path('auto', args.batch * args.seq * args.top_k, args.experts)}")
 
     counts = tokens_per_expert(build(args, "auto"), batch)
     print(f"token choices per expert per layer: {', '.join(f'{c:.0f}' for c in counts)} "

@@ -17,6 +17,7 @@ from transformers.models.mixtral.modeling_mixtral import (
 )
 
 from gptzoo import nn
+from gptzoo.nn.experts import expert_path
 from gptzoo.nn.stack import Stack, decode_blocks, init_caches, run_blocks
 
 E, K, D, HIDDEN = 4, 2, 32, 48
@@ -162,3 +163,10 @@ def test_bad_settings_are_refused_naming_the_fix():
         nn.MoEMLP(D, n_experts=4, top_k=5, d_hidden=8, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="path='sparse' is unknown; choose auto, dense"):
         nn.MoEMLP(D, n_experts=4, top_k=2, d_hidden=8, path="sparse", key=jax.random.PRNGKey(0))
+
+
+def test_auto_runs_the_experts_in_blocks_for_many_tokens_and_densely_for_a_few():
+    assert jax.default_backend() == "cpu"
+    assert expert_path("auto", n_choices=16 * 256 * 2, n_experts=4) == "blocks"
+    assert expert_path("auto", n_choices=2, n_experts=4) == "dense"  # one token decoded
+    assert expert_path("ragged", n_choices=2, n_experts=4) == "ragged"

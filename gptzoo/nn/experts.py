@@ -24,9 +24,22 @@ from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.activation import GATE_ACTIVATIONS, gated
 
 PATHS = ("dense", "ragged", "blocks")
-# Rows per block at most: a block's product reads its expert's weights once (a copy each in
-# "blocks"), so blocks much smaller than this spend more on weights than on multiplying.
+# Rows per block at most, and at least for "auto" to pick "blocks": each block's product reads a
+# copy of its expert's weights, so with smaller blocks copying weights outweighs multiplying and
+# running every expert densely costs less.
 MAX_BLOCK_ROWS = 128
+MIN_BLOCK_ROWS = 16
+
+
+def expert_path(path: str, n_choices: int, n_experts: int) -> str:
+    """The path that `path` names for `n_choices` token-expert choices: "auto" is "ragged" on
+    TPU (its native grouped product); elsewhere "blocks" when they fill blocks of at least
+    `MIN_BLOCK_ROWS`, else "dense"."""
+    if path != "auto":
+        return path
+    if jax.default_backend() == "tpu":
+        return "ragged"
+    return "blocks" if block_rows_for(n_choices, n_experts) >= MIN_BLOCK_ROWS else "dense"
 
 
 class Experts(eqx.Module):

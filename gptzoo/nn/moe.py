@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
-from gptzoo.nn.experts import PATHS, Experts
+from gptzoo.nn.experts import PATHS, Experts, expert_path
 from gptzoo.nn.linear import Linear
 
 
@@ -77,9 +77,9 @@ class MoEMLP(eqx.Module):
     - `top_k`: experts per token.
     - `d_hidden`: each expert's hidden width (Mixtral's `intermediate_size`).
     - `activation`: the experts' gate activation, "silu" (SwiGLU) or "gelu".
-    - `path`: how the experts run (`gptzoo.nn.experts`): "auto" ("ragged" on TPU, "blocks"
-        elsewhere, where `ragged_dot` costs every expert's FLOPs), "blocks", "ragged" or
-        "dense" (every expert on every token: the reference).
+    - `path`: how the experts run (`gptzoo.nn.experts`): "auto" (`expert_path`'s choice for the
+        platform and the number of tokens), "blocks", "ragged" or "dense" (every expert on
+        every token: the reference).
     - `dropout`: dropout on the output, active when a `key` is given.
     - `init_std`, `out_init_std`: standard deviations of the router and experts' input weights,
         and of the experts' output weights, at initialisation.
@@ -127,13 +127,8 @@ class MoEMLP(eqx.Module):
         own for this call."""
         rows = x.reshape(-1, x.shape[-1])
         choices, weights, stats = route(self.router(rows), self.top_k)
-        path = resolve_path(self.path if path is None else path)
+        path = expert_path(self.path if path is None else path, choices.size,
+                           self.experts.n_experts)
         y = self.experts(rows, choices, weights, path=path).reshape(x.shape)
         return self.dropout(y, key=key, inference=key is None), stats
 
-
-def resolve_path(path: str) -> str:
-    """The expert path that `path` names here: "auto" is "ragged" on TPU, "blocks" elsewhere."""
-    if path != "auto":
-        return path
-    return "ragged" if jax.default_backend() == "tpu" else "blocks"
