@@ -87,12 +87,14 @@ class TrainerConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
-    """How the devices are arranged: the batch is split over data x fsdp, parameters and optimizer
-    state over fsdp, attention heads and MLP width over tensor. -1 takes the devices left."""
+    """How the devices are arranged: the batch is split over data x fsdp x expert, parameters and
+    optimizer state over fsdp, attention heads and MLP width over tensor, a mixture's experts over
+    expert. -1 takes the devices left."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1
 
 
 SECTIONS = ("model", "data", "optimizer", "trainer", "mesh")

@@ -19,14 +19,15 @@ from gptzoo.errors import GptzooError
 from gptzoo.models.axes import logical_axes
 from gptzoo.models.names import named_leaves
 from gptzoo.recipe import MeshConfig
-from gptzoo.trainer import evaluate_run
-from gptzoo.trainer.sharding import make_mesh, mesh_shape, partition_spec
+from gptzoo.trainer import evaluate_run, sharding
+from gptzoo.trainer.sharding import AXES, make_mesh, mesh_shape, partition_spec
 
 
 def test_the_mesh_section_resolves_minus_one_and_refuses_what_does_not_fit():
-    assert mesh_shape(MeshConfig(), 8) == (8, 1, 1)
-    assert mesh_shape(MeshConfig(data=2, fsdp=-1), 8) == (2, 4, 1)
-    assert mesh_shape(MeshConfig(data=1, fsdp=2, tensor=4), 8) == (1, 2, 4)
+    assert mesh_shape(MeshConfig(), 8) == (8, 1, 1, 1)
+    assert mesh_shape(MeshConfig(data=2, fsdp=-1), 8) == (2, 4, 1, 1)
+    assert mesh_shape(MeshConfig(data=1, fsdp=2, tensor=4), 8) == (1, 2, 4, 1)
+    assert mesh_shape(MeshConfig(fsdp=2, expert=2), 8) == (2, 2, 1, 2)
     with pytest.raises(GptzooError, match=r"mesh.data and mesh.fsdp are both -1; .*: --set "
                                           r"mesh.data=1 leaves them to mesh.fsdp$"):
         mesh_shape(MeshConfig(fsdp=-1), 8)  # data is -1 by default
@@ -34,8 +35,9 @@ def test_the_mesh_section_resolves_minus_one_and_refuses_what_does_not_fit():
                                           r"--set mesh.data=1 --set mesh.fsdp=1 leaves them to "
                                           r"mesh.tensor$"):
         mesh_shape(MeshConfig(fsdp=-1, tensor=-1), 8)
-    with pytest.raises(GptzooError, match=r"mesh.data=2 x mesh.fsdp=2 x mesh.tensor=1 does not "
-                                          r"cover the 8 device\(s\) here; set one of them to -1"):
+    with pytest.raises(GptzooError, match=r"mesh.data=2 x mesh.fsdp=2 x mesh.tensor=1 x "
+                                          r"mesh.expert=1 does not cover the 8 device\(s\) here; "
+                                          r"set one of them to -1"):
         mesh_shape(MeshConfig(data=2, fsdp=2), 8)
     with pytest.raises(GptzooError, match=r"mesh.data=-1 x mesh.fsdp=3 .* so that their product "
                                           r"divides 8"):
@@ -48,7 +50,8 @@ def test_a_batch_or_heads_that_do_not_split_are_refused_naming_the_key():
     eight = [jax.devices()[0]] * 8  # checked before any mesh is built
     recipe = gptzoo.load_recipe(RECIPE, {**TINY, "mesh.fsdp": "4", "trainer.batch_size": "6"})
     with pytest.raises(GptzooError, match=r"trainer.batch_size=6 does not split over 8 devices "
-                                          r"\(mesh.data=2 x mesh.fsdp=4\); use a multiple of 8"):
+                                          r"\(mesh.data=2 x mesh.fsdp=4 x mesh.expert=1\); use a "
+                                          r"multiple of 8"):
         make_mesh(recipe, eight)
     recipe = gptzoo.load_recipe(RECIPE, {**TINY, "mesh.tensor": "4"})  # TINY has 2 heads
     with pytest.raises(GptzooError, match=r"model.n_heads=2 does not split over mesh.tensor=4; "
@@ -91,6 +94,19 @@ def test_the_rules_split_heads_and_mlp_over_tensor_and_the_rest_over_fsdp():
     assert partition_spec("1.0.count", (), mesh) == PartitionSpec()
     assert partition_spec("blocks.0.mlp.my_gate.weight", (32, 96), mesh) == PartitionSpec()
     assert partition_spec("blocks.0.attn_norm.weight", (32,), mesh) == PartitionSpec(None)
+
+
+def test_a_mixtures_experts_split_over_the_expert_axis(monkeypatch):
+    # The logical axes of stacked experts' gate_up, (layers, experts, d_model, 2 d_hidden), as a
+    # model family declares them.
+    monkeypatch.setattr(sharding, "logical_axes", lambda path, ndim: (
+        "layers", "experts", "embed", "mlp"))
+    mesh = AbstractMesh((1, 2, 1, 4), AXES)
+    assert partition_spec("blocks.layers.mlp.experts.gate_up", (3, 8, 32, 96), mesh) == (
+        PartitionSpec(None, "expert", "fsdp", None))
+    # Three experts do not split over four devices: each device holds them all.
+    assert partition_spec("blocks.layers.mlp.experts.gate_up", (3, 3, 32, 96), mesh) == (
+        PartitionSpec(None, None, "fsdp", None))
 
 
 # --- eight CPU devices against one (about 5 minutes on a busy 2-core machine: nox -s dist) ---

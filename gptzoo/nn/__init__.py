@@ -5,11 +5,14 @@ from gptzoo.nn.attention import CausalSelfAttention, attend, causal_attend, caus
 from gptzoo.nn.block import Block
 from gptzoo.nn.cross_attention import CausalCrossAttention
 from gptzoo.nn.embedding import Embedding, PositionalEmbedding
+from gptzoo.nn.experts import Experts
 from gptzoo.nn.glu import GLUMLP, llama_hidden_dim
 from gptzoo.nn.head_qk import HeadQK
 from gptzoo.nn.linear import Linear
 from gptzoo.nn.memory_kv import MemoryKVAttention
 from gptzoo.nn.mlp import MLP
+from gptzoo.nn.moe import MoEMLP, RouterStats, load_balancing_loss, route
+from gptzoo.nn.moe_block import MoEBlock
 from gptzoo.nn.norm import LayerNorm
 from gptzoo.nn.parallel_block import ParallelBlock
 from gptzoo.nn.rmsnorm import RMSNorm
@@ -28,6 +31,7 @@ __all__ = [
     "ALiBi", "Llama3Scaling", "Rotary", "alibi_slopes",
     "CausalCrossAttention",
     "MemoryKVAttention", "TalkingHeadsAttention", "TokenShift",
+    "Experts", "MoEBlock", "MoEMLP", "RouterStats", "load_balancing_loss", "route",
     "Stack", "stacked", "unstacked", "with_scan_settings",
     "rowwise_layout",
 ]

@@ -7,6 +7,7 @@ shards, each predicted from the memory the earlier ones needed (`_search`).
 """
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe
 from gptzoo.trainer import flops
 from gptzoo.trainer.loop import Prepared, prepare
-from gptzoo.trainer.sharding import chunk_sharded, mesh_shape
+from gptzoo.trainer.sharding import AXES, BATCH, chunk_sharded, mesh_shape
 
 
 @dataclass
@@ -57,8 +58,9 @@ def tune_batch(recipe: Recipe, budget_bytes: int | None = None, timed_steps: int
     if budget_bytes is None:
         raise GptzooError(f"{jax.devices()[0].platform} devices report no memory limit; give "
                           "tune-batch one with --memory-gb")
-    data, fsdp, _ = mesh_shape(recipe.mesh, len(jax.devices()))
-    global_batch, shards = recipe.trainer.batch_size, data * fsdp  # the batch's pieces
+    sizes = dict(zip(AXES, mesh_shape(recipe.mesh, len(jax.devices()))))
+    global_batch = recipe.trainer.batch_size
+    shards = math.prod(sizes[axis] for axis in BATCH)  # the batch's pieces
     recipe = one_step_recipe(recipe, shards)
     p = prepare(recipe, log=lambda _: None)
     block = recipe.model.block_size
