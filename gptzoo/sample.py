@@ -83,8 +83,12 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
 
 def check_context(model: LanguageModel, context: str, use_cache: bool = True) -> None:
     """`context="slide"` needs the cache of a model whose attention carries the positions."""
-    cached = use_cache and can_decode(model)
-    if context != "slide" or (cached and model.slides_window):
+    if context != "slide":
+        return
+    if use_cache:
+        require(model, CachedDecoder, "--context slide", "use --context shift or crop")
+    cached = use_cache and model.cacheable
+    if cached and model.slides_window:
         return
     why = "has learned positions, which end at block_size" if cached else (
         "is sampled without a KV cache")
@@ -316,9 +320,9 @@ def generate_tokens(model: LanguageModel, prompts: list[np.ndarray], *, max_new_
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, context, keep)
     require(model, LanguageModel, "gptzoo sample")
+    check_context(model, context, use_cache)
     use_cache = use_cache and can_decode(model)
     w = model.block_size
-    check_context(model, context, use_cache)
     prompts = [np.asarray(p[-w:], dtype=np.int32) for p in prompts]
     if not prompts:
         raise GptzooError("no prompts to generate from; pass at least one")

@@ -79,13 +79,13 @@ def members(protocol: type) -> list[str]:
     return names
 
 
-def require(model, protocol: type, what_for: str) -> None:
+def require(model, protocol: type, what_for: str,
+            fix: str = "add them, or build the model with gptzoo.models.decoder") -> None:
     """Raise a one-line `GptzooError` unless `model` satisfies `protocol`, naming the members it
-    lacks and what needed them (`what_for`, e.g. "gptzoo sample")."""
+    lacks, what needed them (`what_for`, e.g. "gptzoo sample") and the `fix`."""
     if isinstance(model, protocol):
         return
     missing = [n + "()" if callable(getattr(protocol, n, None)) else n
                for n in members(protocol) if not hasattr(model, n)]
     raise GptzooError(f"model {type(model).__name__} lacks {', '.join(missing)}; {what_for} "
-                      f"needs a {protocol.__name__} (gptzoo.models.protocol): add them, or "
-                      "build the model from gptzoo.models.decoder")
+                      f"needs a {protocol.__name__} (gptzoo.models.protocol): {fix}")
