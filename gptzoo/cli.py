@@ -234,7 +234,8 @@ def tune_batch(recipe_path, overrides, memory_gb, peak_flops):
               "max_position_embeddings, at most 4096]. GPT-2 keeps n_positions.")
 @friendly_errors
 def import_hf(hf_dir, out, block_size):
-    """Turn a local Hugging Face GPT-2 or LLaMA-family folder into a run directory."""
+    """Turn a local Hugging Face folder (GPT-2, LLaMA, Mistral, Qwen2: any family with a Hugging
+    Face format) into a run directory."""
     from gptzoo.hf import import_hf as run_import
 
     run_import(hf_dir, out, block_size)
@@ -246,8 +247,8 @@ def import_hf(hf_dir, out, block_size):
 @click.option("--out", required=True, type=click.Path(), help="The folder to write.")
 @friendly_errors
 def export_hf(run_dir, out):
-    """Write a gpt2- or llama-architecture run as a Hugging Face folder (config.json,
-    model.safetensors, tokenizer) for AutoModelForCausalLM.from_pretrained."""
+    """Write a run of a family with a Hugging Face format (gpt2, llama) as a Hugging Face folder
+    (config.json, model.safetensors, tokenizer) for AutoModelForCausalLM.from_pretrained."""
     from gptzoo.hf import export_hf as run_export
 
     run_export(run_dir, out)

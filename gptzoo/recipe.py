@@ -1,7 +1,8 @@
 """Recipes: plain Python files naming a model, its data, optimizer, schedule and trainer settings.
 
-A recipe file names a built-in `architecture` (`"gpt2"`, `"llama"`: the `model` section is then
-that architecture's config, e.g. `GPT2Config`) or defines `build_model(model, vocab_size, *, key)`,
+A recipe file names a registered `architecture` (`"gpt2"`, `"llama"`, `"perceiver_ar"`: the
+`model` section is then that family's config, e.g. `GPT2Config`; see `gptzoo.models.registry`)
+or defines `build_model(model, vocab_size, *, key)`,
 and any of the sections `model`, `data`, `optimizer` and `trainer` (dataclass instances; missing
 ones take the defaults below). Every field is overridable from the command line as
 `--set section.field=value`. A run of a built-in architecture is rebuilt from its `recipe.json`
@@ -25,20 +26,8 @@ from gptzoo.atomic import write_text_atomic
 from gptzoo.data.batch_schedule import BatchSchedule
 from gptzoo.data.text import SHAKESPEARE
 from gptzoo.errors import GptzooError
-from gptzoo.models import ARCHITECTURES, build_architecture
+from gptzoo.models import ARCHITECTURES, ModelConfig, build_architecture
 from gptzoo.nn.stack import REMAT_POLICIES
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    n_layers: int = 4
-    n_heads: int = 4
-    d_model: int = 128
-    block_size: int = 128
-    dropout: float = 0.0
-    use_bias: bool = True
-    tie_head: bool = True
-    scan_layers: bool = True  # identical blocks stacked and run with lax.scan
 
 
 @dataclasses.dataclass

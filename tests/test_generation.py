@@ -20,13 +20,13 @@ from gptzoo import nn
 from gptzoo import sample as sampler
 from gptzoo.errors import GptzooError
 from gptzoo.models import GPT, gpt2
+from gptzoo.models.protocol import can_decode
 from gptzoo.recipe import load_recipe
 from gptzoo.sample import (
     _decode_chunk,
     _prefill,
     _shift,
     generate_tokens,
-    has_cache,
     sample_logits,
 )
 
@@ -333,7 +333,7 @@ def recipe_model(path: Path):
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_models_decode_like_their_full_forward(path):
     model = recipe_model(path)
-    if not has_cache(model):
+    if not can_decode(model):
         assert "perceiver" in path.name  # the one architecture sampled without a cache
         pytest.skip("Perceiver AR has no cache (docs/generation.md says why)")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, BLOCK_SIZE), jnp.int32)

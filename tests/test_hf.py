@@ -23,8 +23,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from gptzoo.cli import main  # noqa: E402
 from gptzoo.errors import GptzooError  # noqa: E402
 from gptzoo.hf import export_hf, import_hf, read_config, write_config  # noqa: E402
-from gptzoo.hf.weights import FAMILIES, write_params  # noqa: E402
-from gptzoo.models import GPT2Config, LlamaConfig, build_architecture  # noqa: E402
+from gptzoo.hf.weights import write_params  # noqa: E402
+from gptzoo.models import GPT2Config, LlamaConfig, build_architecture, get_family  # noqa: E402
 from gptzoo.models.names import named_leaves, per_layer_leaves  # noqa: E402
 from gptzoo.sample import generate_tokens  # noqa: E402
 from gptzoo.trainer import load  # noqa: E402
@@ -192,7 +192,7 @@ def test_recipe_models_export_to_transformers(architecture, tmp_path):
               LlamaConfig(n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, block_size=64,
                           multiple_of=32, rotary_base=1000.0))
     model = build_architecture(architecture, config, VOCAB, key=jax.random.PRNGKey(0))
-    tensors = write_params(FAMILIES[architecture](config),
+    tensors = write_params(get_family(architecture).hf_params(config),
                            {k: np.asarray(v) for k, v in per_layer_leaves(model).items()})
     (tmp_path / "config.json").write_text(json.dumps(write_config(architecture, config, VOCAB)))
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})

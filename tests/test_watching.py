@@ -202,7 +202,13 @@ from gptzoo.recipe import ModelConfig
 model = ModelConfig(n_layers=1, n_heads=2, d_model=32, block_size=32)
 
 
-class Broken(eqx.Module):
+class Broken(eqx.Module):  # a LanguageModel (gptzoo.models.protocol) that fails when run
+    block_size: int = eqx.field(static=True, default=32)
+    context_window: int = eqx.field(static=True, default=32)
+
+    def n_predicted(self, seq):
+        return seq
+
     def __call__(self, tokens, *, key=None):
         raise ValueError("the model broke on purpose")
 

@@ -4,6 +4,7 @@ from gptzoo.nn.alibi import ALiBi, alibi_slopes
 from gptzoo.nn.attention import CausalSelfAttention, attend, causal_attend, causal_mask
 from gptzoo.nn.block import Block
 from gptzoo.nn.cross_attention import CausalCrossAttention
+from gptzoo.nn.decoding import CachedBlock, MixesPositions
 from gptzoo.nn.embedding import Embedding, PositionalEmbedding
 from gptzoo.nn.experts import Experts
 from gptzoo.nn.glu import GLUMLP, llama_hidden_dim
@@ -32,6 +33,7 @@ __all__ = [
     "CausalCrossAttention",
     "MemoryKVAttention", "TalkingHeadsAttention", "TokenShift",
     "Experts", "MoEBlock", "MoEMLP", "RouterStats", "load_balancing_loss", "route",
+    "CachedBlock", "MixesPositions",
     "Stack", "stacked", "unstacked", "with_scan_settings",
     "rowwise_layout",
 ]

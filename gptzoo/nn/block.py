@@ -30,6 +30,10 @@ class Block(eqx.Module):
         x = x + _normed(self.attn_out_norm, self.attention(self.attn_norm(x), key=attn_key))
         return x + _normed(self.mlp_out_norm, self.mlp(self.mlp_norm(x), key=mlp_key))
 
+    def init_cache(self, block_size: int):
+        """Its attention's KV cache for `block_size` positions (`nn.decoding.CachedBlock`)."""
+        return self.attention.init_cache(block_size)
+
     def decode(self, x: Float[Array, "seq d_model"], positions, cache):
         """`__call__` for one example's new positions, reading and extending its KV cache."""
         y, cache = self.attention.decode(self.attn_norm(x), positions, cache)

@@ -34,6 +34,10 @@ class MoEBlock(eqx.Module):
         y, stats = self.mlp(self.mlp_norm(x), key=mlp_key)
         return x + y, stats
 
+    def init_cache(self, block_size: int):
+        """Its attention's KV cache for `block_size` positions (`nn.decoding.CachedBlock`)."""
+        return self.attention.init_cache(block_size)
+
     def decode(self, x: Float[Array, "seq d_model"], positions: Int[Array, " seq"], cache):
         """`__call__` for one example's new positions, reading and extending its KV cache. The
         experts run dense: a few tokens per example under the sampler's `vmap` would gather

@@ -208,8 +208,8 @@ def init_caches(blocks: "Stack | tuple", init: Callable[[eqx.Module], object]):
 
 
 def block_kinds(blocks: "Stack | tuple") -> tuple[eqx.Module, ...]:
-    """One module per kind of block, for questions such as `hasattr(block, "decode")` that
-    need not slice a `Stack` into its layers."""
+    """One module per kind of block, for questions such as "is it a `CachedBlock`?" that need
+    not slice a `Stack` into its layers."""
     return (blocks.layers,) if isinstance(blocks, Stack) else tuple(blocks)
 
 

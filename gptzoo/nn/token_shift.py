@@ -1,13 +1,12 @@
-from typing import ClassVar
-
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.decoding import MixesPositions
 
 
-class TokenShift(eqx.Module):
+class TokenShift(MixesPositions):
     """Token shift (BlinkDL's time shift, RWKV; x-transformers' `shift_tokens=1`): after `norm`,
     the first `int(fraction * d_model)` channels of each position take the values of the
     position before it (zeros at the first position); the other channels stay.
@@ -18,7 +17,7 @@ class TokenShift(eqx.Module):
 
     A cached decode step would need the previous position's normalised input of every sublayer,
     which the blocks' KV caches do not keep: a model with token shift is sampled by recomputing
-    its context (`mixes_positions`), as with the spatial gating unit.
+    its context (a `MixesPositions`), as with the spatial gating unit.
 
     **Arguments:**
 
@@ -27,8 +26,6 @@ class TokenShift(eqx.Module):
     - `fraction`: the fraction of the channels shifted, in (0, 1]; x-transformers and RWKV
         shift half.
     """
-
-    mixes_positions: ClassVar[bool] = True  # reads the previous position: no KV-cache decoding
 
     norm: eqx.Module
     fraction: float = eqx.field(static=True)

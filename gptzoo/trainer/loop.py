@@ -15,6 +15,7 @@ import optax
 
 from gptzoo.data import Batches, BatchSchedule, Corpus, Prefetcher, Tokenizer, prepare_corpus
 from gptzoo.errors import GptzooError
+from gptzoo.models.protocol import LanguageModel, require
 from gptzoo.nn.stack import with_scan_settings
 from gptzoo.recipe import Recipe, save_recipe
 from gptzoo.trainer.accumulate import check_micro_batches
@@ -39,7 +40,7 @@ from gptzoo.trainer.step import estimate_loss, make_train_chunk
 
 @dataclass
 class TrainResult:
-    model: eqx.Module
+    model: LanguageModel
     tokenizer: Tokenizer
     run_dir: Path
     step: int
@@ -57,7 +58,7 @@ class Prepared:
     train_batches: Batches
     val_batches: Batches  # the in-training estimate's
     mesh: jax.sharding.Mesh
-    model: eqx.Module
+    model: LanguageModel
     optimizer: optax.GradientTransformation
     opt_state: optax.OptState
     train_key: jax.Array
@@ -82,6 +83,7 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model = build_sharded(lambda: with_scan_settings(  # per block of each Stack
         recipe.build(tokenizer.vocab_size, key=model_key), cfg.remat, cfg.unroll_layers), mesh)
+    require(model, LanguageModel, f"gptzoo train ({recipe.source.name})")
     model = shard(initial.weights_into(model), mesh) if initial else model
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     # Placed before a resume restores into them: a restored array keeps its template's sharding.

@@ -2,12 +2,12 @@
 the rules that place each parameter, optimizer statistic and batch on it.
 
 The batch is split over `data` x `fsdp` x `expert`. Parameters and their optimizer statistics
-are split according to their logical axes (`gptzoo.models.axes`) by `RULES`: FSDP shards them
-over `fsdp` (XLA gathers each weight where the step uses it and reduce-scatters its gradient),
-tensor parallelism splits attention heads and the MLP's hidden units over `tensor` (column-split
-in, row-split out, as in Megatron-LM), and a mixture's stacked experts are split over `expert`
-(each device holds whole experts; XLA moves what the tokens routed elsewhere need). A parameter
-without logical axes is replicated.
+are split according to their logical axes (`gptzoo.models.axes`, and each family's own) by
+`RULES`: FSDP shards them over `fsdp` (XLA gathers each weight where the step uses it and
+reduce-scatters its gradient), tensor parallelism splits attention heads and the MLP's hidden
+units over `tensor` (column-split in, row-split out, as in Megatron-LM), and a mixture's stacked
+experts are split over `expert` (each device holds whole experts; XLA moves what the tokens
+routed elsewhere need). A parameter without logical axes is replicated.
 
 Activations are placed by logical axis too (`activation_rule`, installed inside the jitted step and
 evaluation): the residual stream between blocks has its batch over `data` x `fsdp` x `expert` and
@@ -23,6 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gptzoo.errors import GptzooError
 from gptzoo.models.axes import logical_axes
+from gptzoo.models.config import ModelConfig
 from gptzoo.models.names import path_name
 from gptzoo.recipe import MeshConfig, Recipe
 
@@ -86,7 +87,7 @@ def make_mesh(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -> Me
         raise GptzooError(f"trainer.batch_size={batch} does not split over {shards} devices "
                           f"(mesh.data={data} x mesh.fsdp={fsdp} x mesh.expert={expert}); use a "
                           f"multiple of {shards}, or change mesh.data, mesh.fsdp or mesh.expert")
-    n_heads = getattr(recipe.model, "n_heads", None)
+    n_heads = recipe.model.n_heads if isinstance(recipe.model, ModelConfig) else None
     if n_heads is not None and n_heads % tensor:
         raise GptzooError(f"model.n_heads={n_heads} does not split over mesh.tensor={tensor}; "
                           f"set mesh.tensor to a divisor of {n_heads}")

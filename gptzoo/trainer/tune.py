@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from gptzoo.errors import GptzooError
+from gptzoo.models.config import ModelConfig
 from gptzoo.recipe import Recipe
 from gptzoo.trainer import flops
 from gptzoo.trainer.loop import Prepared, prepare
@@ -233,13 +234,13 @@ def _time(p: Prepared, state, batch_size: int, block: int, steps: int) -> float:
 
 
 def _flops_per_token(recipe: Recipe, p: Prepared) -> float | None:
-    """The model's training FLOPs per token, when its config names the shape that the attention
-    term needs (`n_layers`, `d_model`, `block_size`)."""
-    shape = [getattr(recipe.model, k, None) for k in ("n_layers", "d_model", "block_size")]
-    if None in shape:
+    """The model's training FLOPs per token, when its config is a `ModelConfig`, which names the
+    shape that the attention term needs (`n_layers`, `d_model`, `block_size`)."""
+    m = recipe.model
+    if not isinstance(m, ModelConfig):
         return None
     n_params = sum(a.size for a in jax.tree.leaves(eqx.filter(p.model, eqx.is_array)))
-    return flops.flops_per_token(n_params, *shape)
+    return flops.flops_per_token(n_params, m.n_layers, m.d_model, m.block_size)
 
 
 def report(result: TuneResult, peak_flops: float | None = None) -> list[str]:
