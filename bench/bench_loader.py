@@ -26,7 +26,7 @@ import numpy as np
 from gptzoo.data import Prefetcher
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import load_recipe, parse_overrides
-from gptzoo.trainer.loop import prepare
+from gptzoo.trainer.prepared import prepare
 from gptzoo.trainer.sharding import chunk_sharded, replicated
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "char_shakespeare.py"

@@ -19,6 +19,7 @@ import gptzoo
 from gptzoo.errors import GptzooError
 from gptzoo.trainer import loop
 from gptzoo.trainer.checkpoint import BestCheckpoint, Checkpoints, named_arrays
+from gptzoo.trainer.prepared import Prepared
 
 
 class Pair(eqx.Module):
@@ -250,8 +251,8 @@ def test_keep_best_makes_a_run_directory_of_the_best_step(tmp_path, small_text, 
                                                           monkeypatch):
     # A tiny run's losses only fall; scripted ones rise after step 20 as an overfitting run's do.
     scripted = {10: 3.0, 20: 2.0, 30: 2.5}
-    monkeypatch.setattr(loop, "_validation_estimate",
-                        lambda model, p, step, eval_steps: {"val_loss": scripted[step]})
+    monkeypatch.setattr(Prepared, "validation_estimate",
+                        lambda p, model, step, eval_steps: {"val_loss": scripted[step]})
     run_dir = tmp_path / "run"
     gptzoo.train(tiny_recipe(small_text, **{"trainer.keep_best": "true"}), run_dir=run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -260,7 +261,7 @@ def test_keep_best_makes_a_run_directory_of_the_best_step(tmp_path, small_text, 
     assert f"at step 20: {run_dir / 'best'}" in capsys.readouterr().out
     model, _ = gptzoo.load(run_dir / "best")  # as sample, eval and export-hf read it
     expected = Checkpoints(run_dir).restore(20, model)
-    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
     result = gptzoo_cli("eval", "--ckpt", run_dir / "best")
     assert result.returncode == 0 and result.stdout.startswith("val loss"), result.stderr

@@ -112,7 +112,7 @@ from pathlib import Path
 import gptzoo
 from gptzoo.trainer import evaluate_run
 from gptzoo.trainer.checkpoint import named_arrays
-from gptzoo.trainer.loop import prepare
+from gptzoo.trainer.prepared import prepare
 
 out, overrides, meshes = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 back, recipe_path, evaluated = sys.argv[4], sys.argv[5], json.loads(sys.argv[6])
@@ -143,7 +143,7 @@ import json, sys
 import equinox as eqx, jax, numpy as np
 import gptzoo
 from gptzoo.recipe import Recipe
-from gptzoo.trainer.loop import prepare
+from gptzoo.trainer.prepared import prepare
 from gptzoo.trainer.sharding import shard
 
 recipe = gptzoo.load_recipe(sys.argv[1], {**json.loads(sys.argv[2]), "mesh.data": 2,

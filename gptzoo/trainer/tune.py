@@ -12,14 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import equinox as eqx
 import jax
 import numpy as np
 
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe
 from gptzoo.trainer import flops
-from gptzoo.trainer.loop import Prepared, prepare
+from gptzoo.trainer.prepared import Prepared, prepare
 from gptzoo.trainer.sharding import chunk_sharded, mesh_shape
 
 
@@ -236,8 +235,7 @@ def _flops_per_token(recipe: Recipe, p: Prepared) -> float | None:
     shape = [getattr(recipe.model, k, None) for k in ("n_layers", "d_model", "block_size")]
     if None in shape:
         return None
-    n_params = sum(a.size for a in jax.tree.leaves(eqx.filter(p.model, eqx.is_array)))
-    return flops.flops_per_token(n_params, *shape)
+    return flops.flops_per_token(flops.count_parameters(p.model), *shape)
 
 
 def report(result: TuneResult, peak_flops: float | None = None) -> list[str]:
