@@ -130,7 +130,7 @@ def against_nanogpt(recipe: Recipe, rounds: int) -> dict:
     # comes and goes cancels in each round's ratio, which it does not between medians.
     faster = max(["nanoGPT eager", "nanoGPT compile"], key=row.get)
     row["ratio"] = statistics.median(theirs / ours for ours, theirs
-                                     in zip(seconds["gptzoo"], seconds[faster]))
+                                     in zip(seconds["gptzoo"], seconds[faster], strict=True))
     return row
 
 

@@ -160,7 +160,7 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
     else:
         texts = [p for p, _ in rows]
         for chunk in pieces:
-            texts = [t + c for t, c in zip(texts, chunk)]
+            texts = [t + c for t, c in zip(texts, chunk, strict=True)]
         click.echo("\n---------------\n".join(texts))
     _mark_output_complete()
 

@@ -58,7 +58,7 @@ def test_four_micro_batches_equal_one_step_on_the_whole_batch(path, extra):
                               model, optimizer.init(eqx.filter(model, eqx.is_array)))
     np.testing.assert_allclose(stats.loss, losses, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(eqx.filter(trained, eqx.is_array)),
-                    jax.tree.leaves(eqx.filter(expected, eqx.is_array))):
+                    jax.tree.leaves(eqx.filter(expected, eqx.is_array)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -104,7 +104,7 @@ def test_load_falls_back_from_a_corrupt_newest_checkpoint(tmp_path, trained_run)
     assert "fell back to step 20" in result.stderr
     model, _ = gptzoo.load(run_dir)
     expected = Checkpoints(trained_run).restore(20, model)
-    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -117,7 +117,7 @@ def test_resume_falls_back_and_saves_the_corrupt_step_again(tmp_path, trained_ru
     assert result.step == 30 and not result.interrupted
     model, _ = gptzoo.load(run_dir)  # step 30 again, rewritten and readable
     reference, _ = gptzoo.load(trained_run)
-    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(reference)):
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -211,7 +211,7 @@ def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint(tmp_path, t
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["10", "20", "30"]
     model, _ = gptzoo.load(run_dir)
     reference, _ = gptzoo.load(trained_run)
-    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(reference)):
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

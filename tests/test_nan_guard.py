@@ -45,7 +45,8 @@ def test_a_non_finite_step_changes_nothing(bad):
         loss = jnp.float32(jnp.inf)
     params, new_state, _, finite = guarded_update(OPTIMIZER, loss, grads, PARAMS, state)
     assert not bool(finite)
-    for a, b in zip(jax.tree.leaves((params, new_state)), jax.tree.leaves((PARAMS, state))):
+    for a, b in zip(jax.tree.leaves((params, new_state)), jax.tree.leaves((PARAMS, state)),
+                    strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -57,8 +58,8 @@ def test_a_finite_step_is_the_plain_update_and_reports_the_gradient_norm():
     updates, expected_state = OPTIMIZER.update(grads, state, PARAMS)
     expected = optax.apply_updates(PARAMS, updates)
     assert bool(finite) and float(grad_norm) == pytest.approx(5.0)  # before clipping to 1
-    for a, b in zip(jax.tree.leaves((params, new_state)), jax.tree.leaves((expected,
-                                                                             expected_state))):
+    for a, b in zip(jax.tree.leaves((params, new_state)),
+                    jax.tree.leaves((expected, expected_state)), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

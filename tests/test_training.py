@@ -100,12 +100,12 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, small_text):
     gptzoo.train(recipe, run_dir=whole)
     resumed, reference = read_metrics(interrupted), read_metrics(whole)
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]
-    for a, b in zip(resumed, reference):
+    for a, b in zip(resumed, reference, strict=True):
         assert (a["train_loss"], a.get("val_loss")) == (b["train_loss"], b.get("val_loss"))
     model_a, _ = gptzoo.load(interrupted)
     model_b, _ = gptzoo.load(whole)
     for a, b in zip(jax.tree.leaves(eqx.filter(model_a, eqx.is_array)),
-                    jax.tree.leaves(eqx.filter(model_b, eqx.is_array))):
+                    jax.tree.leaves(eqx.filter(model_b, eqx.is_array)), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -138,7 +138,7 @@ def test_eight_devices_step_equals_one_device(tmp_path, small_text, trained_run)
     model_a, _ = gptzoo.load(trained_run)
     model_b, _ = gptzoo.load(tmp_path / "eight")
     for x, y in zip(jax.tree.leaves(eqx.filter(model_a, eqx.is_array)),
-                    jax.tree.leaves(eqx.filter(model_b, eqx.is_array))):
+                    jax.tree.leaves(eqx.filter(model_b, eqx.is_array)), strict=True):
         # Adam divides by the gradient scale, so near-zero parameters carry float noise ~1e-6.
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 

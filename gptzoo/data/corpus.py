@@ -220,7 +220,7 @@ def _open_cached(folder: Path, cfg, sources: list[dict], wanted: Tokenizer | Non
             or (wanted is not None and tokenizer_hash(wanted) != manifest["tokenizer_hash"])):
         return None
     train, val = (TokenSplit(folder, manifest["splits"][s], manifest["dtype"], name, cfg.path)
-                  for s, name in zip(SPLITS, ("training", "validation")))
+                  for s, name in zip(SPLITS, ("training", "validation"), strict=True))
     return Corpus(folder, tokenizer, train, val, manifest)
 
 
@@ -275,7 +275,8 @@ def _write_shards(folder: Path, tokenizer: Tokenizer, pieces: Iterator[Piece]) -
     batch: list[Piece] = []
 
     def flush():
-        for piece, tokens in zip(batch, tokenizer.encode_batch([p.text for p in batch])):
+        encoded = tokenizer.encode_batch([p.text for p in batch])
+        for piece, tokens in zip(batch, encoded, strict=True):
             if len(tokens) and tokens.max() >= tokenizer.vocab_size:
                 raise GptzooError(f"the tokenizer produced token {int(tokens.max())}, beyond its "
                                   f"vocab_size {tokenizer.vocab_size}; its tokenizer.json is "
@@ -288,7 +289,7 @@ def _write_shards(folder: Path, tokenizer: Tokenizer, pieces: Iterator[Piece]) -
         if sum(p.n_bytes for p in batch) >= BATCH_BYTES:
             flush()
     flush()
-    return {name: w.close() for name, w in zip(SPLITS, writers)}
+    return {name: w.close() for name, w in zip(SPLITS, writers, strict=True)}
 
 
 class _ShardWriter:

@@ -119,7 +119,7 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh) -> PartitionSpec:
     if axes is None:
         return PartitionSpec()
     spec, used = [], set()
-    for name, size in zip(axes, shape):
+    for name, size in zip(axes, shape, strict=True):
         split = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1 and a not in used)
         if not split or size % math.prod(mesh.shape[a] for a in split):
             spec.append(None)
