@@ -1,6 +1,7 @@
 """The trainer: learning, exact resume after Ctrl-C, and data parallelism."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import gptzoo
 from gptzoo.recipe import OptimizerConfig
 from gptzoo.trainer.checkpoint import Checkpoints
 from gptzoo.trainer.optimizer import make_optimizer
+
+BPE_RECIPE = ROOT / "recipes" / "bpe_shakespeare.py"
 
 
 def read_metrics(run_dir):
@@ -98,15 +101,38 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, small_text):
 
     gptzoo.train(recipe, run_dir=interrupted, resume=True)
     gptzoo.train(recipe, run_dir=whole)
-    resumed, reference = read_metrics(interrupted), read_metrics(whole)
+    assert_same_run(interrupted, whole)
+
+
+def assert_same_run(resumed_dir, whole_dir) -> None:
+    """The same records (steps, train and validation losses) and bit-identical parameters."""
+    resumed, reference = read_metrics(resumed_dir), read_metrics(whole_dir)
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]
     for a, b in zip(resumed, reference, strict=True):
         assert (a["train_loss"], a.get("val_loss")) == (b["train_loss"], b.get("val_loss"))
-    model_a, _ = gptzoo.load(interrupted)
-    model_b, _ = gptzoo.load(whole)
+    model_a, _ = gptzoo.load(resumed_dir)
+    model_b, _ = gptzoo.load(whole_dir)
     for a, b in zip(jax.tree.leaves(eqx.filter(model_a, eqx.is_array)),
                     jax.tree.leaves(eqx.filter(model_b, eqx.is_array)), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_bpe_run_resumed_after_ctrl_c_equals_an_uninterrupted_one(tmp_path, small_text):
+    """A BPE is trained on the training split when a run prepares its corpus. Here every run
+    prepares it from an emptied cache, so the resumed run trains its tokenizer again: it must be
+    the same one (resume compares it with the checkpoint's) and give the same token shards."""
+    cache = tmp_path / "cache"
+    recipe = gptzoo.load_recipe(BPE_RECIPE, {
+        **TINY, "trainer.max_steps": "40", "trainer.checkpoint_interval": "25",
+        "data.path": str(small_text), "data.vocab_size": "300", "data.cache_dir": str(cache)})
+    interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
+    stopped = gptzoo.train(recipe, run_dir=interrupted, reporter=SigintAt(15, 1, 40, 0))
+    assert stopped.interrupted and stopped.step == 20
+    assert json.loads((interrupted / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    for run_dir, resume in ((interrupted, True), (whole, False)):
+        shutil.rmtree(cache)
+        gptzoo.train(recipe, run_dir=run_dir, resume=resume)
+    assert_same_run(interrupted, whole)
 
 
 def test_ctrl_c_makes_the_command_exit_130_after_saving(tmp_path, small_text):
