@@ -143,7 +143,11 @@ def test_wandb_without_credentials_logs_offline_into_the_run(tmp_path, monkeypat
     offline = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     (log,) = offline[0].glob("run-*.wandb")
-    # The history record, a protobuf holding each key and its value as JSON, in the run's log.
+    # The history record, a protobuf holding each key and its value as JSON, in the run's log,
+    # which W&B's own process may still be writing when `finish` returns.
+    deadline = time.perf_counter() + 30
+    while b"4.0625" not in log.read_bytes() and time.perf_counter() < deadline:
+        time.sleep(0.1)
     assert b"train_loss" in log.read_bytes() and b"4.0625" in log.read_bytes()
 
 
