@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import socket
-import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe
 from gptzoo.trainer.progress import MetricsLog
+from gptzoo.workarounds import torch_hidden
 
 # Record keys to TensorBoard tags: the prefix groups them into sections; any other numeric key
 # is logged under its own name.
@@ -92,17 +92,9 @@ class TensorBoardSink:
 
 
 def _summary_writer_class():
-    """tensorboardX's writer imports torch where it is installed (about 4 s) only to accept its
-    tensors; the sink writes floats, so torch is hidden while the writer loads, unless something
-    in this process has imported it already."""
-    hide_torch = "torch" not in sys.modules
-    if hide_torch:
-        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
-    try:
+    """tensorboardX's writer, loaded without torch (`workarounds.torch_hidden`)."""
+    with torch_hidden():
         from tensorboardX import SummaryWriter
-    finally:
-        if hide_torch:
-            del sys.modules["torch"]
     return SummaryWriter
 
 
