@@ -23,6 +23,7 @@ import numpy as np
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe, load_recipe, parse_overrides
 from gptzoo.sample import stream
+from gptzoo.trainer.flops import count_parameters
 from gptzoo.trainer.prepared import prepare
 from gptzoo.trainer.sharding import chunk_sharded, replicated
 
@@ -64,7 +65,7 @@ def bench(recipe: Recipe, warmup: int, chunks: int, samples: int) -> dict:
     cfg, block_size = recipe.trainer, recipe.model.block_size
     p = prepare(recipe)
     model, tokenizer = p.model, p.tokenizer
-    n_params = sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    n_params = count_parameters(model)
 
     # Sampling first: the random model is donated to the train chunk below.
     def sample() -> float:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 from matplotlib.figure import Figure  # noqa: E402
 
-from gptzoo.trainer.sinks import read_records  # noqa: E402
+from gptzoo.trainer.metrics_file import read_records  # noqa: E402
 
 # (title, x key, y keys, y label): train loss solid, validation loss dashed.
 PANELS = [

@@ -17,7 +17,7 @@ from conftest import RECIPE, ROOT, TINY, gptzoo_cli, set_args
 
 import gptzoo
 from gptzoo.errors import GptzooError
-from gptzoo.trainer.progress import MetricsLog
+from gptzoo.trainer.metrics_file import MetricsLog
 
 KILLS = 20
 

@@ -21,7 +21,7 @@ from gptzoo.models.axes import logical_axes
 from gptzoo.models.names import named_leaves
 from gptzoo.recipe import MeshConfig
 from gptzoo.trainer import evaluate_run
-from gptzoo.trainer.sharding import make_mesh, mesh_shape, partition_spec
+from gptzoo.trainer.sharding import check_fits, mesh_shape, partition_spec
 
 
 def test_the_mesh_section_resolves_minus_one_and_refuses_what_does_not_fit():
@@ -46,15 +46,14 @@ def test_the_mesh_section_resolves_minus_one_and_refuses_what_does_not_fit():
 
 
 def test_a_batch_or_heads_that_do_not_split_are_refused_naming_the_key():
-    eight = [jax.devices()[0]] * 8  # checked before any mesh is built
     recipe = gptzoo.load_recipe(RECIPE, {**TINY, "mesh.fsdp": "4", "trainer.batch_size": "6"})
     with pytest.raises(GptzooError, match=r"trainer.batch_size=6 does not split over 8 devices "
                                           r"\(mesh.data=2 x mesh.fsdp=4\); use a multiple of 8"):
-        make_mesh(recipe, eight)
+        check_fits(recipe, mesh_shape(recipe.mesh, 8))  # checked before any mesh is built
     recipe = gptzoo.load_recipe(RECIPE, {**TINY, "mesh.tensor": "4"})  # TINY has 2 heads
     with pytest.raises(GptzooError, match=r"model.n_heads=2 does not split over mesh.tensor=4; "
                                           r"set mesh.tensor to a divisor of 2"):
-        make_mesh(recipe, eight)
+        check_fits(recipe, mesh_shape(recipe.mesh, 8))
 
 
 # What the zoo's own components leave without logical axes, replicated on purpose: the spatial

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import equinox as eqx
@@ -16,9 +17,12 @@ import pytest
 from conftest import EIGHT_DEVICES, RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
 
 import gptzoo
+from gptzoo.data import Prefetcher
 from gptzoo.recipe import OptimizerConfig
 from gptzoo.trainer.checkpoint import Checkpoints
 from gptzoo.trainer.optimizer import make_optimizer
+from gptzoo.trainer.progress import Reporter
+from gptzoo.trainer.sinks import Sinks
 
 BPE_RECIPE = ROOT / "recipes" / "bpe_shakespeare.py"
 
@@ -178,3 +182,47 @@ def test_weight_decay_touches_matrices_only():
     assert float(new["matrix"][0, 0]) < 1.0
     np.testing.assert_array_equal(new["bias"], params["bias"])
     np.testing.assert_array_equal(new["scale"], params["scale"])
+
+
+class RaiseAt(Reporter):
+    """Raises at the record of `step`, as any failure inside the training loop would."""
+
+    def __init__(self, step: int, *args):
+        super().__init__(*args)
+        self.step = step
+
+    def log(self, record):
+        super().log(record)
+        if record["step"] == self.step:
+            raise RuntimeError("injected failure")
+
+
+def test_an_exception_mid_run_releases_what_the_run_opened(tmp_path, small_text, monkeypatch):
+    """Checkpoint managers (the run's and its best's), metrics sinks (TensorBoard's writer has a
+    thread) and the loader's thread are all closed, and no thread the run started is left."""
+    opened, closed = [], []
+    for cls in (Checkpoints, Sinks, Prefetcher):
+        init, close = cls.__init__, cls.close
+
+        def recording_init(self, *args, _init=init, **kwargs):
+            _init(self, *args, **kwargs)
+            opened.append(self)
+
+        def recording_close(self, _close=close):
+            closed.append(self)
+            _close(self)
+
+        monkeypatch.setattr(cls, "__init__", recording_init)
+        monkeypatch.setattr(cls, "close", recording_close)
+    threads = set(threading.enumerate())
+    recipe = gptzoo.load_recipe(RECIPE, {**TINY, "data.path": str(small_text),
+                                         "trainer.keep_best": "true"})
+    with pytest.raises(RuntimeError, match="injected failure"):
+        gptzoo.train(recipe, run_dir=tmp_path / "run", reporter=RaiseAt(15, 30, 0))
+    assert len(opened) == 4 and {id(o) for o in opened} <= {id(c) for c in closed}
+    deadline = time.perf_counter() + 10
+    while set(threading.enumerate()) - threads and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not set(threading.enumerate()) - threads
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == "RuntimeError: injected failure"

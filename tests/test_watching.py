@@ -18,7 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from gptzoo.errors import GptzooError
 from gptzoo.plot import plot_runs
 from gptzoo.recipe import load_recipe
-from gptzoo.trainer.progress import MetricsLog, Reporter
+from gptzoo.trainer.metrics_file import MetricsLog
+from gptzoo.trainer.progress import Reporter
 from gptzoo.trainer.run_status import RunStatus
 from gptzoo.trainer.sinks import TensorBoardSink, open_sinks
 

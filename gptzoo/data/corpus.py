@@ -39,6 +39,7 @@ from gptzoo.data.tokenizer import (
     train_bpe,
 )
 from gptzoo.errors import GptzooError
+from gptzoo.processes import alive
 
 FORMAT = 1  # bump when the cache layout changes: older caches are then rebuilt
 PIECE_BYTES = 1 << 20  # text files are read and encoded in ~1 MB pieces, cut after a newline
@@ -403,18 +404,8 @@ def _remove_abandoned(folder: Path) -> None:
     """Temporary folders of prepares that were killed (their process is gone)."""
     for path in folder.parent.glob(f"{folder.name}.*-*"):
         match = re.fullmatch(rf"{re.escape(folder.name)}\.(?:tmp|old)-(\d+)(-.*)?", path.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _progress:

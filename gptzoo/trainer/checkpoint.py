@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from gptzoo.errors import GptzooError
 from gptzoo.models.names import named_leaves, replace_arrays, shape_differences, shapes
+from gptzoo.nn.leaves import is_array_or_shape
 from gptzoo.nn.stack import same_layout, stacked, unstacked
 from gptzoo.workarounds import orbax_arrays_without_sharding_file
 
@@ -40,13 +41,9 @@ class UnreadableCheckpoint(GptzooError):
     """A checkpoint's files cannot be read back (as opposed to not fitting the recipe)."""
 
 
-def _is_array(x) -> bool:
-    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-
-
 def named_arrays(tree) -> dict[str, Any]:
     """The arrays of a module or optimizer state keyed by path, e.g. `blocks.0.mlp.fc.weight`."""
-    return named_leaves(tree, _is_array)
+    return named_leaves(tree, is_array_or_shape)
 
 
 def _abstract(tree) -> dict[str, jax.ShapeDtypeStruct]:

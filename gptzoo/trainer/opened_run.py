@@ -19,8 +19,9 @@ from gptzoo.trainer.distributed import is_main
 from gptzoo.trainer.divergence import REFERENCE_KEY, FallBack, LastGoodEvaluation, fall_back
 from gptzoo.trainer.flops import count_parameters
 from gptzoo.trainer.guard import BadSteps
+from gptzoo.trainer.metrics_file import METRICS_FILE, MetricsLog
 from gptzoo.trainer.prepared import Prepared
-from gptzoo.trainer.progress import MetricsLog, Reporter
+from gptzoo.trainer.progress import Reporter
 from gptzoo.trainer.run_status import RunStatus
 from gptzoo.trainer.sinks import Sinks, open_sinks
 
@@ -111,7 +112,7 @@ def _open_sinks(recipe: Recipe, run_dir: Path, p: Prepared, best: BestCheckpoint
     if best is not None:
         save_recipe(recipe, best.run_dir)
         p.tokenizer.save(best.run_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
+    metrics = MetricsLog(run_dir / METRICS_FILE, resume_step=resume_step)
     return open_sinks(recipe, run_dir, metrics, resume_step=resume_step)
 
 

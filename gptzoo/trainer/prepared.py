@@ -10,14 +10,13 @@ import equinox as eqx
 import jax
 import optax
 
-from gptzoo.data import Batches, BatchSchedule, Corpus, Tokenizer, prepare_corpus
+from gptzoo.data import Batches, Corpus, Tokenizer, prepare_corpus
 from gptzoo.nn.stack import with_scan_settings
 from gptzoo.recipe import Recipe
-from gptzoo.trainer.accumulate import check_micro_batches
 from gptzoo.trainer.distributed import main_first
 from gptzoo.trainer.init_from import Initial
 from gptzoo.trainer.optimizer import make_optimizer
-from gptzoo.trainer.sharding import batch_sharded, build_sharded, chunk_sharded, make_mesh, shard
+from gptzoo.trainer.sharding import build_sharded, check_fits, chunk_sharded, make_mesh, shard
 from gptzoo.trainer.step import estimate_loss, make_train_chunk
 
 
@@ -48,18 +47,17 @@ class Prepared:
 def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> Prepared:
     """`init_from`: a run directory whose weights and tokenizer the model starts from."""
     cfg, block_size = recipe.trainer, recipe.model.block_size
+    mesh = make_mesh(recipe.mesh)
+    schedule = check_fits(recipe, mesh.devices.shape)  # before the corpus: fails fast
     initial = Initial.load(init_from) if init_from else None
     corpus = main_first(lambda: prepare_corpus(recipe.data, initial.tokenizer if initial else None,
                                                log=log))
     tokenizer = corpus.tokenizer
-    schedule = BatchSchedule.of(cfg.batch_size, cfg.batch_schedule)
     corpus.train.require(max(schedule.sizes) * block_size + 1,
                          f"one batch (trainer.batch_size x model.block_size + 1 = "
                          f"{max(schedule.sizes)} x {block_size} + 1)")
     train_batches = Batches(corpus.train, schedule, block_size, cfg.seed)
     val_batches = Batches(corpus.val, cfg.batch_size, block_size, cfg.seed + 1)
-    mesh = make_mesh(recipe)
-    check_micro_batches(schedule.sizes, cfg.grad_accum_steps, batch_sharded(mesh))
     model_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model = build_sharded(lambda: with_scan_settings(  # per block of each Stack
         recipe.build(tokenizer.vocab_size, key=model_key), cfg.remat, cfg.unroll_layers), mesh)

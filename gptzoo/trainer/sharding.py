@@ -19,6 +19,7 @@ import equinox as eqx
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from gptzoo.data.batch_schedule import BatchSchedule, checked_schedule
 from gptzoo.errors import GptzooError
 from gptzoo.models.axes import logical_axes
 from gptzoo.models.names import path_name
@@ -70,30 +71,34 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
-def make_mesh(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The training mesh of `recipe` over `devices` (default: all of them, across processes),
-    refusing a batch that does not split over `data` x `fsdp` or heads that do not split over
-    `tensor`."""
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of the recipe's `mesh` section over `devices` (default: all of them, across
+    processes)."""
     devices = jax.devices() if devices is None else devices
-    data, fsdp, tensor = mesh_shape(recipe.mesh, len(devices))
-    batch = recipe.trainer.batch_size
-    if batch % (data * fsdp):
-        raise GptzooError(f"trainer.batch_size={batch} does not split over {data * fsdp} devices "
-                          f"(mesh.data={data} x mesh.fsdp={fsdp}); use a multiple of "
-                          f"{data * fsdp}, or change mesh.data or mesh.fsdp")
+    return _mesh(mesh_shape(cfg, len(devices)), devices)
+
+
+def check_fits(recipe: Recipe, shape: tuple[int, int, int]) -> BatchSchedule:
+    """The recipe's batch schedule, once each of its batches (and micro-batches) splits over
+    `data` x `fsdp` of a mesh of `shape` and its heads over `tensor`; else a one-line error
+    naming the key to change."""
+    data, fsdp, tensor = shape
+    cfg = recipe.trainer
+    schedule = checked_schedule(cfg.batch_size, cfg.batch_schedule, cfg.grad_accum_steps,
+                                data * fsdp, f"mesh.data={data} x mesh.fsdp={fsdp}")
     n_heads = getattr(recipe.model, "n_heads", None)
     if n_heads is not None and n_heads % tensor:
         raise GptzooError(f"model.n_heads={n_heads} does not split over mesh.tensor={tensor}; "
                           f"set mesh.tensor to a divisor of {n_heads}")
-    return _mesh((data, fsdp, tensor), devices)
+    return schedule
 
 
-def eval_mesh(recipe: Recipe) -> Mesh:
-    """The mesh to evaluate a run on: its recipe's when that fits the devices here (a run trained
-    on eight devices may be evaluated on one), else every device on `fsdp`."""
+def eval_mesh(cfg: MeshConfig) -> Mesh:
+    """The mesh to evaluate a run on: its `mesh` section's when that fits the devices here (a run
+    trained on eight devices may be evaluated on one), else every device on `fsdp`."""
     devices = jax.devices()
     try:
-        shape = mesh_shape(recipe.mesh, len(devices))
+        shape = mesh_shape(cfg, len(devices))
     except GptzooError:
         shape = (1, len(devices), 1)
     return _mesh(shape, devices)
