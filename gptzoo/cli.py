@@ -4,13 +4,13 @@ runs."""
 import atexit
 import functools
 import logging
-import os
 import sys
 import traceback
 
 import click
 
 from gptzoo.errors import GptzooError
+from gptzoo.workarounds import exit_without_teardown
 
 
 def friendly_errors(command):
@@ -46,8 +46,8 @@ _output_complete = False  # set by a command once everything it does is done and
 def entry() -> None:
     """The installed `gptzoo` command (and `python -m gptzoo`): `main`, and then, after a
     command that set `_output_complete`, an exit without Python's final teardown of every module
-    and object, which takes a noticeable fraction of a second once JAX is loaded. Every atexit
-    handler still runs first: this one is registered before any other, so it runs last."""
+    and object (`workarounds.exit_without_teardown`). Every atexit handler still runs first:
+    this one is registered before any other, so it runs last."""
     atexit.register(_exit_if_complete)
     main()
 
@@ -59,9 +59,7 @@ def _mark_output_complete() -> None:
 
 def _exit_if_complete() -> None:
     if _output_complete:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_without_teardown()
 
 
 @main.command()
@@ -160,7 +158,7 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
     else:
         texts = [p for p, _ in rows]
         for chunk in pieces:
-            texts = [t + c for t, c in zip(texts, chunk)]
+            texts = [t + c for t, c in zip(texts, chunk, strict=True)]
         click.echo("\n---------------\n".join(texts))
     _mark_output_complete()
 

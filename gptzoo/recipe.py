@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gptzoo.atomic import write_text_atomic
-from gptzoo.data.batch_schedule import BatchSchedule
+from gptzoo.data.batch_schedule import checked_schedule
 from gptzoo.data.text import SHAKESPEARE
 from gptzoo.errors import GptzooError
 from gptzoo.models import ARCHITECTURES, ModelConfig, build_architecture
@@ -156,7 +156,8 @@ class Recipe:
             if key in self.keys() and not ok(self.get(key)):
                 raise GptzooError(f"{key}={self.get(key)!r} must be {what}; "
                                   f"fix it with --set {key}=...")
-        _check_batches(self.trainer)
+        checked_schedule(self.trainer.batch_size, self.trainer.batch_schedule,
+                         self.trainer.grad_accum_steps)
 
     def _split(self, key: str) -> tuple[str, str]:
         if key not in self.keys():
@@ -165,21 +166,6 @@ class Recipe:
             raise GptzooError(f"unknown recipe key {key!r} in {self.source.name}; {hint}")
         section, field = key.split(".", 1)
         return section, field
-
-
-def _check_batches(trainer: TrainerConfig) -> None:
-    """Every global batch (`batch_size`, or each of `batch_schedule`'s) splits into
-    `grad_accum_steps` micro-batches, and the schedule is well formed."""
-    try:
-        schedule = BatchSchedule.of(trainer.batch_size, trainer.batch_schedule)
-    except (TypeError, ValueError) as e:
-        raise GptzooError(f"trainer.batch_schedule={trainer.batch_schedule!r}: {e}; e.g. --set "
-                          f"trainer.batch_schedule='[[0,16],[200,32]]'") from None
-    key = "batch_size" if trainer.batch_schedule is None else "batch_schedule's batch"
-    for size in schedule.sizes:
-        if size % trainer.grad_accum_steps:
-            raise GptzooError(f"trainer.{key} {size} is not divisible by trainer.grad_accum_steps="
-                              f"{trainer.grad_accum_steps}; make each batch a multiple of it")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

@@ -352,7 +352,7 @@ def test_a_batch_of_prompts_equals_generating_each_alone(name):
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, V, n) for n in (3, 9, 14)]
     batch = generate(model, prompts, seeds=[5, 6, 7])
-    for prompt, seed, row in zip(prompts, [5, 6, 7], batch):
+    for prompt, seed, row in zip(prompts, [5, 6, 7], batch, strict=True):
         np.testing.assert_array_equal(generate(model, [prompt], seeds=[seed])[0], row)
 
 
@@ -568,7 +568,7 @@ def test_a_long_window_is_decoded_over_only_the_cache_slots_it_holds(monkeypatch
         np.testing.assert_allclose(cache[0].k, whole[0].k, atol=1e-6)
         np.testing.assert_allclose(cache[0].v, whole[0].v, atol=1e-6)
     greedy, _, _ = run(64, temperature=0)
-    for row, prompt in zip(greedy, prompts):
+    for row, prompt in zip(greedy, prompts, strict=True):
         np.testing.assert_array_equal(row, greedy_shifted(model, prompt, 280))
 
 

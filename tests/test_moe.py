@@ -65,7 +65,7 @@ def test_grouped_paths_equal_every_expert_run_densely_with_their_gradients(routi
     for call in calls:
         got = flat(value_and_grads(layer, x, call))
         assert len(got) == len(want) == 5  # the value, router, gate_up, down, x
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=str(call))
 
 

@@ -165,7 +165,7 @@ def test_all_windows_score_each_token_once_with_its_true_context(n, block_size, 
     tokens = np.arange(1, n + 1)  # nonzero, so the left padding (token 0) stands out
     inputs, targets, mask = all_windows(tokens, block_size, stride)
     assert sorted(targets[mask]) == list(tokens[1:])
-    for w, j in zip(*np.nonzero(mask)):
+    for w, j in zip(*np.nonzero(mask), strict=True):
         t = targets[w, j] - 1  # index of the scored token
         context = [tokens[i] if i >= 0 else 0 for i in range(t - j - 1, t)]
         assert list(inputs[w, : j + 1]) == context

@@ -9,7 +9,6 @@ process killed mid-save leaves a temporary folder that the next save of that ste
 complete folder that later became unreadable is skipped in favour of the newest readable one.
 """
 
-import logging
 import math
 import os
 import re
@@ -27,17 +26,12 @@ import orbax.checkpoint as ocp
 
 from gptzoo.errors import GptzooError
 from gptzoo.models.names import named_leaves, replace_arrays, shape_differences, shapes
+from gptzoo.nn.leaves import is_array_or_shape
 from gptzoo.nn.stack import same_layout, stacked, unstacked
+from gptzoo.workarounds import orbax_arrays_without_sharding_file
 
 T = TypeVar("T")
-# Restores always name their shardings (`_abstract`), so orbax's `_sharding` metadata file is not
-# needed; for arrays on a mesh its writer runs on past a failed save and would recreate the
-# temporary folder that the failure handling below removed.
-_absl, _level = logging.getLogger("absl"), logging.getLogger("absl").level
-_absl.setLevel(logging.ERROR)  # the override is deliberate: no "overriding jax.Array" warning
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(enable_write_sharding_file=False), override=True)
-_absl.setLevel(_level)
+orbax_arrays_without_sharding_file()  # restores name their shardings: see `_abstract`
 _SAVE_MARGIN_BYTES = 1_000_000  # orbax's metadata and the JSON record, with room to spare
 _PARTIAL_SETTLE_TRIES, _PARTIAL_SETTLE_SECONDS = 20, 0.1  # at most ~2 s after a failed save
 BEST = "best"  # RUN_DIR/best: see BestCheckpoint
@@ -47,13 +41,9 @@ class UnreadableCheckpoint(GptzooError):
     """A checkpoint's files cannot be read back (as opposed to not fitting the recipe)."""
 
 
-def _is_array(x) -> bool:
-    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-
-
 def named_arrays(tree) -> dict[str, Any]:
     """The arrays of a module or optimizer state keyed by path, e.g. `blocks.0.mlp.fc.weight`."""
-    return named_leaves(tree, _is_array)
+    return named_leaves(tree, is_array_or_shape)
 
 
 def _abstract(tree) -> dict[str, jax.ShapeDtypeStruct]:

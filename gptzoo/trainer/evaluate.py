@@ -62,7 +62,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None) -> Ev
     (or of `data_path`)."""
     model, tokenizer = load(run_dir)
     recipe = load_run_recipe(Path(run_dir))
-    mesh = eval_mesh(recipe)
+    mesh = eval_mesh(recipe.mesh)
     model = shard(model, mesh)
     if data_path is not None:
         recipe.set("data.path", str(data_path))

@@ -21,6 +21,7 @@ import equinox as eqx
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from gptzoo.data.batch_schedule import BatchSchedule, checked_schedule
 from gptzoo.errors import GptzooError
 from gptzoo.models.axes import logical_axes
 from gptzoo.models.config import ModelConfig
@@ -75,31 +76,35 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int, int]:
     return tuple(sizes[axis] for axis in AXES)
 
 
-def make_mesh(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The training mesh of `recipe` over `devices` (default: all of them, across processes),
-    refusing a batch that does not split over `data` x `fsdp` x `expert` or heads that do not
-    split over `tensor`."""
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of the recipe's `mesh` section over `devices` (default: all of them, across
+    processes)."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(recipe.mesh, len(devices))
+    return _mesh(mesh_shape(cfg, len(devices)), devices)
+
+
+def check_fits(recipe: Recipe, shape: tuple[int, ...]) -> BatchSchedule:
+    """The recipe's batch schedule, once each of its batches (and micro-batches) splits over
+    `data` x `fsdp` x `expert` of a mesh of `shape` and its heads over `tensor`; else a one-line
+    error naming the key to change."""
     data, fsdp, tensor, expert = shape
-    batch, shards = recipe.trainer.batch_size, data * fsdp * expert
-    if batch % shards:
-        raise GptzooError(f"trainer.batch_size={batch} does not split over {shards} devices "
-                          f"(mesh.data={data} x mesh.fsdp={fsdp} x mesh.expert={expert}); use a "
-                          f"multiple of {shards}, or change mesh.data, mesh.fsdp or mesh.expert")
+    cfg = recipe.trainer
+    schedule = checked_schedule(cfg.batch_size, cfg.batch_schedule, cfg.grad_accum_steps,
+                                data * fsdp * expert,
+                                f"mesh.data={data} x mesh.fsdp={fsdp} x mesh.expert={expert}")
     n_heads = recipe.model.n_heads if isinstance(recipe.model, ModelConfig) else None
     if n_heads is not None and n_heads % tensor:
         raise GptzooError(f"model.n_heads={n_heads} does not split over mesh.tensor={tensor}; "
                           f"set mesh.tensor to a divisor of {n_heads}")
-    return _mesh(shape, devices)
+    return schedule
 
 
-def eval_mesh(recipe: Recipe) -> Mesh:
-    """The mesh to evaluate a run on: its recipe's when that fits the devices here (a run trained
-    on eight devices may be evaluated on one), else every device on `fsdp`."""
+def eval_mesh(cfg: MeshConfig) -> Mesh:
+    """The mesh to evaluate a run on: its `mesh` section's when that fits the devices here (a run
+    trained on eight devices may be evaluated on one), else every device on `fsdp`."""
     devices = jax.devices()
     try:
-        shape = mesh_shape(recipe.mesh, len(devices))
+        shape = mesh_shape(cfg, len(devices))
     except GptzooError:
         shape = (1, len(devices), 1, 1)
     return _mesh(shape, devices)
@@ -125,7 +130,7 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh) -> PartitionSpec:
     if axes is None:
         return PartitionSpec()
     spec, used = [], set()
-    for name, size in zip(axes, shape):
+    for name, size in zip(axes, shape, strict=True):
         split = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1 and a not in used)
         if not split or size % math.prod(mesh.shape[a] for a in split):
             spec.append(None)

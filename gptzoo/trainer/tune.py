@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import equinox as eqx
 import jax
 import numpy as np
 
@@ -21,7 +20,7 @@ from gptzoo.errors import GptzooError
 from gptzoo.models.config import ModelConfig
 from gptzoo.recipe import Recipe
 from gptzoo.trainer import flops
-from gptzoo.trainer.loop import Prepared, prepare
+from gptzoo.trainer.prepared import Prepared, prepare
 from gptzoo.trainer.sharding import AXES, BATCH, chunk_sharded, mesh_shape
 
 
@@ -59,7 +58,7 @@ def tune_batch(recipe: Recipe, budget_bytes: int | None = None, timed_steps: int
     if budget_bytes is None:
         raise GptzooError(f"{jax.devices()[0].platform} devices report no memory limit; give "
                           "tune-batch one with --memory-gb")
-    sizes = dict(zip(AXES, mesh_shape(recipe.mesh, len(jax.devices()))))
+    sizes = dict(zip(AXES, mesh_shape(recipe.mesh, len(jax.devices())), strict=True))
     global_batch = recipe.trainer.batch_size
     shards = math.prod(sizes[axis] for axis in BATCH)  # the batch's pieces
     recipe = one_step_recipe(recipe, shards)
@@ -239,8 +238,8 @@ def _flops_per_token(recipe: Recipe, p: Prepared) -> float | None:
     m = recipe.model
     if not isinstance(m, ModelConfig):
         return None
-    n_params = sum(a.size for a in jax.tree.leaves(eqx.filter(p.model, eqx.is_array)))
-    return flops.flops_per_token(n_params, m.n_layers, m.d_model, m.block_size)
+    return flops.flops_per_token(flops.count_parameters(p.model), m.n_layers, m.d_model,
+                                 m.block_size)
 
 
 def report(result: TuneResult, peak_flops: float | None = None) -> list[str]:
