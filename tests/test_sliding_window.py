@@ -198,15 +198,26 @@ def test_padding_at_negative_positions_is_neither_seen_nor_cached():
     assert np.isfinite(np.asarray(y)).all()
 
 
-def test_cache_smaller_than_the_window_is_the_size_asked_for():
-    assert windowed(window=100).init_cache(16).size == 16
-    assert windowed(window=None).init_cache(16).size == 16
+def test_cache_wider_than_the_window_still_shows_only_the_window():
+    module = windowed()
+    (x,) = draws(8, (12, 32))
+    wide = nn.kv_cache.KVCache.empty(32, 2, 8)
+    y, cache = decode(module, x[:9], jnp.arange(9), wide)
+    rest, _ = decode(module, x[9:], jnp.arange(9, 12), cache)
+    np.testing.assert_allclose(jnp.concatenate([y, rest]), forward(module, x), atol=1e-5)
 
 
-def test_full_attention_refuses_more_positions_than_its_cache():
-    module = windowed(window=None)
-    with pytest.raises(ValueError, match="do not fit a KV cache of 4"):
-        module.decode(jnp.zeros((5, 32)), jnp.arange(5), module.init_cache(4))
+def test_cache_narrower_than_the_window_slides_as_a_full_attention_cache_does():
+    """Asked for 6 slots, a window of 100 keeps 6: decoding then equals a window of 6, and a
+    prefill longer than the cache is refused, as without a window."""
+    (x,) = draws(9, (14, 32))
+    narrow, full = windowed(window=100), windowed(window=None)
+    assert narrow.init_cache(6).size == full.init_cache(6).size == 6
+    stepped, _ = decode_in_chunks(narrow, x, [(t, t + 1) for t in range(14)], size=6)
+    np.testing.assert_allclose(stepped, forward(windowed(window=6), x), atol=1e-5)
+    for module in (narrow, full):
+        with pytest.raises(ValueError, match="do not fit a KV cache of 4"):
+            module.decode(jnp.zeros((5, 32)), jnp.arange(5), module.init_cache(4))
 
 
 @pytest.mark.parametrize("window", [0, -3, 2.5])
@@ -221,12 +232,19 @@ V, BLOCK_SIZE, WINDOW = 23, 32, 6
 
 
 def windowed_gpt():
-    keys = jax.random.split(jax.random.PRNGKey(8), 5)
+    """Two blocks of windowed rotary attention, every weight redrawn from N(0, 0.5^2) so that
+    the tokens attended to move the logits."""
+    keys = jax.random.split(jax.random.PRNGKey(8), 3)
     blocks = tuple(nn.Block(attn_norm=nn.RMSNorm(32), attention=windowed(WINDOW),
                             mlp_norm=nn.RMSNorm(32), mlp=nn.MLP(32, key=k)) for k in keys[:2])
-    return GPT(token_embedding=nn.Embedding(V, 32, init_std=1.0, key=keys[2]),
-               position_embedding=None, blocks=blocks, final_norm=nn.RMSNorm(32), head=None,
-               embed_dropout=eqx.nn.Dropout(0.0), block_size=BLOCK_SIZE)
+    model = GPT(token_embedding=nn.Embedding(V, 32, key=keys[2]), position_embedding=None,
+                blocks=blocks, final_norm=nn.RMSNorm(32), head=None,
+                embed_dropout=eqx.nn.Dropout(0.0), block_size=BLOCK_SIZE)
+    params, static = eqx.partition(model, eqx.is_array)
+    rng = np.random.default_rng(10)
+    params = jax.tree.map(lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype),
+                          params)
+    return eqx.combine(params, static)
 
 
 def test_sampler_slides_the_rolling_cache_as_the_band_masked_forward_predicts():

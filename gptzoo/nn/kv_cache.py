@@ -72,10 +72,9 @@ class KVCache(eqx.Module):
 
     @typecheck
     def visible(self, key_positions: Int[Array, " k"], q_positions: Int[Array, " q"],
-                window: int | None = None) -> Bool[Array, "q k"]:
+                window: int) -> Bool[Array, "q k"]:
         """Which keys each query sees: filled, at or before it, and among its `window` most
-        recent positions (default: the cache's size, all it can hold)."""
-        window = self.size if window is None else window
+        recent positions (at most the cache's size, all it can hold)."""
         key_positions, query_positions = key_positions[None, :], q_positions[:, None]
         return ((key_positions >= 0) & (key_positions <= query_positions)
                 & (key_positions > query_positions - window))

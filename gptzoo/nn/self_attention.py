@@ -146,11 +146,14 @@ class CausalSelfAttention(eqx.Module):
         new positions attend to the cache as it was and to their own keys, and are written into
         it last: reading the updated cache instead made XLA:CPU copy every layer's whole cache
         at every token. `positions` follow on from the cache's in increasing order; negative
-        ones are padding, neither seen nor cached. With a window, more positions than the cache
-        has slots may come at once (a long prompt): the cache keeps the last of them.
+        ones are padding, neither seen nor cached. With a window that the cache holds, more
+        positions than it has slots may come at once (a long prompt): it keeps the last ones.
         """
         seq = x.shape[0]
-        if self.window is None and seq > cache.size:
+        # A cache narrower than the window narrows it to what it holds, as a full-attention
+        # cache does once it slides; only a cache that holds the window takes any prefill.
+        window = cache.size if self.window is None else min(self.window, cache.size)
+        if seq > cache.size and window != self.window:
             raise ValueError(f"{seq} new positions do not fit a KV cache of {cache.size}; "
                              "feed at most block_size tokens at once")
         q, k, v = self._heads(x)
@@ -163,7 +166,7 @@ class CausalSelfAttention(eqx.Module):
         group = self.n_heads // self.n_kv_heads
         grouped = q.reshape(seq, self.n_kv_heads, group, self.head_dim)
         scores = self._cached_scores(grouped, k, cache, positions, key_positions)
-        visible = cache.visible(key_positions, positions, self.window)
+        visible = cache.visible(key_positions, positions, window)
         weights = jax.nn.softmax(jnp.where(visible, scores, MASKED), axis=-1)
         past, new = weights[..., : cache.size], weights[..., cache.size:]
         y = (einsum_f32("kgqs,kds->qkgd", past.astype(v.dtype), cache.v)
