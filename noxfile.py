@@ -52,6 +52,7 @@ def bench(session):
     session.run("python", "bench/bench_loop.py", *session.posargs, env=env)
     session.run("python", "bench/bench_compile.py", *session.posargs, env=env)
     session.run("python", "bench/bench_mfu.py", *session.posargs, env=env)
+    session.run("python", "bench/bench_window.py", *session.posargs, env=env)
     # Generates a 2 GB corpus (once, under the temp dir) and prepares and trains on it.
     session.run("python", "bench/bench_scale.py", *session.posargs, env=env)
 

@@ -23,6 +23,7 @@ from gptzoo.models import GPT
 from gptzoo.nn import attention
 from gptzoo.sample import generate_tokens
 
+
 def draws(seed, *shapes, scale=1.0):
     rng = np.random.default_rng(seed)
     return [jnp.asarray(scale * rng.standard_normal(s), jnp.float32) for s in shapes]

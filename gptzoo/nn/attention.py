@@ -7,11 +7,9 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
-from gptzoo.nn.kv_cache import KVCache
-from gptzoo.nn.linear import Linear
 
 
 @typecheck
