@@ -78,6 +78,28 @@ def test_banded_attention_matches_float64_reference(case):
     np.testing.assert_allclose(out, np_window_attention(q, k, v, window, bias), atol=2e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's kernel needs a GPU")
+def test_cudnn_path_applies_the_window():
+    """bfloat16 through cuDNN's kernel (`local_window_size`) against the float64 reference, and
+    its gradients against the float32 einsum path's."""
+    assert attention.attention_path("gpu", jnp.bfloat16, n_queries=256, n_keys=256, bias=False,
+                                    dropout=False) == "cudnn"
+    q, k, v, ct = draws(11, (2, 256, 4, 64), (2, 256, 2, 64), (2, 256, 2, 64), (2, 256, 4, 64))
+    half = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    out = jax.jit(lambda q, k, v: nn.causal_attend(q, k, v, window=100))(*half)
+    np.testing.assert_allclose(out.astype(jnp.float32), np_window_attention(*half, 100),
+                               atol=3e-2)
+
+    def loss(q, k, v):
+        return jnp.sum(nn.causal_attend(q, k, v, window=100).astype(jnp.float32) * ct)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*half)
+    want = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for grad, expected in zip(grads, want, strict=True):
+        scale = float(jnp.abs(expected).max())
+        np.testing.assert_allclose(grad.astype(jnp.float32) / scale, expected / scale, atol=3e-2)
+
+
 def test_window_as_wide_as_the_sequence_is_full_causal_attention():
     q, k, v = draws(1, (30, 2, 8), (30, 2, 8), (30, 2, 8))
     np.testing.assert_allclose(nn.causal_attend(q, k, v, window=30), nn.causal_attend(q, k, v),
