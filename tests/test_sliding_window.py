@@ -78,6 +78,19 @@ def test_banded_attention_matches_float64_reference(case):
     np.testing.assert_allclose(out, np_window_attention(q, k, v, window, bias), atol=2e-5)
 
 
+def test_cudnn_call_asks_for_the_same_window(monkeypatch):
+    """The cuDNN path's call, run by `jax.nn.dot_product_attention`'s XLA implementation (whose
+    `local_window_size` the cuDNN one mirrors), gives the reference's window."""
+    run = jax.nn.dot_product_attention
+    monkeypatch.setattr(attention, "attention_path", lambda *args, **kwargs: "cudnn")
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *args, implementation, **kwargs: run(*args, **kwargs,
+                                                                    implementation="xla"))
+    q, k, v = draws(12, (2, 30, 4, 8), (2, 30, 2, 8), (2, 30, 2, 8))
+    np.testing.assert_allclose(nn.causal_attend(q, k, v, window=7),
+                               np_window_attention(q, k, v, 7), atol=1e-5)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's kernel needs a GPU")
 def test_cudnn_path_applies_the_window():
     """bfloat16 through cuDNN's kernel (`local_window_size`) against the float64 reference, and
