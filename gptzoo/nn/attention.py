@@ -154,24 +154,82 @@ def causal_attend(
     # the copy, and is a no-op for plain multi-head attention.
     k, v = (jnp.repeat(a, q.shape[-2] // k.shape[-2], axis=-2) for a in (k, v))
     q, k, v = map(_heads_first, (q, k, v))
-    block = BLOCK if path == "blocks" else n_queries
-    starts = range(0, n_queries, block)
-    keys = jax.random.split(key, len(starts)) if dropping else [None] * len(starts)
-    outputs = []
-    for start, block_key in zip(starts, keys, strict=True):
+    blocks = _query_blocks(n_queries, n_keys, BLOCK if path == "blocks" else n_queries, window)
+    masks = None
+    if dropping:  # each block's kept weights scaled by 1 / (1 - p), the others 0
+        keys = jax.random.split(key, len(blocks))
+        masks = [dropout(jnp.ones((*q.shape[:-2], stop - start, seen - first)), key=block_key)
+                 for (start, stop, first, seen), block_key in zip(blocks, keys, strict=True)]
+    attend_blocks = _block_attend if path == "blocks" else _attend_blocks
+    return _heads_first(attend_blocks(q, k, v, bias, masks, tuple(blocks), window))
+
+
+def _query_blocks(n_queries: int, n_keys: int, block: int, window: int | None) -> list[tuple]:
+    """`(start, stop, first, seen)` of each block of `block` queries: its queries
+    `[start, stop)` and the keys `[first, seen)` they may see, from the window's start for its
+    first query (the last `n_queries` positions) to its last query."""
+    offset, blocks = n_keys - n_queries, []
+    for start in range(0, n_queries, block):
         stop = min(start + block, n_queries)
-        # Keys from the window's start for this block's first query to its last query.
-        first, seen = _key_range(n_keys - n_queries + start, n_keys - n_queries + stop, window)
-        weights = _weights(
-            q[..., start:stop, :], k[..., first:seen, :],
-            causal_mask(stop - start, seen - first, window),
-            None if bias is None else bias[:, start:stop, first:seen])
-        if dropping:
-            weights = dropout(weights, key=block_key)
+        first = 0 if window is None else max(0, offset + start - window + 1)
+        blocks.append((start, stop, first, offset + stop))
+    return blocks
+
+
+def _block_weights(q, k, bias, start, stop, first, seen, window):
+    """The attention weights of queries `[start, stop)` over keys `[first, seen)`."""
+    return _weights(q[..., start:stop, :], k[..., first:seen, :],
+                    causal_mask(stop - start, seen - first, window),
+                    None if bias is None else bias[:, start:stop, first:seen])
+
+
+def _attend_blocks(q, k, v, bias, masks, blocks, window):
+    """Heads-first attention block by block (dropout `masks` applied to the weights), each
+    block's output the weighted values of the keys it may see."""
+    outputs = []
+    for i, (start, stop, first, seen) in enumerate(blocks):
+        weights = _block_weights(q, k, bias, start, stop, first, seen, window)
+        weights = weights if masks is None else weights * masks[i]
         outputs.append(_weighted_values(weights, v[..., first:seen, :]))
-    return _heads_first(jnp.concatenate(outputs, axis=-2))
+    return jnp.concatenate(outputs, axis=-2)
 
 
-def _key_range(first_query: int, end: int, window: int | None) -> tuple[int, int]:
-    """The keys `[first, end)` that queries at positions `[first_query, end)` may see."""
-    return (0 if window is None else max(0, first_query - window + 1)), end
+# The block path's gradients come from `_block_backward` rather than autodiff, which keeps every
+# block's weights and adds each block's key and value gradients into a zero-padded copy of all
+# the keys. Recomputing the weights and adding in place into the keys each block read is faster,
+# the more so the narrower the window (bench/bench_window.py), and keeps no weights.
+_block_attend = jax.custom_vjp(_attend_blocks, nondiff_argnums=(5, 6))
+
+
+def _block_forward(q, k, v, bias, masks, blocks, window):
+    return _attend_blocks(q, k, v, bias, masks, blocks, window), (q, k, v, bias, masks)
+
+
+def _block_backward(blocks, window, residuals, d_out):
+    """The gradients of `_attend_blocks` with respect to q, k, v and bias, block by block, in
+    float32 and returned in the inputs' dtypes. Softmax's: `ds = p * (dp - sum(dp * p))`."""
+    q, k, v, bias, masks = residuals
+    scale = 1 / math.sqrt(q.shape[-1])
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    dbias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+    for i, (start, stop, first, seen) in enumerate(blocks):
+        weights = _block_weights(q, k, bias, start, stop, first, seen, window)
+        kept = weights if masks is None else weights * masks[i]
+        d_block = d_out[..., start:stop, :]
+        dv = dv.at[..., first:seen, :].add(
+            einsum_f32("...qk,...qd->...kd", kept.astype(v.dtype), d_block))
+        d_kept = einsum_f32("...qd,...kd->...qk", d_block, v[..., first:seen, :])
+        d_weights = d_kept if masks is None else d_kept * masks[i]
+        d_scores = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
+        dq.append(einsum_f32("...qk,...kd->...qd", d_scores, k[..., first:seen, :]) * scale)
+        dk = dk.at[..., first:seen, :].add(
+            einsum_f32("...qk,...qd->...kd", d_scores, q[..., start:stop, :]) * scale)
+        if bias is not None:  # summed over the batch dimensions the bias is shared by
+            dbias = dbias.at[:, start:stop, first:seen].add(
+                d_scores.sum(axis=tuple(range(d_scores.ndim - 3))))
+    return (jnp.concatenate(dq, axis=-2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+            None if bias is None else dbias.astype(bias.dtype),
+            None if masks is None else [jnp.zeros_like(m) for m in masks])
+
+
+_block_attend.defvjp(_block_forward, _block_backward)
