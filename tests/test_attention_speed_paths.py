@@ -7,8 +7,8 @@ import math
 
 import equinox as eqx
 import jax
-import jax.test_util
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 
