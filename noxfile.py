@@ -55,6 +55,7 @@ def bench(session):
     session.run("python", "bench/bench_mfu.py", *session.posargs, env=env)
     session.run("python", "bench/bench_moe.py", *(a for a in session.posargs if a == "--quick"),
                 env=env)
+    session.run("python", "bench/bench_window.py", *session.posargs, env=env)
     # Generates a 2 GB corpus (once, under the temp dir) and prepares and trains on it.
     session.run("python", "bench/bench_scale.py", *session.posargs, env=env)
 

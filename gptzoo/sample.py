@@ -151,9 +151,13 @@ def _emit(state: State, logits, sampling, noise=None) -> State:
 
 
 def _prefill_cache(model: CachedDecoder, tokens: Int[Array, "batch n"], last: Int[Array, " batch"]):
-    """A fresh cache per row holding `tokens` at positions 0.., and the logits at `last`."""
+    """A fresh cache per row holding `tokens` up to `last` at positions 0.., and the logits at
+    `last`. The padding after `last` goes in at position -1, which the cache neither keeps nor
+    shows: a rolling cache smaller than the prompt's bucket keeps the prompt's last tokens."""
     def one(tokens, last):
-        logits, cache = model.decode(tokens, jnp.arange(tokens.shape[0]), model.init_cache())
+        index = jnp.arange(tokens.shape[0])
+        logits, cache = model.decode(tokens, jnp.where(index <= last, index, -1),
+                                     model.init_cache())
         return cache, logits[last]
     return jax.vmap(one)(tokens, last)
 

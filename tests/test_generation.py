@@ -172,7 +172,7 @@ def greedy_shifted(model, prompt, n, keep=0.5) -> np.ndarray:
 
 def banded_mask(window: int):
     """Causal attention restricted to the last `window` keys."""
-    def mask(n_queries, n_keys):
+    def mask(n_queries, n_keys, _window=None):  # the model's own window: None here
         i = jnp.arange(n_queries)[:, None] + n_keys - n_queries
         j = jnp.arange(n_keys)[None, :]
         return (j <= i) & (j > i - window)

@@ -1,7 +1,7 @@
 """Components: one idea per module, each an `eqx.Module` over a single example."""
 
 from gptzoo.nn.alibi import ALiBi, alibi_slopes
-from gptzoo.nn.attention import CausalSelfAttention, attend, causal_attend, causal_mask
+from gptzoo.nn.attention import attend, causal_attend, causal_mask
 from gptzoo.nn.block import Block
 from gptzoo.nn.cross_attention import CausalCrossAttention
 from gptzoo.nn.decoding import CachedBlock, MixesPositions
@@ -19,6 +19,7 @@ from gptzoo.nn.parallel_block import ParallelBlock
 from gptzoo.nn.rmsnorm import RMSNorm
 from gptzoo.nn.rotary import Llama3Scaling, Rotary
 from gptzoo.nn.rowwise import rowwise_layout
+from gptzoo.nn.self_attention import CausalSelfAttention
 from gptzoo.nn.sgu import SGUMLP, SpatialGatingUnit
 from gptzoo.nn.stack import Stack, stacked, unstacked, with_scan_settings
 from gptzoo.nn.talking_heads import TalkingHeadsAttention

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from gptzoo.nn.attention import CausalSelfAttention
 from gptzoo.nn.kv_cache import KVCache
+from gptzoo.nn.self_attention import CausalSelfAttention
 
 
 class Positioned(NamedTuple):
@@ -63,7 +63,8 @@ def read_cache(attention: CausalSelfAttention, x: Float[Array, "seq d_model"],
     k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
     keys = jnp.concatenate([jnp.swapaxes(cache.k, 0, 1), k])
     values = jnp.concatenate([jnp.transpose(cache.v, (2, 0, 1)), v])
-    return CacheRead(q, k, v, keys, values, cache.visible(key_positions, positions), bias)
+    return CacheRead(q, k, v, keys, values, cache.visible(key_positions, positions, cache.size),
+                     bias)
 
 
 def shared_heads(a: Float[Array, "*batch k kv_heads head_dim"], n_heads: int
@@ -84,3 +85,11 @@ def project_out(attention: CausalSelfAttention, y: Float[Array, "*batch seq head
 def split_key(key: PRNGKeyArray | None) -> tuple[PRNGKeyArray | None, PRNGKeyArray | None]:
     """Keys for attention dropout and residual dropout, or two Nones without dropout."""
     return tuple(jax.random.split(key)) if key is not None else (None, None)
+
+
+def check_unwindowed(wrapper: str, attention) -> None:
+    """The wrappers attend over the whole context: refuse a sliding-window attention, whose band
+    they would silently ignore."""
+    if attention.window is not None:
+        raise ValueError(f"{wrapper} wraps attention with window={attention.window}, which it "
+                         "does not support; wrap a CausalSelfAttention with window=None")

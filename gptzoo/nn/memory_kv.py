@@ -4,8 +4,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
-from gptzoo.nn.attention import CausalSelfAttention, attend, causal_attend
+from gptzoo.nn.attention import attend, causal_attend
 from gptzoo.nn.attention_inputs import (
+    check_unwindowed,
     positioned,
     project_out,
     read_cache,
@@ -13,6 +14,7 @@ from gptzoo.nn.attention_inputs import (
     split_key,
 )
 from gptzoo.nn.kv_cache import KVCache
+from gptzoo.nn.self_attention import CausalSelfAttention
 
 
 class MemoryKVAttention(eqx.Module):
@@ -46,6 +48,7 @@ class MemoryKVAttention(eqx.Module):
         self.memory_v = init_std * jax.random.normal(v_key, shape)
 
     def __check_init__(self):
+        check_unwindowed("MemoryKVAttention", self.attention)
         if self.num_mem_kv < 1:
             raise ValueError(f"MemoryKVAttention num_mem_kv={self.num_mem_kv} must be a positive "
                              "number of slots; pass e.g. 4, or use the attention alone")

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
-from gptzoo.nn.attention import CausalSelfAttention, causal_mask
+from gptzoo.nn.attention import causal_mask
 from gptzoo.nn.attention_inputs import (
+    check_unwindowed,
     positioned,
     project_out,
     read_cache,
@@ -15,6 +16,7 @@ from gptzoo.nn.attention_inputs import (
     split_key,
 )
 from gptzoo.nn.kv_cache import KVCache
+from gptzoo.nn.self_attention import CausalSelfAttention
 
 
 class TalkingHeadsAttention(eqx.Module):
@@ -44,6 +46,9 @@ class TalkingHeadsAttention(eqx.Module):
         self.attention = attention
         self.pre_softmax = jnp.eye(attention.n_heads)
         self.post_softmax = jnp.eye(attention.n_heads)
+
+    def __check_init__(self):
+        check_unwindowed("TalkingHeadsAttention", self.attention)
 
     @typecheck
     def __call__(
