@@ -9,6 +9,8 @@ nox.options.reuse_existing_virtualenvs = True
 # CPU wheel the CI machines keep in pip's find-links folder (/opt/wheels): an unpinned `torch`
 # resolves to PyPI's newest, a CUDA build of several GB.
 TEST = (".[test]", "torch==2.13.0")
+# CPU only; W&B never online, whatever credentials the machine holds (its sink logs to files).
+TEST_ENV = {"JAX_PLATFORMS": "cpu", "WANDB_MODE": "offline"}
 
 
 @nox.session
@@ -16,8 +18,7 @@ def tests(session):
     # One worker per core, a test file per worker: XLA compiles the suite's many small programs
     # on one thread each, so two files run side by side nearly double the pace on two cores.
     session.install("-e", *TEST)
-    session.run("pytest", "-q", "-n", "auto", "--dist", "loadfile", *session.posargs,
-                env={"JAX_PLATFORMS": "cpu"})
+    session.run("pytest", "-q", "-n", "auto", "--dist", "loadfile", *session.posargs, env=TEST_ENV)
 
 
 @nox.session
@@ -25,7 +26,7 @@ def dist(session):
     """Multi-device and multi-process tests (a few minutes): meshes of fake CPU devices against
     one device, two-process training."""
     session.install("-e", *TEST)
-    session.run("pytest", "-q", "-m", "dist", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
+    session.run("pytest", "-q", "-m", "dist", *session.posargs, env=TEST_ENV)
 
 
 @nox.session
@@ -39,7 +40,7 @@ def slow(session):
     """The full default recipe, with its validation-loss bar (about 10 minutes on 2 cores), and
     the kill test: 20 SIGKILLs of a training run, then --resume (a few minutes)."""
     session.install("-e", *TEST)
-    session.run("pytest", "-q", "-m", "slow", "-s", *session.posargs, env={"JAX_PLATFORMS": "cpu"})
+    session.run("pytest", "-q", "-m", "slow", "-s", *session.posargs, env=TEST_ENV)
 
 
 @nox.session
@@ -53,6 +54,9 @@ def bench(session):
     session.run("python", "bench/bench_compile.py", *session.posargs, env=env)
     session.run("python", "bench/bench_mfu.py", *session.posargs, env=env)
     session.run("python", "bench/bench_lora.py", *session.posargs, env=env)
+    session.run("python", "bench/bench_moe.py", *(a for a in session.posargs if a == "--quick"),
+                env=env)
+    session.run("python", "bench/bench_window.py", *session.posargs, env=env)
     # Generates a 2 GB corpus (once, under the temp dir) and prepares and trains on it.
     session.run("python", "bench/bench_scale.py", *session.posargs, env=env)
 

@@ -2,7 +2,7 @@
 
     python bench/bench_compile.py [--quick] [--depths 4,12,24,48] [--d-model 128]
 
-The default recipe's real train step (`gptzoo.trainer.loop.prepare`: model, AdamW, the jitted
+The default recipe's real train step (`gptzoo.trainer.prepared.prepare`: model, AdamW, the jitted
 chunk of one step) at each depth, with `model.scan_layers` off and on, scanned with
 `trainer.remat=full`, and scanned with `trainer.unroll_layers` (stacked, but written out).
 Prints seconds to trace and lower, and to compile, per configuration.
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gptzoo.recipe import load_recipe
-from gptzoo.trainer.loop import prepare
+from gptzoo.trainer.prepared import prepare
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "char_shakespeare.py"
 

@@ -26,7 +26,7 @@ import numpy as np
 from gptzoo.data import Prefetcher
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import load_recipe, parse_overrides
-from gptzoo.trainer.loop import prepare
+from gptzoo.trainer.prepared import prepare
 from gptzoo.trainer.sharding import chunk_sharded, replicated
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "char_shakespeare.py"
@@ -94,11 +94,11 @@ def main() -> None:
         results["on-device windows (old)"].append(run(loader=False))
         results["shard loader (new)"].append(run(loader=True))
     for name, values in results.items():
-        speeds, cpus = zip(*values)
+        speeds, cpus = zip(*values, strict=True)
         print(f"{name:26s} {statistics.median(speeds):8.2f} steps/s (median; "
               f"{', '.join(f'{v:.2f}' for v in speeds)}); {statistics.median(cpus):7.1f} CPU "
               f"ms/step (median; {', '.join(f'{v:.1f}' for v in cpus)})")
-    (old, old_cpu), (new, new_cpu) = ([statistics.median(c) for c in zip(*v)]
+    (old, old_cpu), (new, new_cpu) = ([statistics.median(c) for c in zip(*v, strict=True)]
                                       for v in results.values())
     print(f"loader overhead: {100 * (old - new) / old:+.1f}% steps/s, "
           f"{100 * (new_cpu - old_cpu) / old_cpu:+.1f}% CPU per step (positive = the loader costs "

@@ -11,6 +11,7 @@ The difference is time the devices wait for the host at every `trainer.log_inter
 import argparse
 import contextlib
 import io
+import itertools
 import statistics
 import sys
 import tempfile
@@ -54,7 +55,7 @@ def loop_chunk_ms(recipe) -> list[float]:
           mock.patch.object(loop, "prepare", timed_prepare),
           contextlib.redirect_stdout(io.StringIO())):
         loop.train(recipe, run_dir, reporter=Reporter(recipe.trainer.max_steps, 0))
-    return [1e3 * (b - a) for a, b in zip(stamps[2:], stamps[3:])]
+    return [1e3 * (b - a) for a, b in itertools.pairwise(stamps[2:])]
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ A random GPT-2 small (transformers' `GPT2Config()`: 12 layers, 768 wide, 12 head
 positions, 50,257 tokens; 124M parameters) is made locally with CPU torch, saved with gptzoo's
 bytes tokenizer as its tokenizer.json, and imported with `gptzoo import-hf`. Each way then trains
 in a process of its own, set up as `gptzoo train RUN/recipe.json --init-from RUN` sets it up
-(`gptzoo.trainer.loop.prepare`; `--set lora.rank=8` for LoRA), one step per call of the very
+(`gptzoo.trainer.prepared.prepare`; `--set lora.rank=8` for LoRA), one step per call of the very
 train chunk the training loop calls, `B` sequences of 1,024 tokens per step: the first (compiling)
 step untimed, then `N`. The peak resident memory of each process comes from the kernel
 (`os.wait4`), so the two ways do not mix. Both ways are measured with each `trainer.remat` of
@@ -59,7 +59,7 @@ def train_steps(base: Path, rank: int, steps: int, batch: int, remat: str) -> di
 
     from gptzoo.lora.adapters import adapter_of
     from gptzoo.recipe import load_recipe
-    from gptzoo.trainer.loop import prepare
+    from gptzoo.trainer.prepared import prepare
     from gptzoo.trainer.sharding import chunk_sharded
 
     recipe = load_recipe(base / "recipe.json", {

@@ -38,7 +38,7 @@ def generate(folder: Path, n_bytes: int) -> None:
     words, occurrences = np.unique(SHAKESPEARE.read_text().split(), return_inverse=True)
     encoded = [w.encode() for w in words]
     table = np.zeros((len(words), max(map(len, encoded)) + 1), np.uint8)
-    for row, word in zip(table, encoded):
+    for row, word in zip(table, encoded, strict=True):
         row[:len(word)] = np.frombuffer(word, np.uint8)
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ import numpy as np
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe, load_recipe, parse_overrides
 from gptzoo.sample import stream
-from gptzoo.trainer.loop import prepare
+from gptzoo.trainer.flops import count_parameters
+from gptzoo.trainer.prepared import prepare
 from gptzoo.trainer.sharding import chunk_sharded, replicated
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "char_shakespeare.py"
@@ -64,7 +65,7 @@ def bench(recipe: Recipe, warmup: int, chunks: int, samples: int) -> dict:
     cfg, block_size = recipe.trainer, recipe.model.block_size
     p = prepare(recipe)
     model, tokenizer = p.model, p.tokenizer
-    n_params = sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    n_params = count_parameters(model)
 
     # Sampling first: the random model is donated to the train chunk below.
     def sample() -> float:
@@ -130,7 +131,7 @@ def against_nanogpt(recipe: Recipe, rounds: int) -> dict:
     # comes and goes cancels in each round's ratio, which it does not between medians.
     faster = max(["nanoGPT eager", "nanoGPT compile"], key=row.get)
     row["ratio"] = statistics.median(theirs / ours for ours, theirs
-                                     in zip(seconds["gptzoo"], seconds[faster]))
+                                     in zip(seconds["gptzoo"], seconds[faster], strict=True))
     return row
 
 

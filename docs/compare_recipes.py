@@ -14,7 +14,6 @@ steps, so that its cosine schedule ends within the budget. Run it on an otherwis
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -24,11 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import equinox as eqx
 import jax
 
 from gptzoo import load_recipe, train
 from gptzoo.recipe import DataConfig
+from gptzoo.trainer.flops import count_parameters
+from gptzoo.trainer.metrics_file import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "recipes_table.md"
@@ -55,20 +55,16 @@ def run(path: Path, max_steps: int | None, run_dir: Path) -> dict:
     result = train(recipe, run_dir=run_dir)
     seconds = time.perf_counter() - clock
     # Chunks that compiled log no speed; the rest give the steady-state speed.
-    speeds = [r["tokens_per_sec"] for r in _records(run_dir) if r.get("tokens_per_sec")]
+    speeds = [r["tokens_per_sec"] for r in read_records(run_dir) if r.get("tokens_per_sec")]
     tokens_per_sec = statistics.median(speeds) if speeds else None
     tokens_per_step = recipe.trainer.batch_size * recipe.model.block_size
     return {
-        "params": sum(a.size for a in jax.tree.leaves(eqx.filter(result.model, eqx.is_array))),
+        "params": count_parameters(result.model),
         "tokens_per_sec": tokens_per_sec,
         "ms_per_step": 1e3 * tokens_per_step / tokens_per_sec if speeds else None,
         "steps": result.step, "seconds": seconds, "val_loss": result.val_loss,
         "val_bpb": result.val_bpb, "tokenizer": recipe.data.tokenizer,
     }
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open() if line.strip()]
 
 
 def compare(seconds: float | None, timing_steps: int, workdir: Path) -> dict[str, dict]:

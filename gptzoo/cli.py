@@ -4,13 +4,13 @@ runs."""
 import atexit
 import functools
 import logging
-import os
 import sys
 import traceback
 
 import click
 
 from gptzoo.errors import GptzooError
+from gptzoo.workarounds import exit_without_teardown
 
 
 def friendly_errors(command):
@@ -46,8 +46,8 @@ _output_complete = False  # set by a command once everything it does is done and
 def entry() -> None:
     """The installed `gptzoo` command (and `python -m gptzoo`): `main`, and then, after a
     command that set `_output_complete`, an exit without Python's final teardown of every module
-    and object, which takes 0.5-0.8 s once JAX is loaded (measured: `gptzoo sample`). Every atexit
-    handler still runs first: this one is registered before any other, so it runs last."""
+    and object (`workarounds.exit_without_teardown`). Every atexit handler still runs first:
+    this one is registered before any other, so it runs last."""
     atexit.register(_exit_if_complete)
     main()
 
@@ -59,9 +59,7 @@ def _mark_output_complete() -> None:
 
 def _exit_if_complete() -> None:
     if _output_complete:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_without_teardown()
 
 
 @main.command()
@@ -160,7 +158,7 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
     else:
         texts = [p for p, _ in rows]
         for chunk in pieces:
-            texts = [t + c for t, c in zip(texts, chunk)]
+            texts = [t + c for t, c in zip(texts, chunk, strict=True)]
         click.echo("\n---------------\n".join(texts))
     _mark_output_complete()
 
@@ -237,7 +235,8 @@ def tune_batch(recipe_path, overrides, memory_gb, peak_flops):
               "the model, imported into OUT/base.")
 @friendly_errors
 def import_hf(hf_dir, out, block_size, adapter):
-    """Turn a local Hugging Face GPT-2 or LLaMA-family folder into a run directory."""
+    """Turn a local Hugging Face folder (GPT-2, LLaMA, Mistral, Qwen2: any family with a Hugging
+    Face format) into a run directory; with --adapter, a LoRA run over it."""
     if adapter:
         from gptzoo.hf.peft_runs import import_peft
 
@@ -256,9 +255,9 @@ def import_hf(hf_dir, out, block_size, adapter):
               "adapter_config.json and adapter_model.safetensors [the whole model, merged].")
 @friendly_errors
 def export_hf(run_dir, out, peft):
-    """Write a gpt2- or llama-architecture run as a Hugging Face folder (config.json,
-    model.safetensors, tokenizer) for AutoModelForCausalLM.from_pretrained; with --peft, a LoRA
-    run's adapters for PEFT."""
+    """Write a run of a family with a Hugging Face format (gpt2, llama) as a Hugging Face folder
+    (config.json, model.safetensors, tokenizer) for AutoModelForCausalLM.from_pretrained; with
+    --peft, a LoRA run's adapters for PEFT."""
     if peft:
         from gptzoo.hf.peft_runs import export_peft as run_export
     else:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 from matplotlib.figure import Figure  # noqa: E402
 
-from gptzoo.trainer.sinks import read_records  # noqa: E402
+from gptzoo.trainer.metrics_file import read_records  # noqa: E402
 
 # (title, x key, y keys, y label): train loss solid, validation loss dashed.
 PANELS = [
@@ -39,8 +39,8 @@ def plot_runs(run_dirs: list[str | Path]) -> Figure:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), facecolor="white", layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     minutes = max((r.get("wall_time", 0) for rs in runs for r in rs), default=0) > 600
-    for ax, (title, x_key, y_keys, y_label) in zip(axes.flat, PANELS):
-        for i, (name, records) in enumerate(zip(run_names(run_dirs), runs)):
+    for ax, (title, x_key, y_keys, y_label) in zip(axes.flat, PANELS, strict=True):
+        for i, (name, records) in enumerate(zip(run_names(run_dirs), runs, strict=True)):
             for key in y_keys:
                 xs, ys = _series(records, x_key, key)
                 if x_key == "wall_time" and minutes:

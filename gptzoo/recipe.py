@@ -1,7 +1,8 @@
 """Recipes: plain Python files naming a model, its data, optimizer, schedule and trainer settings.
 
-A recipe file names a built-in `architecture` (`"gpt2"`, `"llama"`: the `model` section is then
-that architecture's config, e.g. `GPT2Config`) or defines `build_model(model, vocab_size, *, key)`,
+A recipe file names a registered `architecture` (`"gpt2"`, `"llama"`, `"perceiver_ar"`: the
+`model` section is then that family's config, e.g. `GPT2Config`; see `gptzoo.models.registry`)
+or defines `build_model(model, vocab_size, *, key)`,
 and any of the sections `model`, `data`, `optimizer` and `trainer` (dataclass instances; missing
 ones take the defaults below). Every field is overridable from the command line as
 `--set section.field=value`. A run of a built-in architecture is rebuilt from its `recipe.json`
@@ -13,7 +14,6 @@ import dataclasses
 import difflib
 import importlib.util
 import json
-import math
 import sys
 import traceback
 import types
@@ -23,24 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from gptzoo.atomic import write_text_atomic
-from gptzoo.data.batch_schedule import BatchSchedule
+from gptzoo.data.batch_schedule import checked_schedule
 from gptzoo.data.text import SHAKESPEARE
 from gptzoo.errors import GptzooError
-from gptzoo.lora.adapters import PROJECTIONS, compile_targets
-from gptzoo.models import ARCHITECTURES, build_architecture
+from gptzoo.lora.config import LORA_CHECKS, LoRAConfig, compile_targets
+from gptzoo.models import ARCHITECTURES, ModelConfig, build_architecture
 from gptzoo.nn.stack import REMAT_POLICIES
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    n_layers: int = 4
-    n_heads: int = 4
-    d_model: int = 128
-    block_size: int = 128
-    dropout: float = 0.0
-    use_bias: bool = True
-    tie_head: bool = True
-    scan_layers: bool = True  # identical blocks stacked and run with lax.scan
 
 
 @dataclasses.dataclass
@@ -89,30 +77,14 @@ class TrainerConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
-    """How the devices are arranged: the batch is split over data x fsdp, parameters and optimizer
-    state over fsdp, attention heads and MLP width over tensor. -1 takes the devices left."""
+    """How the devices are arranged: the batch is split over data x fsdp x expert, parameters and
+    optimizer state over fsdp, attention heads and MLP width over tensor, a mixture's experts over
+    expert. -1 takes the devices left."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-
-
-@dataclasses.dataclass
-class LoRAConfig:
-    """Low-rank adapters (LoRA): with `rank` > 0 a fine-tuning (`--init-from RUN`) trains only
-    an adapter on each projection whose module path (`blocks.3.attention.qkv`) the regular
-    expression `targets` finds; the run's weights stay frozen. Its update is scaled by
-    `alpha / rank`, or `alpha / sqrt(rank)` with `rslora`."""
-
-    rank: int = 0  # 0: no adapters, every weight trains
-    alpha: float = 16.0
-    rslora: bool = False
-    dropout: float = 0.0  # on the adapters' inputs
-    targets: str = PROJECTIONS  # the attention and MLP projections
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+    expert: int = 1
 
 
 SECTIONS = ("model", "data", "optimizer", "trainer", "mesh", "lora")
@@ -140,9 +112,7 @@ _CHECKS = [
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data.val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
     ("data.vocab_size", lambda v: v > 256, "above 256 (the byte alphabet and <|endoftext|>)"),
-    ("lora.rank", lambda v: v >= 0, "0 (off) or a positive rank"),
-    ("lora.alpha", lambda v: v > 0, "positive"),
-    ("lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    *LORA_CHECKS,
 ]
 
 
@@ -189,7 +159,8 @@ class Recipe:
             if key in self.keys() and not ok(self.get(key)):
                 raise GptzooError(f"{key}={self.get(key)!r} must be {what}; "
                                   f"fix it with --set {key}=...")
-        _check_batches(self.trainer)
+        checked_schedule(self.trainer.batch_size, self.trainer.batch_schedule,
+                         self.trainer.grad_accum_steps)
         compile_targets(self.lora.targets)
 
     def _split(self, key: str) -> tuple[str, str]:
@@ -199,21 +170,6 @@ class Recipe:
             raise GptzooError(f"unknown recipe key {key!r} in {self.source.name}; {hint}")
         section, field = key.split(".", 1)
         return section, field
-
-
-def _check_batches(trainer: TrainerConfig) -> None:
-    """Every global batch (`batch_size`, or each of `batch_schedule`'s) splits into
-    `grad_accum_steps` micro-batches, and the schedule is well formed."""
-    try:
-        schedule = BatchSchedule.of(trainer.batch_size, trainer.batch_schedule)
-    except (TypeError, ValueError) as e:
-        raise GptzooError(f"trainer.batch_schedule={trainer.batch_schedule!r}: {e}; e.g. --set "
-                          f"trainer.batch_schedule='[[0,16],[200,32]]'") from None
-    key = "batch_size" if trainer.batch_schedule is None else "batch_schedule's batch"
-    for size in schedule.sizes:
-        if size % trainer.grad_accum_steps:
-            raise GptzooError(f"trainer.{key} {size} is not divisible by trainer.grad_accum_steps="
-                              f"{trainer.grad_accum_steps}; make each batch a multiple of it")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from gptzoo.errors import GptzooError
 from gptzoo.trainer.checkpoint import BEST
+from gptzoo.trainer.metrics_file import read_records
 from gptzoo.trainer.run_status import read_status
-from gptzoo.trainer.sinks import read_records
 
 COLUMNS = ("run", "recipe", "parameters", "steps", "best val", "last val", "tokens/s",
            "wall time", "status")

@@ -1,11 +1,8 @@
 """Text generation: prefill the prompt in one pass, then a compiled decode loop over a KV cache.
 
-A model opts into the cache with `cacheable = True` and, per example,
-  `init_cache() -> cache` (a PyTree preallocated to `block_size` positions),
-  `decode(tokens[seq], positions[seq], cache) -> (logits[seq, vocab], cache)`, and
-  `slides_window: bool` (True: positions come from attention, e.g. rotary/ALiBi, so the cache may
-  slide past `block_size`; False: learned positions, which end at `block_size`).
-Any other model (a user's component, say) is sampled by recomputing its context every token.
+A model is a `LanguageModel` (`gptzoo.models.protocol`). One that is also a `CachedDecoder`
+whose parts allow it (`cacheable`) is decoded from its KV cache; any other (Perceiver AR, a
+model with a spatial gating unit) is sampled by recomputing its context every token.
 
 What the context is once it holds `block_size` tokens (`context`):
   "shift": keep its last `keep` fraction, re-encode those tokens at positions 0.. in one prefill
@@ -26,6 +23,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gptzoo.data import Tokenizer
 from gptzoo.errors import GptzooError
+from gptzoo.models.protocol import CachedDecoder, LanguageModel, can_decode, require
 from gptzoo.nn import Stack, rowwise_layout, unstacked
 from gptzoo.nn.kv_cache import KVCache
 from gptzoo.nn.rowwise import MIN_ROWS
@@ -83,16 +81,17 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
                           "when it is full")
 
 
-def has_cache(model) -> bool:
-    return getattr(model, "cacheable", False)
-
-
-def check_context(model, context: str, use_cache: bool = True) -> None:
+def check_context(model: LanguageModel, context: str, use_cache: bool = True) -> None:
     """`context="slide"` needs the cache of a model whose attention carries the positions."""
-    if context != "slide" or (use_cache and has_cache(model) and model.slides_window):
+    if context != "slide":
         return
-    why = ("has learned positions, which end at block_size" if use_cache and has_cache(model)
-           else "is sampled without a KV cache")
+    if use_cache:
+        require(model, CachedDecoder, "--context slide", "use --context shift or crop")
+    cached = use_cache and model.cacheable
+    if cached and model.slides_window:
+        return
+    why = "has learned positions, which end at block_size" if cached else (
+        "is sampled without a KV cache")
     raise GptzooError(f"--context slide needs a cached model with rotary or ALiBi positions; "
                       f"this one {why}: use --context shift or crop")
 
@@ -114,15 +113,15 @@ def _window(ring: Int[Array, " w"], position: Int[Array, ""]) -> Int[Array, " w"
     return jnp.where(position < w, ring, ring[(position + 1 + jnp.arange(w)) % w])
 
 
-def _window_logits(model, window: Int[Array, " w"], index: Int[Array, ""]):
+def _window_logits(model: LanguageModel, window: Int[Array, " w"], index: Int[Array, ""]):
     """Next-token logits after `window[index]`, from a full forward over the window.
 
     Causality hides the right padding from the position we read. Models may predict only the
-    window's last n positions (Perceiver AR), which must include `index`: a shorter context
-    starts the window before it, left-padded with token 0.
+    window's last n positions (Perceiver AR: `n_predicted`), which must include `index`: a
+    shorter context starts the window before it, left-padded with token 0.
     """
     w = window.shape[0]
-    n = eqx.filter_eval_shape(model, window).shape[-2]
+    n = model.n_predicted(w)
     start = jnp.minimum(0, index + n - w)
     window = jax.lax.dynamic_slice(jnp.pad(window, (w - n, 0)), (start + w - n,), (w,))
     return model(window)[index - start - (w - n)]
@@ -151,10 +150,14 @@ def _emit(state: State, logits, sampling, noise=None) -> State:
     return State(state.cache, token, position, ring, state.keys, state.t + 1)
 
 
-def _prefill_cache(model, tokens: Int[Array, "batch n"], last: Int[Array, " batch"]):
-    """A fresh cache per row holding `tokens` at positions 0.., and the logits at `last`."""
+def _prefill_cache(model: CachedDecoder, tokens: Int[Array, "batch n"], last: Int[Array, " batch"]):
+    """A fresh cache per row holding `tokens` up to `last` at positions 0.., and the logits at
+    `last`. The padding after `last` goes in at position -1, which the cache neither keeps nor
+    shows: a rolling cache smaller than the prompt's bucket keeps the prompt's last tokens."""
     def one(tokens, last):
-        logits, cache = model.decode(tokens, jnp.arange(tokens.shape[0]), model.init_cache())
+        index = jnp.arange(tokens.shape[0])
+        logits, cache = model.decode(tokens, jnp.where(index <= last, index, -1),
+                                     model.init_cache())
         return cache, logits[last]
     return jax.vmap(one)(tokens, last)
 
@@ -175,7 +178,8 @@ def _prefill(model, prompts: Int[Array, "batch bucket"], lengths: Int[Array, " b
     return state, logits.shape[-1]
 
 
-def _step(model, state: State, sampling: tuple, recompute: bool, noise=None) -> State:
+def _step(model: LanguageModel, state: State, sampling: tuple, recompute: bool,
+          noise=None) -> State:
     """Feed every row's token and sample the next one."""
     if recompute:
         logits = jax.vmap(lambda r, p: _window_logits(model, _window(r, p), jnp.minimum(
@@ -308,7 +312,7 @@ def _for_decoding(model, n_rows: int):
     return form
 
 
-def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
+def generate_tokens(model: LanguageModel, prompts: list[np.ndarray], *, max_new_tokens: int,
                     temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, seeds: list[int] | None = None,
                     use_cache: bool = True, context: str = "shift",
@@ -319,9 +323,10 @@ def generate_tokens(model, prompts: list[np.ndarray], *, max_new_tokens: int,
     Row i draws its randomness from `seeds[i]` alone, so a row equals generating it by itself.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, context, keep)
-    use_cache = use_cache and has_cache(model)
-    w = model.block_size
+    require(model, LanguageModel, "gptzoo sample")
     check_context(model, context, use_cache)
+    use_cache = use_cache and can_decode(model)
+    w = model.block_size
     prompts = [np.asarray(p[-w:], dtype=np.int32) for p in prompts]
     if not prompts:
         raise GptzooError("no prompts to generate from; pass at least one")
@@ -396,7 +401,7 @@ def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> np.ndarray:
     return tokenizer.encode(prompt) if prompt else tokenizer.start_tokens()
 
 
-def stream_batch(model, tokenizer: Tokenizer, prompts: list[str], *,
+def stream_batch(model: LanguageModel, tokenizer: Tokenizer, prompts: list[str], *,
                  max_new_tokens: int = 500, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seeds: list[int] | None = None,
                  stop: str | None = None, use_cache: bool = True, context: str = "shift",
@@ -446,7 +451,7 @@ def _until_stop(text: str, piece: str, stop: str | None) -> str:
     return (text + piece)[: (text + piece).index(stop) + len(stop)][len(text):]
 
 
-def stream(model, tokenizer: Tokenizer, prompt: str = "", *, seed: int = 0,
+def stream(model: LanguageModel, tokenizer: Tokenizer, prompt: str = "", *, seed: int = 0,
            **kwargs) -> Iterator[str]:
     """Yield the continuation of one prompt piece by piece (the prompt is not repeated).
 
@@ -456,8 +461,8 @@ def stream(model, tokenizer: Tokenizer, prompt: str = "", *, seed: int = 0,
         yield pieces[0]
 
 
-def generate(model, tokenizer: Tokenizer, prompt: str | list[str] = "", *, seed: int = 0,
-             **kwargs) -> str | list[str]:
+def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str | list[str] = "", *,
+             seed: int = 0, **kwargs) -> str | list[str]:
     """Each prompt followed by its continuation.
 
     Options: `max_new_tokens` (500), `temperature` (1.0; 0 is greedy), `top_k`, `top_p`,

@@ -31,9 +31,9 @@ from pathlib import Path
 import equinox as eqx
 import jax
 from jax.experimental import serialize_executable
-from jax.experimental.compilation_cache.compilation_cache import reset_cache
 
 from gptzoo.atomic import write_bytes_atomic
+from gptzoo.workarounds import compile_past_persistent_cache
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class StoredJit:
         with warnings.catch_warnings():  # an unused donated scalar is no concern here
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
             lowered = jax.jit(run, donate_argnums=donated).lower(*arrays)
-        compiled = lowered.compile() if path is None else _compile_afresh(lowered)
+        compiled = lowered.compile() if path is None else compile_past_persistent_cache(lowered)
         self.n_compiled += 1
         (out_tree, out_static), = out
         if path is not None:
@@ -169,20 +169,6 @@ class StoredJit:
         # Reprs name functions with their address, which differs between processes.
         text = re.sub(r" at 0x[0-9a-f]+", "", repr(parts))
         return f"{self.fn.__name__.strip('_')}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
-
-
-def _compile_afresh(lowered):
-    """`lowered.compile()` past JAX's persistent compilation cache: an executable read back from
-    it serializes without its kernels (XLA:CPU: "Function ... not found" when the stored program
-    runs)."""
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    reset_cache()  # JAX decides once per process whether its cache is used
-    try:
-        return lowered.compile()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", enabled)
-        reset_cache()
 
 
 def _store(path: Path, compiled, out_tree, out_static: tuple) -> None:

@@ -10,9 +10,8 @@ from gptzoo.recipe import DataConfig, OptimizerConfig, TrainerConfig
 # Built in: the model is gptzoo.models.gpt2(vocab_size, **model fields), and the run directory
 # reloads from its recipe.json without executing Python.
 architecture = "gpt2"
-# Blocks unrolled, not scanned: on a CPU XLA runs four blocks written out ~1.5x faster than a
-# loop over stacked ones (9,373 -> 13,936 tokens/s on nanoGPT's 4x128 shape, 1,053 -> 1,266 on
-# its 6x384 one: bench/bench_train.py --set model.scan_layers=true|false). Scanning pays where
+# Blocks unrolled, not scanned: on a CPU XLA runs a few blocks written out faster than a loop
+# over stacked ones (bench/bench_train.py --set model.scan_layers=true|false). Scanning pays where
 # compile time grows with depth or memory needs remat (gpt2_124m); see docs/scan-and-remat.md.
 model = GPT2Config(n_layers=4, n_heads=4, d_model=128, block_size=128, dropout=0.0,
                    scan_layers=False)

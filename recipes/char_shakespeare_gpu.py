@@ -18,8 +18,8 @@ model = ModelConfig(n_layers=6, n_heads=6, d_model=384, block_size=256, dropout=
 data = DataConfig()
 optimizer = OptimizerConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1,
                             beta1=0.9, beta2=0.99, grad_clip=1.0)
-# The stacked layers' scan written out: on an H100 the same setting took GPT-2 small from 33.9%
-# to 39.4% MFU (recipes/gpt2_124m.py).
+# The stacked layers' scan written out: faster steps on a GPU (docs/benchmarks.md, "On one
+# H100").
 trainer = TrainerConfig(max_steps=5000, batch_size=64, eval_interval=250, eval_steps=50,
                         checkpoint_interval=1000, seed=1337, unroll_layers=True,
                         precision="bfloat16", keep_best=True)  # bfloat16: nanoGPT's on GPUs

@@ -12,10 +12,9 @@ Point it at your corpus and, if you have it, GPT-2's own tokenizer file:
 Without a tokenizer file it trains a byte-level BPE of GPT-2's size on the training split. The
 vocabulary is padded to 50,304 (a multiple of 128) so the embedding and head matmuls tile well.
 `trainer.grad_accum_steps` splits each 512-sequence batch into micro-batches of 64; take the
-value `gptzoo tune-batch` prints for your device. On one H100 80GB a micro-batch of 64 trained at
-39.4% MFU (96 fit too: 40.7%; 128 did not), against 33.9% with the layers looped
-(`trainer.unroll_layers=false`, which compiles a deep model much faster) and 40.9% keeping every
-activation (`trainer.remat=none`, which needs more memory).
+value `gptzoo tune-batch` prints for your device. Looping the layers
+(`trainer.unroll_layers=false`) compiles a deep model much faster and trains slower; keeping every
+activation (`trainer.remat=none`) trains faster and needs more memory (docs/benchmarks.md).
 """
 
 from gptzoo.models import GPT2Config

@@ -19,7 +19,7 @@ model = LlamaConfig(n_layers=4, n_heads=4, d_model=128, block_size=128, dropout=
                     use_bias=False, tie_head=False)
 data = DataConfig()
 optimizer = OptimizerConfig(lr=3e-3, min_lr_ratio=0.05, warmup_steps=100, weight_decay=0.1)
-# The stacked layers' scan written out (trainer.unroll_layers): 9,983 -> 12,484 tokens/s on a
-# 2-core CPU (A/B of the train step, 2026-11-27).
+# The stacked layers' scan written out (trainer.unroll_layers): faster steps for slower
+# compiles (docs/benchmarks.md, "Training speed").
 trainer = TrainerConfig(max_steps=2000, batch_size=32, eval_interval=250, eval_steps=20,
                         checkpoint_interval=500, seed=1337, unroll_layers=True)

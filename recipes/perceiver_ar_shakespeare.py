@@ -7,26 +7,19 @@ and evaluations took 14 minutes on a 2-core CPU (docs/recipes_table.md).
     gptzoo train recipes/perceiver_ar_shakespeare.py --set model.n_latents=64
 """
 
-import dataclasses
+from gptzoo.models import PerceiverARConfig
+from gptzoo.recipe import DataConfig, OptimizerConfig, TrainerConfig
 
-from gptzoo.models import perceiver_ar
-from gptzoo.recipe import DataConfig, ModelConfig, OptimizerConfig, TrainerConfig
-
-
-@dataclasses.dataclass
-class PerceiverARConfig(ModelConfig):
-    n_latents: int = 128  # the context's last positions that become latents and are predicted
-
-
-model = PerceiverARConfig(n_layers=4, n_heads=4, d_model=128, block_size=512, n_latents=128,
+# Built in: the model is gptzoo.models.perceiver_ar(vocab_size, **model fields), and the run
+# directory reloads from its recipe.json without executing Python.
+architecture = "perceiver_ar"
+model = PerceiverARConfig(n_layers=4, n_heads=4, d_model=128, block_size=512,
+                          n_latents=128,  # the context's last positions: latents, predicted
                           dropout=0.0)
 data = DataConfig()
 optimizer = OptimizerConfig(lr=3e-3, min_lr_ratio=0.05, warmup_steps=100, weight_decay=0.1)
-# The stacked layers' scan written out (trainer.unroll_layers): 23,907 -> 25,772 tokens/s on a
-# 2-core CPU (A/B of the train step, 2026-11-27).
+# The stacked layers' scan written out (trainer.unroll_layers): faster steps for slower
+# compiles (docs/benchmarks.md, "Training speed").
 trainer = TrainerConfig(max_steps=1400, batch_size=32, eval_interval=250, eval_steps=20,
                         checkpoint_interval=500, seed=1337, unroll_layers=True)
 
-
-def build_model(model: PerceiverARConfig, vocab_size: int, *, key):
-    return perceiver_ar(vocab_size, **vars(model), key=key)  # the config's fields are its arguments

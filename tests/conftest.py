@@ -116,6 +116,18 @@ def corpus_cache(tmp_path_factory) -> Path:
     return Path(os.environ["GPTZOO_CACHE"])
 
 
+@pytest.fixture
+def family_registry():
+    """The model-family registry, restored after the test: the families a test (or a page of the
+    docs) registers do not outlive it."""
+    from gptzoo.models import ARCHITECTURES
+
+    saved = dict(ARCHITECTURES)
+    yield ARCHITECTURES
+    ARCHITECTURES.clear()
+    ARCHITECTURES.update(saved)
+
+
 @pytest.fixture(scope="session")
 def small_text(tmp_path_factory) -> Path:
     """The first 20,000 characters of tiny Shakespeare: fast to encode, every common character."""

@@ -16,8 +16,8 @@ from conftest import EIGHT_DEVICES, RECIPE, ROOT
 
 import gptzoo
 from gptzoo.errors import GptzooError
-from gptzoo.trainer.accumulate import check_micro_batches
-from gptzoo.trainer.sharding import batch_sharded, make_mesh
+from gptzoo.recipe import MeshConfig
+from gptzoo.trainer.sharding import check_fits, make_mesh
 from gptzoo.trainer.step import loss_fn, make_train_chunk
 
 SMALL = {"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "2",
@@ -40,9 +40,9 @@ def reference_steps(model, optimizer, batches):
     return eqx.combine(params, static), losses
 
 
-def mesh_of(batch_size: int):
-    """The default recipe's mesh (every device on `data`) for a global batch of `batch_size`."""
-    return make_mesh(gptzoo.load_recipe(RECIPE, {"trainer.batch_size": str(batch_size)}))
+def mesh_of():
+    """The default recipe's mesh: every device on `data`."""
+    return make_mesh(MeshConfig())
 
 
 @pytest.mark.parametrize("path,extra", [(RECIPE, {}), (PERCEIVER, {"model.n_latents": "4"})],
@@ -53,18 +53,25 @@ def test_four_micro_batches_equal_one_step_on_the_whole_batch(path, extra):
     batches = jax.random.randint(jax.random.PRNGKey(1), (3, 16, 17), 0, 65)
     optimizer = optax.sgd(0.5)  # plain steps: the parameters show the gradients undistorted
     expected, losses = reference_steps(model, optimizer, batches)  # first: the chunk donates
-    chunk = make_train_chunk(optimizer, mesh_of(16), grad_accum_steps=4)
+    chunk = make_train_chunk(optimizer, mesh_of(), grad_accum_steps=4)
     trained, _, stats = chunk((batches, jax.random.PRNGKey(2), jax.numpy.int32(0)),
                               model, optimizer.init(eqx.filter(model, eqx.is_array)))
     np.testing.assert_allclose(stats.loss, losses, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(eqx.filter(trained, eqx.is_array)),
-                    jax.tree.leaves(eqx.filter(expected, eqx.is_array))):
+                    jax.tree.leaves(eqx.filter(expected, eqx.is_array)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_a_micro_batch_that_does_not_split_over_the_shards_is_refused():
-    mesh = mesh_of(8)
-    check_micro_batches([8, 16], 2, batch_sharded(mesh))  # one device: any size splits
+    recipe = gptzoo.load_recipe(RECIPE, {"trainer.batch_schedule": "[[0, 8], [5, 16]]",
+                                         "trainer.grad_accum_steps": "2"})
+    check_fits(recipe, (1, 1, 1))  # one device: any size splits
+    check_fits(recipe, (2, 2, 1))  # micro-batches of 4 and 8 rows over 4 devices
+    with pytest.raises(GptzooError, match=r"a micro-batch of trainer.batch_schedule's batch 8 / "
+                                          r"trainer.grad_accum_steps=2 = 4 rows does not split "
+                                          r"over 8 devices \(mesh.data=8 x mesh.fsdp=1\); use a "
+                                          r"multiple of 16"):
+        check_fits(recipe, (8, 1, 1))
     with pytest.raises(GptzooError, match="trainer.grad_accum_steps"):
         gptzoo.load_recipe(RECIPE, {"trainer.batch_size": "12", "trainer.grad_accum_steps": "8"})
 
@@ -79,12 +86,11 @@ def test_micro_batches_spread_over_eight_devices_match_one_device():
         import jax, numpy as np, optax, equinox as eqx, gptzoo
         from test_accumulation import SMALL, mesh_of, reference_steps
         from gptzoo.errors import GptzooError
-        from gptzoo.trainer.accumulate import check_micro_batches
-        from gptzoo.trainer.sharding import batch_sharded, chunk_sharded
+        from gptzoo.trainer.sharding import check_fits, chunk_sharded
         from gptzoo.trainer.step import make_train_chunk
         assert len(jax.devices()) == 8
         model = gptzoo.load_recipe({str(RECIPE)!r}, SMALL).build(65, key=jax.random.PRNGKey(0))
-        mesh, optimizer = mesh_of(32), optax.sgd(0.5)
+        mesh, optimizer = mesh_of(), optax.sgd(0.5)
         batches = jax.random.randint(jax.random.PRNGKey(1), (2, 32, 17), 0, 65)
         expected, losses = reference_steps(model, optimizer, batches)
         chunk = make_train_chunk(optimizer, mesh, grad_accum_steps=4)
@@ -95,8 +101,10 @@ def test_micro_batches_spread_over_eight_devices_match_one_device():
         for a, b in zip(jax.tree.leaves(eqx.filter(trained, eqx.is_array)),
                         jax.tree.leaves(eqx.filter(expected, eqx.is_array))):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        recipe = gptzoo.load_recipe({str(RECIPE)!r}, {{"trainer.batch_size": "16",
+                                                      "trainer.grad_accum_steps": "4"}})
         try:
-            check_micro_batches([16], 4, batch_sharded(mesh))
+            check_fits(recipe, mesh.devices.shape)
         except GptzooError as e:
             print("refused:", e)
     """)
@@ -104,5 +112,5 @@ def test_micro_batches_spread_over_eight_devices_match_one_device():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "refused: a micro-batch of trainer.batch_size / trainer.grad_accum_steps = 16 / 4" \
-        in done.stdout
+    assert ("refused: a micro-batch of trainer.batch_size=16 / trainer.grad_accum_steps=4 = 4 "
+            "rows does not split over 8 devices") in done.stdout

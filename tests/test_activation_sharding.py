@@ -1,6 +1,6 @@
 """Activations constrained by logical axes: nothing without a rule; under the trainer's rule, the
 residual stream at every block boundary of the train step and both evaluations, scanned or not,
-with its batch over `data` x `fsdp` and its positions and width whole.
+with its batch over `data` x `fsdp` x `expert` and its positions and width whole.
 
 The step is traced (not compiled) on an abstract eight-device mesh, so no devices are needed; the
 `-m dist` runs of tests/test_sharding.py train with these constraints on eight real ones."""
@@ -17,8 +17,8 @@ from gptzoo.nn.activation_sharding import activation_sharding, constrain
 from gptzoo.trainer.sharding import AXES, activation_rule
 from gptzoo.trainer.step import estimate_loss, make_train_chunk, masked_loss_sum
 
-MESHES = {"data2_fsdp4": (2, 4, 1), "fsdp2_tensor4": (1, 2, 4)}
-RESIDUAL = PartitionSpec(("data", "fsdp"), None, None)
+MESHES = {"data2_fsdp4": (2, 4, 1, 1), "fsdp2_tensor4": (1, 2, 4, 1)}
+RESIDUAL = PartitionSpec(("data", "fsdp", "expert"), None, None)
 N_LAYERS, BATCH, SEQ, D_MODEL = 2, 8, 16, 32
 BATCHES = jnp.zeros((1, BATCH, SEQ + 1), jnp.int32)  # one step's batch of windows
 
@@ -58,8 +58,8 @@ def test_without_a_rule_constrain_returns_its_input_and_the_model_adds_no_constr
         assert list(constraints(jaxpr)) == []
 
 
-def test_the_trainer_rule_splits_the_batch_over_data_and_fsdp_only():
-    rule = activation_rule(abstract_mesh((2, 2, 2)))
+def test_the_trainer_rule_splits_the_batch_over_data_fsdp_and_expert_only():
+    rule = activation_rule(abstract_mesh((2, 2, 2, 1)))
     assert rule(("batch", "seq", "embed")).spec == RESIDUAL
     assert rule(("seq", "embed")).spec == PartitionSpec(None, None)
 

@@ -8,6 +8,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 
@@ -98,6 +99,23 @@ def test_block_causal_dropout_drops_weights_and_keeps_causality(small_blocks):
     np.testing.assert_array_equal(changed[:5], out[:5])  # same masks, no look-ahead
     np.testing.assert_array_equal(nn.causal_attend(q, k, v, dropout=dropout),
                                   nn.causal_attend(q, k, v))  # no key: inference
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_block_path_gradients_with_dropout_and_bias_match_finite_differences(window,
+                                                                              small_blocks):
+    """The block path's own backward pass, for q, k, v and the bias, under dropout (the same
+    masks at every evaluation: a fixed key), against central differences of its forward."""
+    q, k, v, bias = draws(8, (2, 7, 2, 4), (2, 7, 1, 4), (2, 7, 1, 4), (2, 7, 7))
+    dropout = eqx.nn.Dropout(0.3)
+
+    def attend(*arrays):  # check_grads evaluates it on NumPy arrays too
+        q, k, v, bias = map(jnp.asarray, arrays)
+        return nn.causal_attend(q, k, v, bias, window=window, dropout=dropout,
+                                key=jax.random.PRNGKey(1))
+
+    jax.test_util.check_grads(attend, (q, k, v, bias), order=1, modes=("rev",), eps=1e-2,
+                              atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("positional", [None, nn.ALiBi(4), nn.Rotary(8)])

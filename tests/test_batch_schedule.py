@@ -81,5 +81,5 @@ def test_the_batch_changes_at_the_listed_step_and_resumes_exactly_across_it(tmp_
         resumed = records(run_dir)
         assert ([(r["step"], r["train_loss"], r.get("val_loss")) for r in resumed]
                 == [(r["step"], r["train_loss"], r.get("val_loss")) for r in whole])
-        for a, b in zip(weights(run_dir), weights(tmp_path / "whole")):
+        for a, b in zip(weights(run_dir), weights(tmp_path / "whole"), strict=True):
             np.testing.assert_array_equal(a, b)

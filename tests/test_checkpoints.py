@@ -19,6 +19,7 @@ import gptzoo
 from gptzoo.errors import GptzooError
 from gptzoo.trainer import loop
 from gptzoo.trainer.checkpoint import BestCheckpoint, Checkpoints, named_arrays
+from gptzoo.trainer.prepared import Prepared
 
 
 class Pair(eqx.Module):
@@ -103,7 +104,7 @@ def test_load_falls_back_from_a_corrupt_newest_checkpoint(tmp_path, trained_run)
     assert "fell back to step 20" in result.stderr
     model, _ = gptzoo.load(run_dir)
     expected = Checkpoints(trained_run).restore(20, model)
-    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -116,7 +117,7 @@ def test_resume_falls_back_and_saves_the_corrupt_step_again(tmp_path, trained_ru
     assert result.step == 30 and not result.interrupted
     model, _ = gptzoo.load(run_dir)  # step 30 again, rewritten and readable
     reference, _ = gptzoo.load(trained_run)
-    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(reference)):
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -210,7 +211,7 @@ def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint(tmp_path, t
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["10", "20", "30"]
     model, _ = gptzoo.load(run_dir)
     reference, _ = gptzoo.load(trained_run)
-    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(reference)):
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -250,8 +251,8 @@ def test_keep_best_makes_a_run_directory_of_the_best_step(tmp_path, small_text, 
                                                           monkeypatch):
     # A tiny run's losses only fall; scripted ones rise after step 20 as an overfitting run's do.
     scripted = {10: 3.0, 20: 2.0, 30: 2.5}
-    monkeypatch.setattr(loop, "_validation_estimate",
-                        lambda model, p, step, eval_steps: {"val_loss": scripted[step]})
+    monkeypatch.setattr(Prepared, "validation_estimate",
+                        lambda p, model, step, eval_steps: {"val_loss": scripted[step]})
     run_dir = tmp_path / "run"
     gptzoo.train(tiny_recipe(small_text, **{"trainer.keep_best": "true"}), run_dir=run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -260,7 +261,7 @@ def test_keep_best_makes_a_run_directory_of_the_best_step(tmp_path, small_text, 
     assert f"at step 20: {run_dir / 'best'}" in capsys.readouterr().out
     model, _ = gptzoo.load(run_dir / "best")  # as sample, eval and export-hf read it
     expected = Checkpoints(run_dir).restore(20, model)
-    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
     result = gptzoo_cli("eval", "--ckpt", run_dir / "best")
     assert result.returncode == 0 and result.stdout.startswith("val loss"), result.stderr

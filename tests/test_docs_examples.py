@@ -70,11 +70,12 @@ def promised_output(lines: list[str], first: int) -> re.Pattern | None:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
-def test_page_examples_run_and_print_what_they_say(page, tmp_path, monkeypatch):
+def test_page_examples_run_and_print_what_they_say(page, tmp_path, monkeypatch, family_registry):
     """A page's blocks run in order, each in a fresh module, in a directory where
     `recipes/` is the repository's (files a block writes, such as run directories, stay there for
-    the blocks after it). Tracebacks point at the page's own line numbers. A `print` whose line
-    ends in a comment must print what the comment shows."""
+    the blocks after it), and the families they register are gone after the page. Tracebacks
+    point at the page's own line numbers. A `print` whose line ends in a comment must print what
+    the comment shows."""
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     monkeypatch.chdir(tmp_path)
     lines = page.read_text().splitlines()

@@ -20,13 +20,13 @@ from gptzoo import nn
 from gptzoo import sample as sampler
 from gptzoo.errors import GptzooError
 from gptzoo.models import GPT, gpt2
+from gptzoo.models.protocol import can_decode
 from gptzoo.recipe import load_recipe
 from gptzoo.sample import (
     _decode_chunk,
     _prefill,
     _shift,
     generate_tokens,
-    has_cache,
     sample_logits,
 )
 
@@ -172,7 +172,7 @@ def greedy_shifted(model, prompt, n, keep=0.5) -> np.ndarray:
 
 def banded_mask(window: int):
     """Causal attention restricted to the last `window` keys."""
-    def mask(n_queries, n_keys):
+    def mask(n_queries, n_keys, _window=None):  # the model's own window: None here
         i = jnp.arange(n_queries)[:, None] + n_keys - n_queries
         j = jnp.arange(n_keys)[None, :]
         return (j <= i) & (j > i - window)
@@ -333,7 +333,7 @@ def recipe_model(path: Path):
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_models_decode_like_their_full_forward(path):
     model = recipe_model(path)
-    if not has_cache(model):
+    if not can_decode(model):
         assert "perceiver" in path.name  # the one architecture sampled without a cache
         pytest.skip("Perceiver AR has no cache (docs/generation.md says why)")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, BLOCK_SIZE), jnp.int32)
@@ -352,7 +352,7 @@ def test_a_batch_of_prompts_equals_generating_each_alone(name):
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, V, n) for n in (3, 9, 14)]
     batch = generate(model, prompts, seeds=[5, 6, 7])
-    for prompt, seed, row in zip(prompts, [5, 6, 7], batch):
+    for prompt, seed, row in zip(prompts, [5, 6, 7], batch, strict=True):
         np.testing.assert_array_equal(generate(model, [prompt], seeds=[seed])[0], row)
 
 
@@ -568,7 +568,7 @@ def test_a_long_window_is_decoded_over_only_the_cache_slots_it_holds(monkeypatch
         np.testing.assert_allclose(cache[0].k, whole[0].k, atol=1e-6)
         np.testing.assert_allclose(cache[0].v, whole[0].v, atol=1e-6)
     greedy, _, _ = run(64, temperature=0)
-    for row, prompt in zip(greedy, prompts):
+    for row, prompt in zip(greedy, prompts, strict=True):
         np.testing.assert_array_equal(row, greedy_shifted(model, prompt, 280))
 
 

@@ -12,22 +12,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-from click.testing import CliRunner, Result  # noqa: E402
-from conftest import SHAKESPEARE, gptzoo_cli  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+# Imported, not skipped when missing: torch and transformers are in the test extra, and a CI
+# machine that failed to install them must fail these tests rather than pass without them.
+import torch
+import transformers
+from click.testing import CliRunner, Result
+from conftest import SHAKESPEARE, gptzoo_cli
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from gptzoo.cli import main  # noqa: E402
-from gptzoo.errors import GptzooError  # noqa: E402
-from gptzoo.hf import export_hf, import_hf, read_config, write_config  # noqa: E402
-from gptzoo.hf.weights import FAMILIES, write_params  # noqa: E402
-from gptzoo.models import GPT2Config, LlamaConfig, build_architecture  # noqa: E402
-from gptzoo.models.names import named_leaves, per_layer_leaves  # noqa: E402
-from gptzoo.sample import generate_tokens  # noqa: E402
-from gptzoo.trainer import load  # noqa: E402
+from gptzoo.cli import main
+from gptzoo.errors import GptzooError
+from gptzoo.hf import export_hf, import_hf, read_config, write_config
+from gptzoo.hf.weights import write_params
+from gptzoo.models import GPT2Config, LlamaConfig, build_architecture, get_family
+from gptzoo.models.names import named_leaves, per_layer_leaves
+from gptzoo.sample import generate_tokens
+from gptzoo.trainer import load
 
 VOCAB = 300  # the tokenizer's: 256 bytes and 44 merges
 TOLERANCE = 1e-4  # max |logit difference| in float32
@@ -192,7 +194,7 @@ def test_recipe_models_export_to_transformers(architecture, tmp_path):
               LlamaConfig(n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, block_size=64,
                           multiple_of=32, rotary_base=1000.0))
     model = build_architecture(architecture, config, VOCAB, key=jax.random.PRNGKey(0))
-    tensors = write_params(FAMILIES[architecture](config),
+    tensors = write_params(get_family(architecture).hf_params(config),
                            {k: np.asarray(v) for k, v in per_layer_leaves(model).items()})
     (tmp_path / "config.json").write_text(json.dumps(write_config(architecture, config, VOCAB)))
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})

@@ -1,5 +1,6 @@
-"""SIGKILL at random moments, mid-save included, then --resume: the run still ends exactly where an
-uninterrupted one does (slow: 20 process starts, `nox -s slow`); metrics.jsonl after a kill."""
+"""SIGKILL mid-save, mid-start and at random moments, then --resume: the run still ends exactly
+where an uninterrupted one does (three chosen kills in every test run; twenty random ones in
+`nox -s slow`); metrics.jsonl after a kill."""
 
 import json
 import os
@@ -16,7 +17,7 @@ from conftest import RECIPE, ROOT, TINY, gptzoo_cli, set_args
 
 import gptzoo
 from gptzoo.errors import GptzooError
-from gptzoo.trainer.progress import MetricsLog
+from gptzoo.trainer.metrics_file import MetricsLog
 
 KILLS = 20
 
@@ -87,7 +88,57 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert metrics(killed) == metrics(whole)
     model_a, _ = gptzoo.load(killed)
     model_b, _ = gptzoo.load(whole)
-    for a, b in zip(jax.tree.leaves(model_a), jax.tree.leaves(model_b)):
+    for a, b in zip(jax.tree.leaves(model_a), jax.tree.leaves(model_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def kill_when(command: list[str], log, ready, timeout: float = 120.0) -> None:
+    """Start `command` (output to the file `log`) and SIGKILL it as soon as `ready()` holds,
+    polling every millisecond; fails if it ends first."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.perf_counter() + timeout
+    while not ready():
+        assert process.poll() is None, "the run ended before its kill: make it longer"
+        assert time.perf_counter() < deadline, "the moment to kill it never came"
+        time.sleep(0.001)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_sigkill_mid_save_and_mid_start_then_resume_equals_an_uninterrupted_run(tmp_path,
+                                                                                small_text):
+    """The short version of the test above, for every CI run: three kills at chosen moments (a
+    save's temporary folder on disk; a resumed run just restored; a save again), then --resume."""
+    overrides = {**TINY, "data.path": str(small_text), "trainer.max_steps": "40",
+                 "trainer.checkpoint_interval": "5", "trainer.keep_checkpoints": "2",
+                 "trainer.eval_interval": "20"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    # In this process: compiles into the session's persistent cache, which the children read.
+    gptzoo.train(gptzoo.load_recipe(RECIPE, overrides), run_dir=whole)
+    command = [sys.executable, "-m", "gptzoo", "train", str(RECIPE), *set_args(overrides),
+               "--run-dir", str(killed)]
+    log = (tmp_path / "log.txt").open("w")
+    before: set = set()
+
+    def saving() -> bool:  # a save newer than those cut short before, after a complete one
+        return (killed / "checkpoints").is_dir() and bool(complete_steps(killed)) \
+            and bool(partial_saves(killed) - before)
+
+    def restored() -> bool:
+        return "training char_shakespeare" in (tmp_path / "log.txt").read_text()
+
+    for ready, resume in ((saving, []), (restored, ["--resume"]), (saving, ["--resume"])):
+        before, steps = partial_saves(killed) if resume else set(), complete_steps(killed)
+        log.truncate(0)
+        kill_when([*command, *resume], log, ready)
+        assert ready is restored or partial_saves(killed) - before, "killed after the save"
+        assert complete_steps(killed)[-1] >= (steps or [0])[-1]
+    final = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert metrics(killed) == metrics(whole)
+    model_a, _ = gptzoo.load(killed)
+    model_b, _ = gptzoo.load(whole)
+    for a, b in zip(jax.tree.leaves(model_a), jax.tree.leaves(model_b), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

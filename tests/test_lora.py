@@ -37,7 +37,7 @@ from gptzoo.recipe import LoRAConfig, load_recipe
 from gptzoo.sample import generate_tokens
 from gptzoo.trainer import load, train
 from gptzoo.trainer.checkpoint import Checkpoints, named_arrays
-from gptzoo.trainer.loop import prepare
+from gptzoo.trainer.prepared import prepare
 
 TOLERANCE = 1e-4  # max |logit difference| in float32
 

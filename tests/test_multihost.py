@@ -21,7 +21,7 @@ from conftest import RECIPE, ROOT, TINY, gptzoo_cli, set_args
 
 from gptzoo.errors import GptzooError
 from gptzoo.trainer import distributed
-from gptzoo.trainer.sinks import read_records
+from gptzoo.trainer.metrics_file import read_records
 
 # Ten steps, a checkpoint at step 5 to resume from, a record at every step.
 TEN = {**TINY, "trainer.max_steps": "10", "trainer.checkpoint_interval": "5",

@@ -18,6 +18,7 @@ from gptzoo import nn
 from gptzoo.data import all_windows, prepare_corpus
 from gptzoo.models import PerceiverAR, perceiver_ar
 from gptzoo.nn.stack import same_layout, unstacked
+from gptzoo.sample import generate_tokens
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "perceiver_ar_shakespeare.py"
 BLOCK, LATENTS, VOCAB = 24, 8, 11
@@ -164,7 +165,7 @@ def test_all_windows_score_each_token_once_with_its_true_context(n, block_size, 
     tokens = np.arange(1, n + 1)  # nonzero, so the left padding (token 0) stands out
     inputs, targets, mask = all_windows(tokens, block_size, stride)
     assert sorted(targets[mask]) == list(tokens[1:])
-    for w, j in zip(*np.nonzero(mask)):
+    for w, j in zip(*np.nonzero(mask), strict=True):
         t = targets[w, j] - 1  # index of the scored token
         context = [tokens[i] if i >= 0 else 0 for i in range(t - j - 1, t)]
         assert list(inputs[w, : j + 1]) == context
@@ -197,6 +198,24 @@ def test_greedy_sampling_reads_the_last_latent_of_a_full_window(trained):
         window = jnp.asarray(history[-block_size:])
         history.append(int(jnp.argmax(forward(model, window)[-1])))
     assert text == tokenizer.decode(history)
+
+
+@pytest.mark.parametrize("prompt_length", [3, 18], ids=["before-latents", "in-latents"])
+def test_greedy_sampling_reads_the_row_of_the_last_token(model, prompt_length):
+    """The random model, whose rows differ well above noise: each new token comes from the row of
+    the history's last token in one window of BLOCK tokens, the history left-padded with token 0
+    up to the first latent when it is shorter than that, right-padded otherwise."""
+    history = list(np.random.default_rng(4).integers(0, VOCAB, prompt_length))
+    chunks = generate_tokens(model, [np.asarray(history)], max_new_tokens=5, temperature=0)
+    sampled = np.concatenate(list(chunks), axis=1)[0].tolist()
+    for _ in range(5):
+        last, first_latent = len(history) - 1, BLOCK - LATENTS
+        if last < first_latent:
+            window, row = [0] * (first_latent - last) + history + [0] * (LATENTS - 1), 0
+        else:
+            window, row = history + [0] * (BLOCK - len(history)), last - first_latent
+        history.append(int(jnp.argmax(forward(model, jnp.asarray(window))[row])))
+    assert sampled == history[prompt_length:]
 
 
 def test_sampling_a_short_prompt_reads_the_first_latent(trained):

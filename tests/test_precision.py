@@ -152,7 +152,7 @@ def test_gradients_reach_the_float32_master_weights_in_float32():
     grads = eqx.filter_grad(lambda m: loss_fn(in_compute_dtype(m, "bfloat16"), tokens[:, :-1],
                                               tokens[:, 1:]))(model)
     reference = eqx.filter_grad(lambda m: loss_fn(m, tokens[:, :-1], tokens[:, 1:]))(model)
-    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
         assert g.dtype == jnp.float32
         np.testing.assert_allclose(g, r, atol=0.05 * float(jnp.abs(r).max()) + 1e-6)
 

@@ -33,7 +33,7 @@ def batch(trained_run) -> str:
 def test_repeated_prompts_give_one_sample_each_equal_to_running_it_alone(trained_run, batch):
     texts = batch.split(SEPARATOR)
     assert len(texts) == len(PROMPTS)
-    for prompt, text in zip(PROMPTS, texts):
+    for prompt, text in zip(PROMPTS, texts, strict=True):
         assert text.startswith(prompt) and len(text) == len(prompt) + 80
         alone = sample(trained_run, "--prompt", prompt, "--max-new-tokens", "80", "--seed", "3")
         assert alone == text

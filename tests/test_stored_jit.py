@@ -114,7 +114,7 @@ def test_the_store_keeps_its_most_recently_used_programs(store, monkeypatch):
         later_process(scaled)(jnp.arange(float(n)), 3.0)
         (new,) = set(store.glob("*.program")) - set(stored)
         stored.append(new)
-    for path, used in zip(stored, [4000, 1000, 3000, 2000]):
+    for path, used in zip(stored, [4000, 1000, 3000, 2000], strict=True):
         os.utime(path, (used, used))
     monkeypatch.setattr("gptzoo.stored_jit._ON_DISK", 3)
     later_process(scaled)(jnp.arange(2.0), 3.0)  # the one used at 1000 s is used again

@@ -1,9 +1,11 @@
 """The trainer: learning, exact resume after Ctrl-C, and data parallelism."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import equinox as eqx
@@ -15,9 +17,14 @@ import pytest
 from conftest import EIGHT_DEVICES, RECIPE, ROOT, TINY, SigintAt, gptzoo_cli, set_args
 
 import gptzoo
+from gptzoo.data import Prefetcher
 from gptzoo.recipe import OptimizerConfig
 from gptzoo.trainer.checkpoint import Checkpoints
 from gptzoo.trainer.optimizer import make_optimizer
+from gptzoo.trainer.progress import Reporter
+from gptzoo.trainer.sinks import Sinks
+
+BPE_RECIPE = ROOT / "recipes" / "bpe_shakespeare.py"
 
 
 def read_metrics(run_dir):
@@ -98,15 +105,38 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, small_text):
 
     gptzoo.train(recipe, run_dir=interrupted, resume=True)
     gptzoo.train(recipe, run_dir=whole)
-    resumed, reference = read_metrics(interrupted), read_metrics(whole)
+    assert_same_run(interrupted, whole)
+
+
+def assert_same_run(resumed_dir, whole_dir) -> None:
+    """The same records (steps, train and validation losses) and bit-identical parameters."""
+    resumed, reference = read_metrics(resumed_dir), read_metrics(whole_dir)
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]
-    for a, b in zip(resumed, reference):
+    for a, b in zip(resumed, reference, strict=True):
         assert (a["train_loss"], a.get("val_loss")) == (b["train_loss"], b.get("val_loss"))
-    model_a, _ = gptzoo.load(interrupted)
-    model_b, _ = gptzoo.load(whole)
+    model_a, _ = gptzoo.load(resumed_dir)
+    model_b, _ = gptzoo.load(whole_dir)
     for a, b in zip(jax.tree.leaves(eqx.filter(model_a, eqx.is_array)),
-                    jax.tree.leaves(eqx.filter(model_b, eqx.is_array))):
+                    jax.tree.leaves(eqx.filter(model_b, eqx.is_array)), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_bpe_run_resumed_after_ctrl_c_equals_an_uninterrupted_one(tmp_path, small_text):
+    """A BPE is trained on the training split when a run prepares its corpus. Here every run
+    prepares it from an emptied cache, so the resumed run trains its tokenizer again: it must be
+    the same one (resume compares it with the checkpoint's) and give the same token shards."""
+    cache = tmp_path / "cache"
+    recipe = gptzoo.load_recipe(BPE_RECIPE, {
+        **TINY, "trainer.max_steps": "40", "trainer.checkpoint_interval": "25",
+        "data.path": str(small_text), "data.vocab_size": "300", "data.cache_dir": str(cache)})
+    interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
+    stopped = gptzoo.train(recipe, run_dir=interrupted, reporter=SigintAt(15, 1, 40, 0))
+    assert stopped.interrupted and stopped.step == 20
+    assert json.loads((interrupted / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    for run_dir, resume in ((interrupted, True), (whole, False)):
+        shutil.rmtree(cache)
+        gptzoo.train(recipe, run_dir=run_dir, resume=resume)
+    assert_same_run(interrupted, whole)
 
 
 def test_ctrl_c_makes_the_command_exit_130_after_saving(tmp_path, small_text):
@@ -138,7 +168,7 @@ def test_eight_devices_step_equals_one_device(tmp_path, small_text, trained_run)
     model_a, _ = gptzoo.load(trained_run)
     model_b, _ = gptzoo.load(tmp_path / "eight")
     for x, y in zip(jax.tree.leaves(eqx.filter(model_a, eqx.is_array)),
-                    jax.tree.leaves(eqx.filter(model_b, eqx.is_array))):
+                    jax.tree.leaves(eqx.filter(model_b, eqx.is_array)), strict=True):
         # Adam divides by the gradient scale, so near-zero parameters carry float noise ~1e-6.
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
@@ -152,3 +182,47 @@ def test_weight_decay_touches_matrices_only():
     assert float(new["matrix"][0, 0]) < 1.0
     np.testing.assert_array_equal(new["bias"], params["bias"])
     np.testing.assert_array_equal(new["scale"], params["scale"])
+
+
+class RaiseAt(Reporter):
+    """Raises at the record of `step`, as any failure inside the training loop would."""
+
+    def __init__(self, step: int, *args):
+        super().__init__(*args)
+        self.step = step
+
+    def log(self, record):
+        super().log(record)
+        if record["step"] == self.step:
+            raise RuntimeError("injected failure")
+
+
+def test_an_exception_mid_run_releases_what_the_run_opened(tmp_path, small_text, monkeypatch):
+    """Checkpoint managers (the run's and its best's), metrics sinks (TensorBoard's writer has a
+    thread) and the loader's thread are all closed, and no thread the run started is left."""
+    opened, closed = [], []
+    for cls in (Checkpoints, Sinks, Prefetcher):
+        init, close = cls.__init__, cls.close
+
+        def recording_init(self, *args, _init=init, **kwargs):
+            _init(self, *args, **kwargs)
+            opened.append(self)
+
+        def recording_close(self, _close=close):
+            closed.append(self)
+            _close(self)
+
+        monkeypatch.setattr(cls, "__init__", recording_init)
+        monkeypatch.setattr(cls, "close", recording_close)
+    threads = set(threading.enumerate())
+    recipe = gptzoo.load_recipe(RECIPE, {**TINY, "data.path": str(small_text),
+                                         "trainer.keep_best": "true"})
+    with pytest.raises(RuntimeError, match="injected failure"):
+        gptzoo.train(recipe, run_dir=tmp_path / "run", reporter=RaiseAt(15, 30, 0))
+    assert len(opened) == 4 and {id(o) for o in opened} <= {id(c) for c in closed}
+    deadline = time.perf_counter() + 10
+    while set(threading.enumerate()) - threads and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not set(threading.enumerate()) - threads
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == "RuntimeError: injected failure"

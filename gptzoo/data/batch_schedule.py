@@ -1,8 +1,11 @@
 """The global batch size of every step (`trainer.batch_schedule`), and where each step's samples
-start in the stream of windows, in closed form, so a batch stays a pure function of its step."""
+start in the stream of windows, in closed form, so a batch stays a pure function of its step; and
+the one check that every batch splits into its micro-batches and over its devices."""
 
 import bisect
 from dataclasses import dataclass
+
+from gptzoo.errors import GptzooError
 
 _FORM = "it must list [step, batch size] pairs with steps increasing from 0 and positive sizes"
 
@@ -49,3 +52,30 @@ class BatchSchedule:
 
     def _segment(self, step: int) -> int:
         return bisect.bisect_right([s for s, _ in self.pairs], step) - 1
+
+
+def checked_schedule(batch_size: int, schedule: list | None, grad_accum_steps: int,
+                     shards: int = 1, over: str = "") -> BatchSchedule:
+    """The schedule of `trainer.batch_size` and `trainer.batch_schedule`, once it is well formed,
+    every global batch splits into `grad_accum_steps` micro-batches, and every micro-batch over
+    `shards` devices (`over` names the mesh axes behind them); else a one-line error naming the
+    key to change. The recipe checks with one device when it loads, the trainer with its mesh."""
+    try:
+        checked = BatchSchedule.of(batch_size, schedule)
+    except ValueError as e:
+        raise GptzooError(f"trainer.batch_schedule={schedule!r}: {e}; e.g. --set "
+                          "trainer.batch_schedule='[[0,16],[200,32]]'") from None
+    for size in checked.sizes:
+        name = (f"trainer.batch_size={size}" if schedule is None else
+                f"trainer.batch_schedule's batch {size}")
+        if size % grad_accum_steps:
+            raise GptzooError(f"{name} is not divisible by trainer.grad_accum_steps="
+                              f"{grad_accum_steps}; make each batch a multiple of it")
+        if size // grad_accum_steps % shards:
+            split = name if grad_accum_steps == 1 else (
+                f"a micro-batch of {name} / trainer.grad_accum_steps={grad_accum_steps} = "
+                f"{size // grad_accum_steps} rows")
+            raise GptzooError(f"{split} does not split over {shards} devices ({over}); use a "
+                              f"multiple of {grad_accum_steps * shards}, or change the mesh axes "
+                              "named there")
+    return checked

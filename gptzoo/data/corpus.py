@@ -39,6 +39,7 @@ from gptzoo.data.tokenizer import (
     train_bpe,
 )
 from gptzoo.errors import GptzooError
+from gptzoo.processes import alive
 
 FORMAT = 1  # bump when the cache layout changes: older caches are then rebuilt
 PIECE_BYTES = 1 << 20  # text files are read and encoded in ~1 MB pieces, cut after a newline
@@ -220,7 +221,7 @@ def _open_cached(folder: Path, cfg, sources: list[dict], wanted: Tokenizer | Non
             or (wanted is not None and tokenizer_hash(wanted) != manifest["tokenizer_hash"])):
         return None
     train, val = (TokenSplit(folder, manifest["splits"][s], manifest["dtype"], name, cfg.path)
-                  for s, name in zip(SPLITS, ("training", "validation")))
+                  for s, name in zip(SPLITS, ("training", "validation"), strict=True))
     return Corpus(folder, tokenizer, train, val, manifest)
 
 
@@ -275,7 +276,8 @@ def _write_shards(folder: Path, tokenizer: Tokenizer, pieces: Iterator[Piece]) -
     batch: list[Piece] = []
 
     def flush():
-        for piece, tokens in zip(batch, tokenizer.encode_batch([p.text for p in batch])):
+        encoded = tokenizer.encode_batch([p.text for p in batch])
+        for piece, tokens in zip(batch, encoded, strict=True):
             if len(tokens) and tokens.max() >= tokenizer.vocab_size:
                 raise GptzooError(f"the tokenizer produced token {int(tokens.max())}, beyond its "
                                   f"vocab_size {tokenizer.vocab_size}; its tokenizer.json is "
@@ -288,7 +290,7 @@ def _write_shards(folder: Path, tokenizer: Tokenizer, pieces: Iterator[Piece]) -
         if sum(p.n_bytes for p in batch) >= BATCH_BYTES:
             flush()
     flush()
-    return {name: w.close() for name, w in zip(SPLITS, writers)}
+    return {name: w.close() for name, w in zip(SPLITS, writers, strict=True)}
 
 
 class _ShardWriter:
@@ -402,18 +404,8 @@ def _remove_abandoned(folder: Path) -> None:
     """Temporary folders of prepares that were killed (their process is gone)."""
     for path in folder.parent.glob(f"{folder.name}.*-*"):
         match = re.fullmatch(rf"{re.escape(folder.name)}\.(?:tmp|old)-(\d+)(-.*)?", path.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _progress:

@@ -13,8 +13,7 @@ from safetensors.numpy import save_file
 from gptzoo.data import HFTokenizer
 from gptzoo.errors import GptzooError
 from gptzoo.hf.config import read_config, write_config
-from gptzoo.hf.weights import FAMILIES, open_tensors, read_params, write_params
-from gptzoo.models import build_architecture
+from gptzoo.hf.weights import open_tensors, read_params, write_params
 from gptzoo.models.names import (
     is_shape,
     per_layer_leaves,
@@ -22,6 +21,7 @@ from gptzoo.models.names import (
     shape_differences,
     shapes,
 )
+from gptzoo.models.registry import ARCHITECTURES, Family, build_architecture
 from gptzoo.recipe import (
     DataConfig,
     OptimizerConfig,
@@ -46,11 +46,12 @@ def import_hf(hf_dir: str | Path, out: str | Path, block_size: int | None = None
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise GptzooError(f"{out} already holds checkpoints; pass a new --out folder")
     tokenizer = read_tokenizer(hf_dir, hf.config.vocab_size)
+    family = ARCHITECTURES[hf.architecture]
     template = eqx.filter_eval_shape(build_architecture, hf.architecture, hf.config,
                                      hf.config.vocab_size, key=jax.random.PRNGKey(0))
-    with open_tensors(hf_dir) as tensors:
-        arrays = read_params(FAMILIES[hf.architecture](hf.config), tensors, hf_dir,
-                             tied=hf.config.tie_head)
+    with open_tensors(hf_dir, family.hf.rename) as tensors:
+        arrays = read_params(family.hf_params(hf.config), tensors, hf_dir,
+                             tied=hf.config.tie_head, buffers=family.hf.buffers)
         model = fill(template, arrays, hf_dir)
     out.mkdir(parents=True, exist_ok=True)
     _copy(TOKENIZER_FILES, hf_dir, out)
@@ -94,14 +95,16 @@ def fill(template, arrays: dict[str, np.ndarray], where: Path):
                                      for k in list(arrays)})
 
 
-def _check_exportable(architecture: str, config, run_dir: Path) -> None:
-    """Refuse the bias layouts that transformers' GPT-2 and LLaMA/Qwen2 classes cannot hold."""
-    if architecture == "gpt2" and not config.use_bias:
-        raise GptzooError(f"{run_dir}: GPT-2 without biases (model.use_bias=false) has no "
-                          "transformers equivalent; export a run with biases")
-    if architecture == "llama" and config.use_bias and config.qkv_bias is False:
-        raise GptzooError(f"{run_dir}: biases everywhere but on q/k/v (model.qkv_bias=false) "
-                          "has no transformers equivalent; export a run without that setting")
+def _exported_family(architecture: str | None, run_dir: Path) -> Family:
+    """The family of a run that export-hf can write: a built-in one with a Hugging Face format."""
+    family = ARCHITECTURES.get(architecture) if architecture else None
+    if family is None or family.hf is None:
+        exportable = ", ".join(f.name for f in ARCHITECTURES.values() if f.hf is not None)
+        what = (f"the {architecture} family has no Hugging Face format" if family else
+                "it was trained from a custom recipe")
+        raise GptzooError(f"{run_dir}: {what}; export-hf writes runs of the architectures "
+                          f"{exportable}")
+    return family
 
 
 def _copy(names: tuple[str, ...], source: Path, destination: Path) -> None:
@@ -110,14 +113,20 @@ def _copy(names: tuple[str, ...], source: Path, destination: Path) -> None:
             shutil.copyfile(source / name, destination / name)
 
 
-def exportable_recipe(run_dir: Path) -> Recipe:
-    """The recipe of a run that transformers can hold, else one line saying why not."""
+def exportable_recipe(run_dir: Path) -> tuple[Recipe, Family]:
+    """The recipe of a run whose family has a Hugging Face format, and that family; else one line
+    saying why not."""
     recipe = load_run_recipe(run_dir)
-    if recipe.architecture not in FAMILIES:
-        raise GptzooError(f"{run_dir} was trained from a custom recipe; export-hf writes runs of "
-                          f"the built-in architectures {', '.join(FAMILIES)}")
-    _check_exportable(recipe.architecture, recipe.model, run_dir)
-    return recipe
+    return recipe, _exported_family(recipe.architecture, run_dir)
+
+
+def hf_config(run_dir: Path, recipe: Recipe, family: Family, tokenizer) -> dict:
+    """The run's `config.json`, or one line saying why transformers cannot hold its model."""
+    vocab_size = recipe.model.vocab_size or tokenizer.vocab_size  # as build_architecture built
+    try:
+        return write_config(family.name, recipe.model, vocab_size)
+    except ValueError as e:
+        raise GptzooError(f"{run_dir}: {e}") from e
 
 
 def write_tokenizer(tokenizer, run_dir: Path, out: Path) -> None:
@@ -134,17 +143,17 @@ def write_tokenizer(tokenizer, run_dir: Path, out: Path) -> None:
 
 
 def export_hf(run_dir: str | Path, out: str | Path) -> Path:
-    """Write a gpt2- or llama-architecture run as a folder `transformers` loads with
-    `AutoModelForCausalLM.from_pretrained`; a LoRA run's adapters are merged into the weights."""
+    """Write a run of a family with a Hugging Face format (gpt2, llama) as a folder
+    `transformers` loads with `AutoModelForCausalLM.from_pretrained`; a LoRA run's adapters are
+    merged into the weights."""
     run_dir, out = Path(run_dir), Path(out)
-    recipe = exportable_recipe(run_dir)
+    recipe, family = exportable_recipe(run_dir)
     model, tokenizer = load(run_dir)
+    config = hf_config(run_dir, recipe, family, tokenizer)
     arrays = {k: np.asarray(v) for k, v in per_layer_leaves(model).items()}
-    vocab_size = arrays["token_embedding.weight"].shape[0]
-    tensors = write_params(FAMILIES[recipe.architecture](recipe.model), arrays)
+    tensors = write_params(family.hf_params(recipe.model), arrays)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    config = write_config(recipe.architecture, recipe.model, vocab_size)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_tokenizer(tokenizer, run_dir, out)
     return out

@@ -7,7 +7,7 @@ PEFT keys an adapter by its Hugging Face module: `base_model.model.<module>.lora
 transformers does not (LLaMA's q/k/v, gate/up) carries one adapter per part (`LoRALinear`'s
 `splits`), each one of PEFT's: both directions are transposes and slices, exact.
 
-The module names come from the family's parameter table, read through `_hf_params` alone.
+The module names come from the family's parameter table (`Family.hf_params`).
 """
 
 import json
@@ -19,25 +19,23 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from gptzoo.errors import GptzooError
-from gptzoo.hf.weights import FAMILIES, Param
+from gptzoo.models.hf_format import Param
+from gptzoo.models.registry import ARCHITECTURES, get_family
 
 PREFIX = "base_model.model."
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _WEIGHT = ".weight"
 
 
-def _hf_params(architecture: str, config) -> list[Param]:
-    """The family's table of our parameters and Hugging Face's tensors."""
-    return FAMILIES[architecture](config)
-
-
 def has_hf_family(architecture: str | None) -> bool:
-    return architecture in FAMILIES
+    """Whether `architecture` is a registered family with a Hugging Face format."""
+    family = ARCHITECTURES.get(architecture) if architecture else None
+    return family is not None and family.hf is not None
 
 
 def _modules(architecture: str, config) -> dict[str, Param]:
     """Our module paths (`blocks.0.attention.qkv`) whose weight is one or more HF modules'."""
-    return {p.ours[:-len(_WEIGHT)]: p for p in _hf_params(architecture, config)
+    return {p.ours[:-len(_WEIGHT)]: p for p in get_family(architecture).hf_params(config)
             if p.ours.endswith(_WEIGHT)}
 
 
@@ -70,7 +68,8 @@ def peft_tensors(architecture: str, config, arrays: Mapping[str, np.ndarray],
             raise GptzooError(f"{where}: the adapter on {ours} has {a.shape[1]} columns, not one "
                               f"rank-{rank} adapter for each of {', '.join(names)}")
         b_parts = np.split(b, np.cumsum(_widths(param, b.shape[1]))[:-1], axis=1)
-        for name, a_part, b_part in zip(names, np.split(a, len(names), axis=1), b_parts):
+        for name, a_part, b_part in zip(names, np.split(a, len(names), axis=1), b_parts,
+                                          strict=True):
             tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a_part.T)
             tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b_part.T)
             adapted.append(name)
@@ -81,7 +80,7 @@ def peft_tensors(architecture: str, config, arrays: Mapping[str, np.ndarray],
 def target_modules(architecture: str, config, adapted: list[str]) -> list[str]:
     """PEFT's `target_modules`: the adapted modules' last names when those pick out exactly
     the adapted modules (`["c_attn", "c_proj", "c_fc"]`), else their full names."""
-    everything = {m.rsplit(".", 1)[0] for p in _hf_params(architecture, config)
+    everything = {m.rsplit(".", 1)[0] for p in get_family(architecture).hf_params(config)
                   for m in p.theirs}
     suffixes = {m.rsplit(".", 1)[-1] for m in adapted}
     picked = {m for m in everything if m.rsplit(".", 1)[-1] in suffixes}

@@ -12,7 +12,14 @@ from safetensors import safe_open
 
 from gptzoo.errors import GptzooError
 from gptzoo.hf.config import read_config
-from gptzoo.hf.convert import TOKENIZER_FILES, _copy, exportable_recipe, import_hf, write_tokenizer
+from gptzoo.hf.convert import (
+    TOKENIZER_FILES,
+    _copy,
+    exportable_recipe,
+    hf_config,
+    import_hf,
+    write_tokenizer,
+)
 from gptzoo.hf.peft import (
     adapter_arrays,
     adapter_config,
@@ -22,6 +29,7 @@ from gptzoo.hf.peft import (
     write_adapter,
 )
 from gptzoo.lora.adapters import adapter_of, projection_paths
+from gptzoo.lora.config import LoRAConfig
 from gptzoo.lora.run import BASE_KEY, adapted, content_hash, recorded_base
 from gptzoo.models import build_architecture
 from gptzoo.models.names import (
@@ -31,7 +39,7 @@ from gptzoo.models.names import (
     shape_differences,
     shapes,
 )
-from gptzoo.recipe import LoRAConfig, load_run_recipe, save_recipe
+from gptzoo.recipe import load_run_recipe, save_recipe
 from gptzoo.trainer.checkpoint import Checkpoints, load
 
 BASE_FOLDER = "base"  # import-hf --adapter: the imported base run, inside the adapter's run
@@ -40,11 +48,12 @@ BASE_FOLDER = "base"  # import-hf --adapter: the imported base run, inside the a
 def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     """Write a LoRA run's adapters as a PEFT adapter folder (and its tokenizer)."""
     run_dir, out = Path(run_dir), Path(out)
-    recipe = exportable_recipe(run_dir)
+    recipe, family = exportable_recipe(run_dir)
     if not recipe.lora.rank:
         raise GptzooError(f"{run_dir} has no LoRA adapters (lora.rank=0): --peft writes a LoRA "
                           "run's adapters; drop --peft to export the whole model")
     model, tokenizer = load(run_dir, merge=False)
+    hf_config(run_dir, recipe, family, tokenizer)  # PEFT adapts a model transformers can hold
     arrays = {k: np.asarray(v) for k, v in per_layer_leaves(adapter_of(model)).items()}
     tensors, adapted_modules, conv1d = peft_tensors(recipe.architecture, recipe.model, arrays,
                                                     run_dir)

@@ -15,23 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from gptzoo.errors import GptzooError
+from gptzoo.lora.config import PROJECTIONS, compile_targets
 from gptzoo.models.names import path_name
 from gptzoo.nn import Linear, Stack
+from gptzoo.nn.leaves import is_array_or_shape
 from gptzoo.nn.lora import LoRALinear
 
-# The attention and MLP projections of the zoo's blocks (self- and cross-attention, plain, gated
-# and spatially gated MLPs): the default targets, and the projections whose callers pass a
-# dropout key (`lora.dropout` acts on no other).
-PROJECTIONS = r"(attention\.(qkv|q|kv|out)|mlp\.(up|gate_up|down))$"
 ADAPTER_LEAVES = ("lora_a", "lora_b")
-
-
-def compile_targets(targets: str) -> re.Pattern:
-    try:
-        return re.compile(targets)
-    except re.error as e:
-        raise GptzooError(f"lora.targets={targets!r} is not a regular expression ({e}); fix it "
-                          "with --set lora.targets=... (e.g. 'attention\\.qkv$')") from e
 
 
 def add_lora(model, settings, splits: Mapping[str, tuple[int, ...]] | None = None, *, key):
@@ -108,8 +98,7 @@ def _map_projections(model, fn, is_projection=lambda x: isinstance(x, Linear)):
 
 
 def _is_adapter_leaf(path, leaf) -> bool:
-    array = eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
-    return array and getattr(path[-1], "name", None) in ADAPTER_LEAVES
+    return is_array_or_shape(leaf) and getattr(path[-1], "name", None) in ADAPTER_LEAVES
 
 
 def adapter_spec(model):

@@ -98,6 +98,15 @@ def check_base(reference: dict, base_model, run_dir: Path) -> None:
             "changed; restore the run the adapters were trained on")
 
 
+def check_resumable_base(saved: dict, current: dict, run_dir: Path) -> None:
+    """One line unless a resumed run's checkpoint record `saved` names the same base (by hash)
+    as the run set up now, `current`: adapters go on the weights they were trained on."""
+    if saved.get(BASE_KEY, {}).get("hash") != current.get(BASE_KEY, {}).get("hash"):
+        raise GptzooError(f"--resume over another base: the checkpoint's adapters in {run_dir} "
+                          f"were trained on {saved.get(BASE_KEY)}, --init-from gives "
+                          f"{current.get(BASE_KEY)}; resume with the base they were trained on")
+
+
 def load_base(reference: dict, run_dir: Path):
     """The model of the base run `reference` names, checked against its hash."""
     from gptzoo.trainer.checkpoint import load

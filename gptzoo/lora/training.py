@@ -6,22 +6,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import equinox as eqx
-import jax
 
 from gptzoo.errors import GptzooError
 from gptzoo.lora.adapters import adapter_of, split_adapter
 from gptzoo.lora.run import BASE_KEY, adapted, base_reference
-
-
-def _all_arrays(model):
-    return eqx.partition(model, eqx.is_array)
+from gptzoo.trainer.flops import count_parameters
+from gptzoo.trainer.step import trainable_arrays
 
 
 @dataclass
 class Trainable:
     """`partition(model) -> (trained, frozen)`; `base`: a LoRA run's base reference, or None."""
 
-    partition: Callable = _all_arrays
+    partition: Callable = trainable_arrays
     base: dict | None = None
 
     def checkpointed(self, model):
@@ -39,8 +36,8 @@ class Trainable:
     def describe(self, model) -> str:
         if self.base is None:
             return ""
-        n = sum(a.size for a in jax.tree.leaves(eqx.filter(adapter_of(model), eqx.is_array)))
-        return f" ({n:,} of them in LoRA adapters, the only ones trained)"
+        return (f" ({count_parameters(adapter_of(model)):,} of them in LoRA adapters, the only "
+                "ones trained)")
 
 
 def trainable(recipe, model, initial, *, key) -> tuple[eqx.Module, Trainable]:

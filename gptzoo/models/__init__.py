@@ -1,14 +1,21 @@
-"""Assembled architectures."""
+"""Assembled architectures: the `GPT` model and `decoder`, the model protocol, and the families
+(`gpt2`, `llama`, `perceiver_ar`), registered by name in `gptzoo.models.registry`."""
 
-from gptzoo.models.architectures import (
+from gptzoo.models.config import ArchitectureConfig, ModelConfig
+from gptzoo.models.families.gpt2 import GPT2Config, gpt2
+from gptzoo.models.families.llama import LlamaConfig, llama
+from gptzoo.models.families.perceiver_ar import PerceiverAR, PerceiverARConfig, perceiver_ar
+from gptzoo.models.gpt import GPT, decoder
+from gptzoo.models.protocol import CachedDecoder, LanguageModel, require
+from gptzoo.models.registry import (
     ARCHITECTURES,
-    GPT2Config,
-    LlamaConfig,
+    Family,
     build_architecture,
+    get_family,
+    register,
 )
-from gptzoo.models.gpt import GPT, decoder, gpt2
-from gptzoo.models.llama import llama
-from gptzoo.models.perceiver_ar import PerceiverAR, perceiver_ar
 
-__all__ = ["ARCHITECTURES", "GPT", "GPT2Config", "LlamaConfig", "PerceiverAR",
-           "build_architecture", "decoder", "gpt2", "llama", "perceiver_ar"]
+__all__ = ["ARCHITECTURES", "ArchitectureConfig", "CachedDecoder", "Family", "GPT", "GPT2Config",
+           "LanguageModel", "LlamaConfig", "ModelConfig", "PerceiverAR", "PerceiverARConfig",
+           "build_architecture", "decoder", "get_family", "gpt2", "llama", "perceiver_ar",
+           "register", "require"]

@@ -1,6 +1,8 @@
 """Logical axes of the zoo's parameters: what each dimension of a weight means (`vocab`, `embed`,
-`heads`, `mlp`, ...), declared once here by module path, so that no component names a device.
-The trainer's rules (`gptzoo.trainer.sharding`) map these names onto mesh axes.
+`heads`, `mlp`, ...), declared by module path, so that no component names a device: here the
+components' and the `GPT` layout's, shared by every model; in a family (`Family.logical_axes`)
+the parameters only its models have. The trainer's rules (`gptzoo.trainer.sharding`) map these
+names onto mesh axes.
 
 A pattern matches the end of a parameter's path segment by segment, each segment an `fnmatch`
 pattern: `*attention.qkv.weight` matches `blocks.3.attention.qkv.weight` and, in an optimizer
@@ -11,6 +13,8 @@ such as a user's own component, has no logical axes: the trainer replicates it.
 """
 
 import fnmatch
+
+from gptzoo.models.registry import ARCHITECTURES
 
 # Linear weights are stored (in, out). The fused q/k/v projection's columns are
 # [q heads | k heads | v heads] and GLU's gate_up's [gate | up]: both count as split heads or
@@ -42,9 +46,11 @@ LOGICAL_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 def logical_axes(path: str, ndim: int) -> tuple[str, ...] | None:
     """The logical axis of each of the `ndim` dimensions of the parameter at `path` (a module path
     such as `blocks.0.mlp.up.weight`), or None when no pattern declares it or it has fewer
-    dimensions than its pattern names (e.g. a factored optimizer statistic)."""
+    dimensions than its pattern names (e.g. a factored optimizer statistic). The families'
+    patterns are tried before the shared ones."""
     segments = path.split(".")
-    for pattern, axes in LOGICAL_AXES:
+    families = [pair for family in ARCHITECTURES.values() for pair in family.logical_axes]
+    for pattern, axes in (*families, *LOGICAL_AXES):
         wanted = pattern.split(".")
         tail = segments[-len(wanted):]
         if len(tail) == len(wanted) and all(map(fnmatch.fnmatchcase, tail, wanted)):

@@ -1,4 +1,3 @@
-import math
 from collections.abc import Callable
 
 import equinox as eqx
@@ -6,16 +5,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from gptzoo.nn import (
-    MLP,
-    Block,
-    CausalSelfAttention,
-    Embedding,
-    LayerNorm,
-    Linear,
-    PositionalEmbedding,
-)
+from gptzoo.nn import Embedding, Linear, PositionalEmbedding
 from gptzoo.nn._typecheck import typecheck
+from gptzoo.nn.decoding import decodes_from_cache
 from gptzoo.nn.stack import (
     Stack,
     block_kinds,
@@ -29,10 +21,24 @@ from gptzoo.nn.stack import (
 class GPT(eqx.Module):
     """A decoder-only language model: embeddings, a stack of blocks, a final norm and a head.
 
-    It composes whatever parts it is given; `gpt2(...)` below builds the classic layout.
-    `blocks` is a tuple of blocks, or a `Stack` of identical ones run with `jax.lax.scan`.
-    `head=None` ties the output head to the token embedding. `head_qk` (e.g. `nn.HeadQK`), when
-    given, maps the final-norm output and the tokens to extra logits added to the head's.
+    It composes whatever parts it is given; `decoder(...)` assembles one, and the families
+    (`gpt2`, `llama`) build their layouts with it. A `CachedDecoder` (`gptzoo.models.protocol`):
+    it decodes from a KV cache when its parts allow (`cacheable`).
+
+    **Arguments:**
+
+    - `token_embedding`: the token table (`nn.Embedding`).
+    - `position_embedding`: learned positions, or None when attention carries them (rotary,
+        ALiBi).
+    - `blocks`: a tuple of blocks, or a `Stack` of identical ones run with `jax.lax.scan`.
+    - `final_norm`: the norm before the head.
+    - `head`: the output head, or None to tie it to the token embedding.
+    - `embed_dropout`: dropout on the embeddings.
+    - `block_size`: the longest context.
+    - `head_qk`: when given (e.g. `nn.HeadQK`), maps the final-norm output and the tokens to
+        extra logits added to the head's.
+    - `window`: the sliding window its attention was built with (None: none), which
+        `context_window` reports.
     """
 
     token_embedding: Embedding
@@ -43,6 +49,7 @@ class GPT(eqx.Module):
     embed_dropout: eqx.nn.Dropout
     block_size: int = eqx.field(static=True)
     head_qk: eqx.Module | None = None
+    window: int | None = eqx.field(static=True, default=None)
 
     @typecheck
     def __call__(
@@ -58,14 +65,20 @@ class GPT(eqx.Module):
         x = run_blocks(self.blocks, x, key=blocks_key)
         return self._logits(self.final_norm(x), tokens)
 
-    # The KV-cache protocol of gptzoo.sample: per example, positions below block_size.
+    @property
+    def context_window(self) -> int:
+        """How far back a position's attention reads: `block_size`, or a narrower `window`."""
+        return self.block_size if self.window is None else min(self.window, self.block_size)
+
+    def n_predicted(self, seq: int) -> int:
+        """Every position is predicted."""
+        return seq
+
     @property
     def cacheable(self) -> bool:
-        """Whether `decode` applies: every block has one, and no part mixes positions outside
-        attention (a spatial gating unit, head-QK), which a per-token step could not."""
-        parts = jax.tree.leaves(self, is_leaf=_mixes_positions)
-        return (not any(_mixes_positions(p) for p in parts)
-                and all(hasattr(b, "decode") for b in block_kinds(self.blocks)))
+        """Whether `decode` applies: every block is an `nn.CachedBlock` and no part mixes
+        positions outside attention (`nn.MixesPositions`), which a per-token step could not."""
+        return decodes_from_cache(block_kinds(self.blocks), self.head_qk)
 
     @property
     def slides_window(self) -> bool:
@@ -75,7 +88,7 @@ class GPT(eqx.Module):
 
     def init_cache(self):
         """Each block's KV cache: a tuple of them, or one with a layer axis for a `Stack`."""
-        return init_caches(self.blocks, lambda b: b.attention.init_cache(self.block_size))
+        return init_caches(self.blocks, lambda b: b.init_cache(self.block_size))
 
     @typecheck
     def decode(
@@ -101,14 +114,12 @@ def head_logits(embedding: Embedding, head: Linear | None,
     return embedding.unembed(x) if head is None else head(x, out_dtype=jnp.float32)
 
 
-def _mixes_positions(part) -> bool:
-    return getattr(part, "mixes_positions", False)
-
 def decoder(
     vocab_size: int, *, block: Callable[[PRNGKeyArray], eqx.Module], n_layers: int, d_model: int,
     block_size: int, final_norm: eqx.Module, positions: str | None = "learned",
     tie_head: bool = True, dropout: float = 0.0, init_std: float = 0.02,
-    head_qk: eqx.Module | None = None, scan_layers: bool = True, key: PRNGKeyArray,
+    head_qk: eqx.Module | None = None, scan_layers: bool = True, window: int | None = None,
+    key: PRNGKeyArray,
 ) -> GPT:
     """A GPT around `n_layers` blocks made by `block(key)`: how recipes assemble zoo models.
 
@@ -117,7 +128,8 @@ def decoder(
     head tied to the token embedding (`tie_head`) or its own. Embeddings and an untied head start
     at N(0, init_std); `head_qk` is passed on to `GPT`. With `scan_layers`, blocks identical in
     structure are stacked into a `Stack` and run with `jax.lax.scan` (one block to compile
-    whatever the depth); otherwise, or when they differ, they stay a tuple.
+    whatever the depth); otherwise, or when they differ, they stay a tuple. `window`: the
+    sliding window the blocks' attention was given, if any (`GPT.context_window`).
     """
     if positions not in ("learned", None):
         raise ValueError(f"positions={positions!r} is not a position scheme decoder knows; pass "
@@ -135,59 +147,5 @@ def decoder(
         embed_dropout=eqx.nn.Dropout(dropout),
         block_size=block_size,
         head_qk=head_qk,
+        window=window,
     )
-
-
-def gpt2(
-    vocab_size: int, *, n_layers: int, n_heads: int, d_model: int, block_size: int,
-    dropout: float = 0.0, use_bias: bool = True, tie_head: bool = True, init: str = "gpt2",
-    norm_eps: float = 1e-5, approximate_gelu: bool = True, scan_layers: bool = True,
-    key: PRNGKeyArray,
-) -> GPT:
-    """GPT-2: learned positions, LayerNorm (epsilon `norm_eps`), GELU MLP (tanh approximation
-    unless `approximate_gelu=False`), pre-norm blocks.
-
-    `init="gpt2"`: weights and embeddings N(0, 0.02), residual-stream outputs (attention and MLP
-    output projections) N(0, 0.02 / sqrt(2 * n_layers)).
-    `init="small"`: every weight matrix, residual outputs and an untied head included,
-    N(0, sqrt(2 / (5 d_model))) (small init, Nguyen & Salazar 2019), and token and position
-    embeddings uniform(-1e-4, 1e-4) (BlinkDL's small embedding init). Biases start at zero and norms
-    at one either way. `scan_layers`: see `decoder`.
-    """
-    if init == "gpt2":
-        # GPT-2 scales the init of each residual-stream output by 1/sqrt(2 * n_layers).
-        std, out_std = 0.02, 0.02 / math.sqrt(2 * n_layers)
-    elif init == "small":
-        std = out_std = math.sqrt(2 / (5 * d_model))
-    else:
-        raise ValueError(f"init={init!r} is not an initialisation gpt2 knows; "
-                         "choose 'gpt2' or 'small'")
-
-    def block(k: PRNGKeyArray) -> Block:
-        attn_key, mlp_key = jax.random.split(k)
-        return Block(
-            attn_norm=LayerNorm(d_model, use_bias=use_bias, eps=norm_eps),
-            attention=CausalSelfAttention(
-                d_model, n_heads, dropout=dropout, use_bias=use_bias, init_std=std,
-                out_init_std=out_std, key=attn_key,
-            ),
-            mlp_norm=LayerNorm(d_model, use_bias=use_bias, eps=norm_eps),
-            mlp=MLP(d_model, dropout=dropout, use_bias=use_bias, approximate_gelu=approximate_gelu,
-                    init_std=std, out_init_std=out_std, key=mlp_key),
-        )
-
-    model = decoder(vocab_size, block=block, n_layers=n_layers, d_model=d_model,
-                    block_size=block_size,
-                    final_norm=LayerNorm(d_model, use_bias=use_bias, eps=norm_eps),
-                    tie_head=tie_head, dropout=dropout, init_std=std, scan_layers=scan_layers,
-                    key=key)
-    if init == "small":  # BlinkDL's small embeddings, drawn from the keys decoder used
-        tok_key, pos_key = jax.random.split(key, n_layers + 3)[:2]
-        model = eqx.tree_at(lambda m: (m.token_embedding.weight, m.position_embedding.weight),
-                            model, (_small_table(tok_key, model.token_embedding.weight.shape),
-                                    _small_table(pos_key, model.position_embedding.weight.shape)))
-    return model
-
-
-def _small_table(key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:
-    return jax.random.uniform(key, shape, minval=-1e-4, maxval=1e-4)

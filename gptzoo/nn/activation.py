@@ -11,6 +11,7 @@ recomputation from XLA's 13.8 GiB plan to 10.6 GiB.
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
@@ -22,6 +23,16 @@ def gelu(x: Float[Array, "*shape"], approximate: bool = True) -> Float[Array, "*
 @partial(jax.checkpoint, static_argnums=(1,))  # static arguments must be passed positionally
 def _gelu(x, approximate):
     return jax.nn.gelu(x, approximate=approximate)
+
+
+def relu_squared(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    """`relu(x)^2`, Primer's feed-forward activation (So et al. 2021)."""
+    return _relu_squared(x)
+
+
+@jax.checkpoint
+def _relu_squared(x):
+    return jnp.square(jax.nn.relu(x))
 
 
 # A gated unit's activations by name: SwiGLU (LLaMA) and GEGLU (T5 v1.1).

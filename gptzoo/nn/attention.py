@@ -1,20 +1,32 @@
+"""Attention as functions of queries, keys and values: the causal (optionally banded) mask, and
+`causal_attend` on the fastest path for the platform. `CausalSelfAttention` (self_attention.py)
+is the module around them."""
+
 import math
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
-from gptzoo.nn.kv_cache import KVCache
-from gptzoo.nn.linear import Linear, projection_keys
 
 
 @typecheck
-def causal_mask(n_queries: int, n_keys: int) -> Bool[Array, "q k"]:
-    """Query i (the i-th of the last `n_queries` positions) may see keys up to its own position."""
-    offset = n_keys - n_queries
-    return jnp.arange(n_queries)[:, None] + offset >= jnp.arange(n_keys)[None, :]
+def causal_mask(n_queries: int, n_keys: int, window: int | None = None) -> Bool[Array, "q k"]:
+    """Query i (the i-th of the last `n_queries` positions) may see keys up to its own position;
+    with a `window`, only the `window` most recent of them, its own included (key j is seen by
+    query i when `i - window < j <= i`, transformers' sliding-window mask)."""
+    query = jnp.arange(n_queries)[:, None] + n_keys - n_queries
+    key = jnp.arange(n_keys)[None, :]
+    seen = key <= query
+    return seen if window is None else seen & (key > query - window)
+
+
+def check_window(window: int | None) -> None:
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window={window!r} must be a positive number of positions (a query "
+                         "sees itself and the window - 1 before it), or None for full attention")
 
 
 # Query block size of the block-causal path: query block i reads keys up to its own last position
@@ -50,7 +62,7 @@ def attention_path(platform: str, dtype, *, n_queries: int, n_keys: int, bias: b
     return "einsum"
 
 
-def _einsum_f32(spec: str, a: Array, b: Array) -> Array:
+def einsum_f32(spec: str, a: Array, b: Array) -> Array:
     """`jnp.einsum` accumulated and returned in float32. XLA:CPU has no bfloat16 x bfloat16 ->
     float32 dot ("Unsupported element type for DotThunk"), so there the operands are upcast."""
     if jax.default_backend() == "cpu":
@@ -81,7 +93,7 @@ def _heads_first(x: Array) -> Array:
 # 43.8 to 37.6 and 35.1 ms (2-core CPU, batch 8, 256 positions, 6 heads of 64; two alternating
 # runs of bench_train.py's attention_micro, medians of 12).
 def _weights(q, k, mask, bias):
-    scores = _einsum_f32("...hqd,...hkd->...hqk", q, k) / math.sqrt(q.shape[-1])
+    scores = einsum_f32("...hqd,...hkd->...hqk", q, k) / math.sqrt(q.shape[-1])
     if bias is not None:
         scores = scores + bias
     return jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
@@ -90,7 +102,7 @@ def _weights(q, k, mask, bias):
 def _weighted_values(weights, v):
     """`weights @ v` with the weights in v's dtype (as flash attention does), accumulated in
     float32 and returned in v's dtype."""
-    return _einsum_f32("...hqk,...hkd->...hqd", weights.astype(v.dtype), v).astype(v.dtype)
+    return einsum_f32("...hqk,...hkd->...hqd", weights.astype(v.dtype), v).astype(v.dtype)
 
 
 @typecheck
@@ -111,7 +123,8 @@ def causal_attend(
     k: Float[Array, "*batch k kv_heads head_dim"],
     v: Float[Array, "*batch k kv_heads head_dim"],
     bias: Float[Array, "heads q k"] | None = None,
-    *, dropout: eqx.nn.Dropout | None = None, key: PRNGKeyArray | None = None,
+    *, window: int | None = None, dropout: eqx.nn.Dropout | None = None,
+    key: PRNGKeyArray | None = None,
 ) -> Float[Array, "*batch q heads head_dim"]:
     """Causal attention of the last `q` positions over all `k`, on the path `attention_path` picks.
 
@@ -120,167 +133,103 @@ def causal_attend(
     - `q`, `k`, `v`: queries and keys/values; each run of `heads // kv_heads` query heads shares
         one key/value head (grouped-query attention).
     - `bias`: added to the scores (ALiBi), or None.
+    - `window`: each query sees only the `window` most recent keys, its own included (sliding-
+        window attention, `causal_mask`); None sees every earlier key.
     - `dropout`, `key`: dropout on the attention weights, active when `key` is given.
+
+    A query block reads only the keys its queries may see, so with a window the block path's cost
+    grows with `q * window`, not `q * k`.
     """
+    check_window(window)
     n_queries, n_keys = q.shape[-3], k.shape[-3]
     dropping = dropout is not None and dropout.p > 0 and key is not None
     path = attention_path(jax.default_backend(), q.dtype, n_queries=n_queries, n_keys=n_keys,
                           bias=bias is not None, dropout=dropping)
     if path == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        # (left, right) keys around each query: `window - 1` before it, none after.
+        local = None if window is None else (window - 1, 0)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
+                                            implementation="cudnn")
     # Repeating the shared k/v heads measured faster on CPU than a grouped einsum that avoids
     # the copy, and is a no-op for plain multi-head attention.
     k, v = (jnp.repeat(a, q.shape[-2] // k.shape[-2], axis=-2) for a in (k, v))
     q, k, v = map(_heads_first, (q, k, v))
-    block = BLOCK if path == "blocks" else n_queries
-    starts = range(0, n_queries, block)
-    keys = jax.random.split(key, len(starts)) if dropping else [None] * len(starts)
-    outputs = []
-    for start, block_key in zip(starts, keys, strict=True):
+    blocks = _query_blocks(n_queries, n_keys, BLOCK if path == "blocks" else n_queries, window)
+    masks = None
+    if dropping:  # each block's kept weights scaled by 1 / (1 - p), the others 0
+        keys = jax.random.split(key, len(blocks))
+        masks = [dropout(jnp.ones((*q.shape[:-2], stop - start, seen - first)), key=block_key)
+                 for (start, stop, first, seen), block_key in zip(blocks, keys, strict=True)]
+    attend_blocks = _block_attend if path == "blocks" else _attend_blocks
+    return _heads_first(attend_blocks(q, k, v, bias, masks, tuple(blocks), window))
+
+
+def _query_blocks(n_queries: int, n_keys: int, block: int, window: int | None) -> list[tuple]:
+    """`(start, stop, first, seen)` of each block of `block` queries: its queries
+    `[start, stop)` and the keys `[first, seen)` they may see, from the window's start for its
+    first query (the last `n_queries` positions) to its last query."""
+    offset, blocks = n_keys - n_queries, []
+    for start in range(0, n_queries, block):
         stop = min(start + block, n_queries)
-        seen = n_keys - n_queries + stop  # keys up to this block's last query
-        weights = _weights(
-            q[..., start:stop, :], k[..., :seen, :], causal_mask(stop - start, seen),
-            None if bias is None else bias[:, start:stop, :seen])
-        if dropping:
-            weights = dropout(weights, key=block_key)
-        outputs.append(_weighted_values(weights, v[..., :seen, :]))
-    return _heads_first(jnp.concatenate(outputs, axis=-2))
+        first = 0 if window is None else max(0, offset + start - window + 1)
+        blocks.append((start, stop, first, offset + stop))
+    return blocks
 
 
-def _after(dependency: Array, *values: Array) -> tuple[Array, ...]:
-    """`values` unchanged, but computed from `dependency` (plus zero): XLA runs whatever reads
-    their inputs before it writes them. (`jax.lax.optimization_barrier` is removed before XLA:CPU
-    orders buffers.) A non-finite `dependency` makes them garbage; its output already is."""
-    zero = jnp.zeros((), dependency.dtype) * dependency.reshape(-1)[0]
-    return tuple(a + zero.astype(a.dtype) for a in values)
+def _block_weights(q, k, bias, start, stop, first, seen, window):
+    """The attention weights of queries `[start, stop)` over keys `[first, seen)`."""
+    return _weights(q[..., start:stop, :], k[..., first:seen, :],
+                    causal_mask(stop - start, seen - first, window),
+                    None if bias is None else bias[:, start:stop, first:seen])
 
 
-class CausalSelfAttention(eqx.Module):
-    """Multi-head causal self-attention (GPT-2), written with `jnp.einsum`.
+def _attend_blocks(q, k, v, bias, masks, blocks, window):
+    """Heads-first attention block by block (dropout `masks` applied to the weights), each
+    block's output the weighted values of the keys it may see."""
+    outputs = []
+    for i, (start, stop, first, seen) in enumerate(blocks):
+        weights = _block_weights(q, k, bias, start, stop, first, seen, window)
+        weights = weights if masks is None else weights * masks[i]
+        outputs.append(_weighted_values(weights, v[..., first:seen, :]))
+    return jnp.concatenate(outputs, axis=-2)
 
-    `n_kv_heads < n_heads` is grouped-query attention (Ainslie et al. 2023): each run of
-    `n_heads // n_kv_heads` query heads shares one key/value head; `n_kv_heads=1` is multi-query
-    attention (Shazeer 2019). `positional` (e.g. `Rotary`, `ALiBi`) maps
-    `(q, k, q_positions, k_positions)` to `(q, k, bias or None)`, the bias `(heads, q, k)` added to
-    the scores; it sees `positions` (default `arange(seq)`), which are otherwise unused.
-    `head_dim` (default `d_model // n_heads`) sets the width of each head; `qkv_bias` (default
-    `use_bias`) gives the q/k/v projection a bias of its own choosing, as Qwen2 does.
-    """
 
-    qkv: Linear
-    out: Linear
-    attn_dropout: eqx.nn.Dropout
-    resid_dropout: eqx.nn.Dropout
-    n_heads: int = eqx.field(static=True)
-    n_kv_heads: int = eqx.field(static=True)
-    positional: eqx.Module | None = None
+# The block path's gradients come from `_block_backward` rather than autodiff, which keeps every
+# block's weights and adds each block's key and value gradients into a zero-padded copy of all
+# the keys. Recomputing the weights and adding in place into the keys each block read is faster,
+# the more so the narrower the window (bench/bench_window.py), and keeps no weights.
+_block_attend = jax.custom_vjp(_attend_blocks, nondiff_argnums=(5, 6))
 
-    def __init__(
-        self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
-        head_dim: int | None = None, positional: eqx.Module | None = None, dropout: float = 0.0,
-        use_bias: bool = True, qkv_bias: bool | None = None, init_std: float = 0.02,
-        out_init_std: float = 0.02, key: PRNGKeyArray,
-    ):
-        if head_dim is None and d_model % n_heads:
-            raise ValueError(
-                f"d_model={d_model} is not divisible by n_heads={n_heads}; "
-                "choose n_heads that divides d_model, or pass head_dim"
-            )
-        qkv_key, out_key = jax.random.split(key)
-        self.n_heads = n_heads
-        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        self.positional = positional
-        # head_dim defaults to d_model / n_heads; published models may pick another (Gemma, Qwen3).
-        head_dim = d_model // n_heads if head_dim is None else head_dim
-        # One fused matmul for q (n_heads) then k and v (n_kv_heads each): 3 * d_model wide for MHA.
-        qkv_width = (n_heads + 2 * self.n_kv_heads) * head_dim
-        qkv_bias = use_bias if qkv_bias is None else qkv_bias  # Qwen2: biased q/k/v, plain out
-        self.qkv = Linear(d_model, qkv_width, use_bias=qkv_bias, init_std=init_std, key=qkv_key)
-        self.out = Linear(n_heads * head_dim, d_model, use_bias=use_bias, init_std=out_init_std,
-                          key=out_key)
-        self.attn_dropout = eqx.nn.Dropout(dropout)
-        self.resid_dropout = eqx.nn.Dropout(dropout)
 
-    def __check_init__(self):
-        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}; choose a "
-                "divisor of n_heads (1 is multi-query attention, n_heads or None plain multi-head)"
-            )
+def _block_forward(q, k, v, bias, masks, blocks, window):
+    return _attend_blocks(q, k, v, bias, masks, blocks, window), (q, k, v, bias, masks)
 
-    @property
-    def head_dim(self) -> int:
-        return self.out.weight.shape[0] // self.n_heads
 
-    @typecheck
-    def __call__(
-        self, x: Float[Array, "*batch seq d_model"], *,
-        positions: Int[Array, " seq"] | None = None, key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "*batch seq d_model"]:
-        seq = x.shape[-2]
-        positions = jnp.arange(seq) if positions is None else positions
-        qkv_key, out_key = projection_keys(key, 2)
-        q, k, v = self._heads(x, qkv_key)
-        return self._attend(q, k, v, positions, positions, key, out_key)
+def _block_backward(blocks, window, residuals, d_out):
+    """The gradients of `_attend_blocks` with respect to q, k, v and bias, block by block, in
+    float32 and returned in the inputs' dtypes. Softmax's: `ds = p * (dp - sum(dp * p))`."""
+    q, k, v, bias, masks = residuals
+    scale = 1 / math.sqrt(q.shape[-1])
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    dbias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+    for i, (start, stop, first, seen) in enumerate(blocks):
+        weights = _block_weights(q, k, bias, start, stop, first, seen, window)
+        kept = weights if masks is None else weights * masks[i]
+        d_block = d_out[..., start:stop, :]
+        dv = dv.at[..., first:seen, :].add(
+            einsum_f32("...qk,...qd->...kd", kept.astype(v.dtype), d_block))
+        d_kept = einsum_f32("...qd,...kd->...qk", d_block, v[..., first:seen, :])
+        d_weights = d_kept if masks is None else d_kept * masks[i]
+        d_scores = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
+        dq.append(einsum_f32("...qk,...kd->...qd", d_scores, k[..., first:seen, :]) * scale)
+        dk = dk.at[..., first:seen, :].add(
+            einsum_f32("...qk,...qd->...kd", d_scores, q[..., start:stop, :]) * scale)
+        if bias is not None:  # summed over the batch dimensions the bias is shared by
+            dbias = dbias.at[:, start:stop, first:seen].add(
+                d_scores.sum(axis=tuple(range(d_scores.ndim - 3))))
+    return (jnp.concatenate(dq, axis=-2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+            None if bias is None else dbias.astype(bias.dtype),
+            None if masks is None else [jnp.zeros_like(m) for m in masks])
 
-    def init_cache(self, size: int) -> KVCache:
-        return KVCache.empty(size, self.n_kv_heads, self.head_dim, self.out.weight.dtype)
 
-    @typecheck
-    def decode(
-        self, x: Float[Array, "seq d_model"], positions: Int[Array, " seq"], cache: KVCache
-    ) -> tuple[Float[Array, "seq d_model"], KVCache]:
-        """Attention for one example's new positions over its cache, which they are added to.
-
-        Keys are cached after the position hook (a rotary key depends on its own position only),
-        so a step reads each cached key once and cached decoding equals the full forward. The
-        new positions attend to the cache as it was and to their own keys, and are written into
-        it last: reading the updated cache instead made XLA:CPU copy every layer's whole cache
-        at every token.
-        """
-        seq = x.shape[0]
-        q, k, v = self._heads(x)
-        if self.positional is not None:
-            q, k, _ = self.positional(q, k, positions, positions)
-        # The new keys as the cache would hold them (its dtype), so decoding equals reading back.
-        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-        key_positions = cache.key_positions(positions)
-        # Query heads grouped by the key/value head they share: no copy of the cache per group.
-        group = self.n_heads // self.n_kv_heads
-        grouped = q.reshape(seq, self.n_kv_heads, group, self.head_dim)
-        # Scores and softmax in float32 as in `attention_weights`, whatever the cache's dtype.
-        scores = jnp.concatenate([_einsum_f32("qkgd,ksd->kgqs", grouped, cache.k),
-                                  _einsum_f32("qkgd,skd->kgqs", grouped, k)], axis=-1)
-        scores = scores / math.sqrt(self.head_dim)
-        if self.positional is not None:
-            # A bias (ALiBi) depends on the positions alone: the keys passed are placeholders,
-            # and a hook that returns no bias (rotary) is compiled away.
-            placeholder = jnp.zeros((key_positions.shape[0], *k.shape[1:]), q.dtype)
-            _, _, bias = self.positional(q, placeholder, positions, key_positions)
-            if bias is not None:
-                scores = scores + bias.reshape(self.n_kv_heads, group, seq, -1)
-        visible = cache.visible(key_positions, positions)
-        weights = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-        past, new = weights[..., : cache.size], weights[..., cache.size:]
-        y = (_einsum_f32("kgqs,kds->qkgd", past.astype(v.dtype), cache.v)
-             + _einsum_f32("kgqs,skd->qkgd", new.astype(v.dtype), v))
-        # The cache is written after it is read: the written values are made to depend on the
-        # output, which orders the reads before the in-place update. Unordered, XLA:CPU copies
-        # every layer's whole cache at every token to keep the reads safe.
-        k, v, positions = _after(y, k, v, positions)
-        return self.out(y.reshape(seq, -1).astype(x.dtype)), cache.update(k, v, positions)
-
-    def _heads(self, x, key=None):
-        qkv = self.qkv(x, key=key).reshape(*x.shape[:-1], self.n_heads + 2 * self.n_kv_heads, -1)
-        return jnp.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=-2)
-
-    def _attend(self, q, k, v, q_positions, k_positions, key, out_key=None):
-        *batch, seq, _, _ = q.shape
-        attn_key, resid_key = jax.random.split(key) if key is not None else (None, None)
-        bias = None
-        if self.positional is not None:
-            q, k, bias = self.positional(q, k, q_positions, k_positions)
-        y = causal_attend(q, k, v, bias, dropout=self.attn_dropout, key=attn_key)
-        return self.resid_dropout(self.out(y.reshape(*batch, seq, -1), key=out_key), key=resid_key,
-                                  inference=key is None)
+_block_attend.defvjp(_block_forward, _block_backward)

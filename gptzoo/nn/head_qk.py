@@ -1,5 +1,3 @@
-from typing import ClassVar
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -7,18 +5,18 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.attention import causal_mask
+from gptzoo.nn.decoding import MixesPositions
 from gptzoo.nn.linear import Linear
 
 
-class HeadQK(eqx.Module):
+class HeadQK(MixesPositions):
     """The head-QK trick (BlinkDL, RWKV): extra logits that learn to copy or avoid earlier tokens.
 
     `c = causal(q(x) k(x)^T / d_qk)`, `logits_extra = c @ one_hot(tokens, vocab)`: position i adds
     `c[i, j]` to the logit of the token seen at each position j <= i. Added to the head's logits
     on the final-norm output. `q` starts at zero (as in RWKV-4), so the extra logits start at zero.
+    It reads every earlier token, so it is a `MixesPositions`: no KV-cache decoding.
     """
-
-    mixes_positions: ClassVar[bool] = True  # reads every earlier token: no KV-cache decoding
 
     q: Linear
     k: Linear

@@ -14,9 +14,11 @@ class KVCache(eqx.Module):
     products take as they are (the other way round, it transposed every layer's whole cache at
     every token).
     Position p lives in slot `p % size`, so past `size` positions the cache is a ring holding the
-    last `size` of them: a sliding window. `positions` records the position each slot holds (-1:
-    empty), and `visible` lets a query see exactly the keys at or before it and inside the window,
-    so stale slots (prompt padding, overwritten positions) are never read.
+    last `size` of them: a rolling cache for sliding-window attention (`size` = the window), and
+    for a full-attention model a sliding context. `positions` records the position each slot
+    holds (-1: empty), and `visible` lets a query see exactly the keys at or before it and inside
+    the window, so stale slots (prompt padding, overwritten positions) are never read.
+    Negative positions are padding: never written, never seen.
     """
 
     k: Float[Array, "kv_heads size head_dim"]
@@ -50,26 +52,29 @@ class KVCache(eqx.Module):
         self, k: Float[Array, "seq kv_heads head_dim"], v: Float[Array, "seq kv_heads head_dim"],
         positions: Int[Array, " seq"],
     ) -> "KVCache":
-        if k.shape[0] > self.size:
-            raise ValueError(f"{k.shape[0]} new positions do not fit a KV cache of {self.size}; "
-                             "feed at most block_size tokens at once")
-        slots = positions % self.size
+        """The cache with `positions` written to their slots, except padding (negative
+        positions) and all but the last `size` positions when more come at once."""
+        kept = (positions >= 0) & (positions > positions.max() - self.size)
+        slots = jnp.where(kept, positions % self.size, self.size)  # out of range: dropped
         k, v = jnp.swapaxes(k, 0, 1), jnp.transpose(v, (1, 2, 0))
-        return KVCache(self.k.at[:, slots].set(k.astype(self.k.dtype)),
-                       self.v.at[:, :, slots].set(v.astype(self.v.dtype)),
-                       self.positions.at[slots].set(positions))
+        return KVCache(self.k.at[:, slots].set(k.astype(self.k.dtype), mode="drop"),
+                       self.v.at[:, :, slots].set(v.astype(self.v.dtype), mode="drop"),
+                       self.positions.at[slots].set(positions, mode="drop"))
 
     @typecheck
     def key_positions(self, positions: Int[Array, " seq"]) -> Int[Array, " keys"]:
         """The positions of the keys that `positions` attend to while they are added: the
-        cache's slots (-1 for those they overwrite) followed by the new positions themselves."""
-        overwritten = (jnp.arange(self.size)[None, :] == (positions % self.size)[:, None]).any(0)
-        return jnp.concatenate([jnp.where(overwritten, -1, self.positions), positions])
+        cache's slots followed by the new positions themselves. A slot holding the first new
+        position or a later one is stale (a prompt's padding, an abandoned continuation) and
+        shows -1; an older one is read before the new positions overwrite it."""
+        stale = self.positions >= positions[0]
+        return jnp.concatenate([jnp.where(stale, -1, self.positions), positions])
 
     @typecheck
-    def visible(self, key_positions: Int[Array, " k"],
-                q_positions: Int[Array, " q"]) -> Bool[Array, "q k"]:
-        """Which keys each query sees: filled, at or before it, and inside the window."""
+    def visible(self, key_positions: Int[Array, " k"], q_positions: Int[Array, " q"],
+                window: int) -> Bool[Array, "q k"]:
+        """Which keys each query sees: filled, at or before it, and among its `window` most
+        recent positions (at most the cache's size, all it can hold)."""
         key_positions, query_positions = key_positions[None, :], q_positions[:, None]
         return ((key_positions >= 0) & (key_positions <= query_positions)
-                & (key_positions > query_positions - self.size))
+                & (key_positions > query_positions - window))

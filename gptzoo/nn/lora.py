@@ -79,8 +79,8 @@ class LoRALinear(eqx.Module):
         h = affine(self.dropout(x, key=key, inference=key is None), self.lora_a, None)
         hs = jnp.split(h, len(self.splits), axis=-1)
         bs = jnp.split(self.lora_b, np.cumsum(self.splits)[:-1], axis=-1)
-        update = jnp.concatenate([affine(h_j, b_j, None, out_dtype) for h_j, b_j in zip(hs, bs)],
-                                 axis=-1)
+        update = jnp.concatenate(
+            [affine(h_j, b_j, None, out_dtype) for h_j, b_j in zip(hs, bs, strict=True)], axis=-1)
         return y + (self.scale * update).astype(y.dtype)
 
     def delta(self) -> Float[Array, "*layers d_in d_out"]:
@@ -88,7 +88,8 @@ class LoRALinear(eqx.Module):
         a_parts = jnp.split(self.lora_a, len(self.splits), axis=-1)
         b_parts = jnp.split(self.lora_b, np.cumsum(self.splits)[:-1], axis=-1)
         return self.scale * jnp.concatenate(
-            [jnp.matmul(a, b, precision="highest") for a, b in zip(a_parts, b_parts)], axis=-1)
+            [jnp.matmul(a, b, precision="highest")
+             for a, b in zip(a_parts, b_parts, strict=True)], axis=-1)
 
     def merged(self) -> Linear:
         """The plain `Linear` that computes the same (without dropout): `weight + delta()`."""

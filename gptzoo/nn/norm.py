@@ -36,8 +36,7 @@ def layer_norm(
 # Recomputed in the backward pass from its input: autodiff would otherwise keep three float32
 # copies of the activations per norm (the upcast and centred input and its scaled form), six
 # times a bfloat16 activation's bytes, written in the forward and read back in the backward.
-# Measured on CPU: the 6 x 384 char model trains about 7% faster in float32 with the norms and
-# activations recomputed (nn/activation.py), and GPT-2 small's bf16 plan shrinks (see there).
+# Recomputing is also faster on CPU and shrinks GPT-2 small's bf16 memory plan (docs/benchmarks.md).
 @partial(jax.checkpoint, static_argnums=(3,))
 def _layer_norm(x, weight, bias, eps):
     # Statistics in float32 whatever x's dtype (bfloat16 sums lose the mean); output in x's dtype.

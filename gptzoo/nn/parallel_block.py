@@ -27,6 +27,10 @@ class ParallelBlock(eqx.Module):
         mlp_in = attn_in if self.mlp_norm is None else self.mlp_norm(x)
         return x + self.attention(attn_in, key=attn_key) + self.mlp(mlp_in, key=mlp_key)
 
+    def init_cache(self, block_size: int):
+        """Its attention's KV cache for `block_size` positions (`nn.decoding.CachedBlock`)."""
+        return self.attention.init_cache(block_size)
+
     def decode(self, x: Float[Array, "seq d_model"], positions, cache):
         """`__call__` for one example's new positions, reading and extending its KV cache."""
         attn_in = self.attn_norm(x)

@@ -1,5 +1,3 @@
-from typing import ClassVar
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -8,6 +6,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.activation import gelu
 from gptzoo.nn.attention import causal_mask
+from gptzoo.nn.decoding import MixesPositions
 from gptzoo.nn.linear import Linear, projection_keys
 from gptzoo.nn.norm import LayerNorm
 
@@ -52,14 +51,13 @@ class SpatialGatingUnit(eqx.Module):
         return u * v
 
 
-class SGUMLP(eqx.Module):
+class SGUMLP(MixesPositions):
     """gMLP's feed-forward as an MLP replacement: `down(sgu(gelu(up(x))))`, then dropout.
 
     `up` widens to `2 * hidden_mult * d_model` channels, which the SGU halves; the default
-    `hidden_mult=3` is gMLP's `d_ffn = 6 d_model`.
+    `hidden_mult=3` is gMLP's `d_ffn = 6 d_model`. Not a per-token map, so a `MixesPositions`:
+    a model holding it is sampled without a KV cache.
     """
-
-    mixes_positions: ClassVar[bool] = True  # not a per-token map: no KV-cache decoding
 
     up: Linear
     sgu: SpatialGatingUnit

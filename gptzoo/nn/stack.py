@@ -16,6 +16,7 @@ use per-layer names, `blocks.3.attention.qkv.weight`: `unstacked` gives any mode
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -87,8 +88,13 @@ class Stack(eqx.Module):
     @typecheck
     def __call__(
         self, x: Float[Array, "*batch seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "*batch seq d_model"]:
-        """Every layer in order; layer i's dropout key is `jax.random.split(key, n_layers)[i]`."""
+    ) -> Float[Array, "*batch seq d_model"] | tuple[Float[Array, "*batch seq d_model"], Any]:
+        """Every layer in order; layer i's dropout key is `jax.random.split(key, n_layers)[i]`.
+
+        A block that returns `(x, aux)` (e.g. `MoEBlock`'s router statistics) makes the stack
+        return `(x, aux summed over the layers)`; the per-layer `aux` leave the scan as its
+        outputs, so blocks without one carry nothing extra.
+        """
         keys = None if key is None else jax.random.split(key, self.n_layers)
         params, static = eqx.partition(self.layers, eqx.is_array)
 
@@ -96,9 +102,13 @@ class Stack(eqx.Module):
             return eqx.combine(params, static)(x, key=key)
 
         layer = self._checkpointed(layer)
-        x, _ = jax.lax.scan(lambda x, xs: (residual(layer(x, *xs)), None), x, (params, keys),
-                            unroll=self.unroll)
-        return x
+
+        def step(x, xs):
+            x, aux = split_aux(layer(x, *xs))
+            return residual(x), aux
+
+        x, aux = jax.lax.scan(step, x, (params, keys), unroll=self.unroll)
+        return x if aux is None else (x, jax.tree.map(lambda a: a.sum(0), aux))
 
     def decode(self, x: Float[Array, "seq d_model"], positions: Int[Array, " seq"], cache):
         """Each layer's `decode` in order over `cache`, a layer cache with a leading layer axis."""
@@ -146,15 +156,26 @@ def stack_blocks(blocks: Sequence[eqx.Module], scan: bool = True) -> "Stack | tu
     return tuple(blocks) if stack is None else stack
 
 
-def run_blocks(blocks: "Stack | tuple", x: Array, *, key: PRNGKeyArray | None = None) -> Array:
+def run_blocks(blocks: "Stack | tuple", x: Array, *, key: PRNGKeyArray | None = None
+               ) -> Array | tuple[Array, Any]:
     """`x` through the blocks in order, block i's dropout key `jax.random.split(key, n)[i]`
-    either way, so a `Stack` and the tuple of its blocks compute the same."""
+    either way, so a `Stack` and the tuple of its blocks compute the same. Blocks that return
+    `(x, aux)` make it return `(x, their aux summed)`, as a `Stack` does."""
     if isinstance(blocks, Stack):
         return blocks(x, key=key)
     keys = [None] * len(blocks) if key is None else jax.random.split(key, len(blocks))
+    total = None
     for block, block_key in zip(blocks, keys):
-        x = residual(block(x, key=block_key))
-    return x
+        x, aux = split_aux(block(x, key=block_key))
+        x = residual(x)
+        if aux is not None:
+            total = aux if total is None else jax.tree.map(jnp.add, total, aux)
+    return x if total is None else (x, total)
+
+
+def split_aux(out) -> tuple[Array, Any]:
+    """A block's output as `(x, aux)`, `aux` None for a block that returns `x` alone."""
+    return out if isinstance(out, tuple) else (out, None)
 
 
 def residual(x: Float[Array, "*batch seq d_model"]) -> Float[Array, "*batch seq d_model"]:
@@ -187,8 +208,8 @@ def init_caches(blocks: "Stack | tuple", init: Callable[[eqx.Module], object]):
 
 
 def block_kinds(blocks: "Stack | tuple") -> tuple[eqx.Module, ...]:
-    """One module per kind of block, for questions such as `hasattr(block, "decode")` that
-    need not slice a `Stack` into its layers."""
+    """One module per kind of block, for questions such as "is it a `CachedBlock`?" that need
+    not slice a `Stack` into its layers."""
     return (blocks.layers,) if isinstance(blocks, Stack) else tuple(blocks)
 
 

@@ -4,18 +4,15 @@
 Micro-batch `j` takes the rows `j, j + steps, j + 2 * steps, ...` of the global batch: reshaping
 `(batch, ...)` to `(batch / steps, steps, ...)` keeps the leading axis sharded as the batch was, so
 every data shard keeps `1 / shards` of every micro-batch and no row moves between devices. This
-needs `batch / steps` to divide over the shards (`check_micro_batches`).
+needs `batch / steps` to divide over the shards (`gptzoo.data.batch_schedule.checked_schedule`).
 """
 
-import math
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
-
-from gptzoo.errors import GptzooError
 
 
 def accumulated_grad(loss_sum, params, batch: Int[Array, "batch ..."], steps: int,
@@ -48,20 +45,3 @@ def accumulated_grad(loss_sum, params, batch: Int[Array, "batch ..."], steps: in
     (total, count, grads), _ = jax.lax.scan(one, start, (jnp.arange(steps), micro))
     count = count.astype(jnp.float32)
     return total / count, jax.tree.map(lambda g: g / count, grads)
-
-
-def check_micro_batches(batch_sizes: list[int], steps: int, sharding: NamedSharding) -> None:
-    """One-line error unless every global batch splits into `steps` micro-batches whose rows
-    divide over the batch's shards."""
-    spec = sharding.spec[0] if sharding.spec else None
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    shards = math.prod(sharding.mesh.shape[a] for a in axes)
-    for batch in batch_sizes:
-        if batch % steps:
-            raise GptzooError(f"trainer.batch_size={batch} is not divisible by "
-                              f"trainer.grad_accum_steps={steps}; make the batch a multiple of it")
-        if batch // steps % shards:
-            raise GptzooError(
-                f"a micro-batch of trainer.batch_size / trainer.grad_accum_steps = {batch} / "
-                f"{steps} = {batch // steps} rows does not split over {shards} data shards; "
-                f"use a batch that is a multiple of {steps * shards}")

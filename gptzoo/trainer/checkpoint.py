@@ -9,7 +9,6 @@ process killed mid-save leaves a temporary folder that the next save of that ste
 complete folder that later became unreadable is skipped in favour of the newest readable one.
 """
 
-import logging
 import math
 import os
 import re
@@ -18,6 +17,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,17 +27,12 @@ import orbax.checkpoint as ocp
 
 from gptzoo.errors import GptzooError
 from gptzoo.models.names import named_leaves, replace_arrays, shape_differences, shapes
+from gptzoo.nn.leaves import is_array_or_shape
 from gptzoo.nn.stack import same_layout, stacked, unstacked
+from gptzoo.workarounds import orbax_arrays_without_sharding_file
 
 T = TypeVar("T")
-# Restores always name their shardings (`_abstract`), so orbax's `_sharding` metadata file is not
-# needed; for arrays on a mesh its writer runs on past a failed save and would recreate the
-# temporary folder that the failure handling below removed.
-_absl, _level = logging.getLogger("absl"), logging.getLogger("absl").level
-_absl.setLevel(logging.ERROR)  # the override is deliberate: no "overriding jax.Array" warning
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(enable_write_sharding_file=False), override=True)
-_absl.setLevel(_level)
+orbax_arrays_without_sharding_file()  # restores name their shardings: see `_abstract`
 _SAVE_MARGIN_BYTES = 1_000_000  # orbax's metadata and the JSON record, with room to spare
 _PARTIAL_SETTLE_TRIES, _PARTIAL_SETTLE_SECONDS = 20, 0.1  # at most ~2 s after a failed save
 BEST = "best"  # RUN_DIR/best: see BestCheckpoint
@@ -47,13 +42,9 @@ class UnreadableCheckpoint(GptzooError):
     """A checkpoint's files cannot be read back (as opposed to not fitting the recipe)."""
 
 
-def _is_array(x) -> bool:
-    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-
-
 def named_arrays(tree) -> dict[str, Any]:
     """The arrays of a module or optimizer state keyed by path, e.g. `blocks.0.mlp.fc.weight`."""
-    return named_leaves(tree, _is_array)
+    return named_leaves(tree, is_array_or_shape)
 
 
 def _abstract(tree) -> dict[str, jax.ShapeDtypeStruct]:
@@ -282,22 +273,19 @@ def load(run_dir: str | Path, merge: bool = True):
     if not (run_dir / "checkpoints").is_dir():
         raise GptzooError(f"{run_dir} holds no checkpoints; train it first with gptzoo train")
     recipe = load_run_recipe(run_dir)
-    checkpoints = Checkpoints(run_dir)
 
     def restore(step: int):
         meta = checkpoints.meta(step)
         tokenizer = tokenizer_from_dict(meta["tokenizer"])
-        if BASE_KEY in meta:
+        if BASE_KEY in meta:  # a LoRA run
             return load_adapted(run_dir, recipe, checkpoints, step, meta, tokenizer.vocab_size,
                                 merge), tokenizer
         template = eqx.filter_eval_shape(recipe.build, tokenizer.vocab_size,
                                          key=jax.random.PRNGKey(0))
         return checkpoints.restore(step, template), tokenizer
 
-    try:
+    with closing(Checkpoints(run_dir)) as checkpoints:
         found = checkpoints.restore_newest(restore)
-    finally:
-        checkpoints.close()
     if found is None:
         raise GptzooError(f"{run_dir} holds no checkpoints; train it first with gptzoo train")
     return found[1]

@@ -15,20 +15,12 @@ from typing import TypeVar
 
 import jax
 import numpy as np
-from jax._src import clusters
 from jax.experimental import multihost_utils
 
 from gptzoo.errors import GptzooError
+from gptzoo.workarounds import detected_cluster
 
 T = TypeVar("T")
-
-
-def detected_cluster() -> type[clusters.ClusterEnv] | None:
-    """The cluster JAX's own `jax.distributed.initialize()` would detect (SLURM, Open MPI,
-    Kubernetes, a Cloud TPU pod), or None on a laptop. Only the environment is read: the
-    opt-in-only detectors (mpi4py) are skipped, as `initialize()` skips them."""
-    return next((env for env in clusters.ClusterEnv._cluster_types
-                 if not env.opt_in_only_method and env.is_env_present()), None)
 
 
 def join_cluster(coordinator: str | None = None, num_processes: int | None = None,

@@ -2,12 +2,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from gptzoo.data import eval_windows, n_windows, prepare_corpus
+from gptzoo.models.protocol import LanguageModel, require
 from gptzoo.recipe import load_run_recipe
 from gptzoo.trainer.checkpoint import load
 from gptzoo.trainer.sharding import batch_sharded, batch_shards, eval_mesh, shard
@@ -30,7 +29,7 @@ class EvalResult:
         return None if self.bytes_per_token is None else self.bits_per_token / self.bytes_per_token
 
 
-def evaluate(model, tokens, block_size: int, batch_size: int = 64,
+def evaluate(model: LanguageModel, tokens, block_size: int, batch_size: int = 64,
              bytes_per_token: float | None = None, mesh: Mesh | None = None) -> EvalResult:
     """Loss over a whole split (an array or a `TokenSplit`): every token after the first predicted
     exactly once, read `batch_size` windows at a time.
@@ -39,10 +38,12 @@ def evaluate(model, tokens, block_size: int, batch_size: int = 64,
     over its `data` x `fsdp` devices, `batch_size` rounded up to a multiple of them, and the
     residual stream between blocks is constrained as in training.
 
-    Windows step by the number of positions the model predicts, all of `block_size` for a GPT,
-    the latents for Perceiver AR, so each token is predicted with up to `block_size` of context.
+    Windows step by the number of positions the model predicts (`n_predicted`), all of
+    `block_size` for a GPT, the latents for Perceiver AR, so each token is predicted with up to
+    `block_size` of context.
     """
-    n_predicted = eqx.filter_eval_shape(model, jnp.zeros((1, block_size), jnp.int32)).shape[-2]
+    require(model, LanguageModel, "evaluate()")
+    n_predicted = model.n_predicted(block_size)
     if mesh is not None:
         batch_size = -(-batch_size // batch_shards(mesh)) * batch_shards(mesh)
     total, n_tokens = 0.0, 0
@@ -61,7 +62,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None) -> Ev
     (or of `data_path`)."""
     model, tokenizer = load(run_dir)
     recipe = load_run_recipe(Path(run_dir))
-    mesh = eval_mesh(recipe)
+    mesh = eval_mesh(recipe.mesh)
     model = shard(model, mesh)
     if data_path is not None:
         recipe.set("data.path", str(data_path))

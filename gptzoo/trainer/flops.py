@@ -8,6 +8,7 @@ layers `d` wide over a context of `T` (PaLM, Chowdhery et al. 2022, appendix B; 
 
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -30,6 +31,11 @@ PEAK_FLOPS = {
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
 }
+
+
+def count_parameters(model) -> int:
+    """The number of values in the model's arrays, the `N` above (embeddings included)."""
+    return sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
 
 
 def flops_per_token(n_params: int, n_layers: int, d_model: int, context: int) -> float:

@@ -5,10 +5,11 @@ import jax
 import numpy as np
 
 from gptzoo.errors import GptzooError
+from gptzoo.trainer.divergence import FallBack
 
 
 class BadSteps:
-    """Counts skipped steps; `stop_if_diverged` raises once `limit` of them came in a row."""
+    """Counts skipped steps; `diverged()` once `limit` of them came in a row."""
 
     def __init__(self, limit: int, lr: float):
         self.limit, self.lr = limit, lr
@@ -37,11 +38,21 @@ class BadSteps:
         n, self.since_record = self.since_record, 0
         return n
 
-    def stop_if_diverged(self) -> None:
+    def skipping(self) -> bool:
+        """Whether the latest step was skipped: a checkpoint now would save a run mid-streak."""
         self._settle()
-        if self.diverged_at is not None:
-            raise GptzooError(
-                f"training diverged: {self.limit} steps in a row up to step {self.diverged_at} had "
-                f"a non-finite loss or gradient and were skipped (trainer.max_bad_steps); the last "
-                f"checkpoint is kept: --resume it with a lower optimizer.lr than {self.lr:g}, e.g. "
-                f"--set optimizer.lr={self.lr / 3:.2g}")
+        return self.streak > 0
+
+    def diverged(self) -> bool:
+        self._settle()
+        return self.diverged_at is not None
+
+    def error(self, fall_back: FallBack) -> GptzooError:
+        """The error that stops a diverged run, naming the checkpoint it falls back to."""
+        lower = f"a lower optimizer.lr than {self.lr:g}, e.g. --set optimizer.lr={self.lr / 3:.2g}"
+        then = (f"--resume it with {lower}" if fall_back.kept is not None else
+                f"start again (without --resume) with {lower}")
+        return GptzooError(
+            f"training diverged: {self.limit} steps in a row up to step {self.diverged_at} had "
+            f"a non-finite loss or gradient and were skipped (trainer.max_bad_steps); "
+            f"{fall_back.describe()}; {then}")

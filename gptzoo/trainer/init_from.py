@@ -9,7 +9,6 @@ import equinox as eqx
 from gptzoo.data import Tokenizer
 from gptzoo.errors import GptzooError
 from gptzoo.models.names import (
-    is_shape,
     named_leaves,
     per_layer_leaves,
     replace_arrays,
@@ -17,6 +16,7 @@ from gptzoo.models.names import (
     shape_differences,
     shapes,
 )
+from gptzoo.nn.leaves import is_array_or_shape
 from gptzoo.trainer.checkpoint import load
 
 
@@ -39,9 +39,9 @@ class Initial:
         shapes. Arrays of the same layout are taken as they are (no per-layer copies of a
         scanned model)."""
         same = named_leaves(self.model)
-        if shapes(named_leaves(model, _array_or_shape)) == shapes(same):
+        if shapes(named_leaves(model, is_array_or_shape)) == shapes(same):
             return replace_arrays(model, same)
-        ours = per_layer_leaves(model, _array_or_shape)  # any layouts
+        ours = per_layer_leaves(model, is_array_or_shape)  # any layouts
         theirs = per_layer_leaves(self.model)
         differences = shape_differences(shapes(ours), shapes(theirs), "checkpoint", "the recipe")
         if differences:
@@ -50,7 +50,3 @@ class Initial:
                               f"{'; '.join(differences[:3])}{more}; set the recipe's model "
                               "section to the run's (its recipe.json) or train from scratch")
         return replace_per_layer(model, theirs)
-
-
-def _array_or_shape(leaf) -> bool:
-    return eqx.is_array(leaf) or is_shape(leaf)

@@ -1,47 +1,11 @@
-"""What a run reports: metrics.jsonl always; a rich progress bar on a terminal (loss, last val loss,
-tokens/s, ETA), else plain lines."""
+"""What a run shows while it trains: a rich progress bar on a terminal (loss, last val loss,
+tokens/s, ETA), else plain lines; and its tokens/s. Its records go to `metrics_file`."""
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-from gptzoo.atomic import write_text_atomic
-from gptzoo.errors import GptzooError
-
-
-class MetricsLog:
-    """Appends one JSON object per logged step. Opening it for a resumed run drops the records
-    past the checkpoint's step, and a last line cut short by a killed process, so the file reads
-    as one uninterrupted run; that rewrite goes through a temporary file and an atomic rename."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is None:
-            write_text_atomic(path, "")
-        elif path.exists():
-            kept = [ln for ln, record in _records(path) if record["step"] <= resume_step]
-            write_text_atomic(path, "".join(ln + "\n" for ln in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append((line, json.loads(line)))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:  # only the last line can be cut short by a kill
-                raise GptzooError(f"{path} line {i + 1} is not JSON; delete that line or the "
-                                  "file to resume") from None
-    return records
 
 
 def format_record(record: dict[str, Any]) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 
 from gptzoo.atomic import write_text_atomic
 from gptzoo.errors import GptzooError
-from gptzoo.trainer.sinks import read_records
+from gptzoo.processes import alive
+from gptzoo.trainer.metrics_file import read_records
 
 STATUS_FILE = "status.json"
 
@@ -81,16 +82,6 @@ def read_status(run_dir: Path) -> dict[str, Any]:
         return {"status": "unknown"}
     status = json.loads(path.read_text())
     if (status["status"] == "running" and status.get("host") == socket.gethostname()
-            and not _alive(status["pid"])):
+            and not alive(status["pid"])):
         status.update(status="failed", error="killed: its process is gone")
     return status
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0 checks only that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True

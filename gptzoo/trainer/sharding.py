@@ -1,15 +1,17 @@
-"""Where arrays live: a mesh of devices with named axes `data`, `fsdp` and `tensor`, and the rules
-that place each parameter, optimizer statistic and batch on it.
+"""Where arrays live: a mesh of devices with named axes `data`, `fsdp`, `tensor` and `expert`, and
+the rules that place each parameter, optimizer statistic and batch on it.
 
-The batch is split over `data` x `fsdp`. Parameters and their optimizer statistics are split
-according to their logical axes (`gptzoo.models.axes`) by `RULES`: FSDP shards them over `fsdp`
-(XLA gathers each weight where the step uses it and reduce-scatters its gradient), tensor
-parallelism splits attention heads and the MLP's hidden units over `tensor` (column-split in,
-row-split out, as in Megatron-LM). A parameter without logical axes is replicated.
+The batch is split over `data` x `fsdp` x `expert`. Parameters and their optimizer statistics
+are split according to their logical axes (`gptzoo.models.axes`, and each family's own) by
+`RULES`: FSDP shards them over `fsdp` (XLA gathers each weight where the step uses it and
+reduce-scatters its gradient), tensor parallelism splits attention heads and the MLP's hidden
+units over `tensor` (column-split in, row-split out, as in Megatron-LM), and a mixture's stacked
+experts are split over `expert` (each device holds whole experts; XLA moves what the tokens
+routed elsewhere need). A parameter without logical axes is replicated.
 
 Activations are placed by logical axis too (`activation_rule`, installed inside the jitted step and
-evaluation): the residual stream between blocks has its batch over `data` x `fsdp` and is whole
-along its positions and width.
+evaluation): the residual stream between blocks has its batch over `data` x `fsdp` x `expert` and
+is whole along its positions and width.
 """
 
 import math
@@ -19,13 +21,15 @@ import equinox as eqx
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from gptzoo.data.batch_schedule import BatchSchedule, checked_schedule
 from gptzoo.errors import GptzooError
 from gptzoo.models.axes import logical_axes
+from gptzoo.models.config import ModelConfig
 from gptzoo.models.names import path_name
 from gptzoo.recipe import MeshConfig, Recipe
 
-AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")
+AXES = ("data", "fsdp", "tensor", "expert")
+BATCH = ("data", "fsdp", "expert")
 
 # Logical axis -> the mesh axes its dimension is split over (MaxText's logical_axis_rules);
 # a logical axis not listed (layers, positions, norm) is never split.
@@ -35,6 +39,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
+    "experts": ("expert",),
 }
 
 
@@ -45,9 +50,10 @@ RULES: dict[str, tuple[str, ...]] = {
 ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": BATCH}
 
 
-def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """`(data, fsdp, tensor)` sizes from the recipe's `mesh` section, its one `-1` filled with the
-    devices left; a one-line error names the key to change when they do not fit `n_devices`."""
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int, int]:
+    """`(data, fsdp, tensor, expert)` sizes from the recipe's `mesh` section, its one `-1` filled
+    with the devices left; a one-line error names the key to change when they do not fit
+    `n_devices`."""
     sizes = {axis: getattr(cfg, axis) for axis in AXES}
     free = [axis for axis, size in sizes.items() if size == -1]
     bad = [axis for axis, size in sizes.items() if size == 0 or size < -1]
@@ -67,39 +73,44 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
         hint = (f"choose the other axes so that their product divides {n_devices}"
                 if free else "set one of them to -1 to take the devices left")
         raise GptzooError(f"{shown} does not cover the {n_devices} device(s) here; {hint}")
-    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+    return tuple(sizes[axis] for axis in AXES)
 
 
-def make_mesh(recipe: Recipe, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The training mesh of `recipe` over `devices` (default: all of them, across processes),
-    refusing a batch that does not split over `data` x `fsdp` or heads that do not split over
-    `tensor`."""
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of the recipe's `mesh` section over `devices` (default: all of them, across
+    processes)."""
     devices = jax.devices() if devices is None else devices
-    data, fsdp, tensor = mesh_shape(recipe.mesh, len(devices))
-    batch = recipe.trainer.batch_size
-    if batch % (data * fsdp):
-        raise GptzooError(f"trainer.batch_size={batch} does not split over {data * fsdp} devices "
-                          f"(mesh.data={data} x mesh.fsdp={fsdp}); use a multiple of "
-                          f"{data * fsdp}, or change mesh.data or mesh.fsdp")
-    n_heads = getattr(recipe.model, "n_heads", None)
+    return _mesh(mesh_shape(cfg, len(devices)), devices)
+
+
+def check_fits(recipe: Recipe, shape: tuple[int, ...]) -> BatchSchedule:
+    """The recipe's batch schedule, once each of its batches (and micro-batches) splits over
+    `data` x `fsdp` x `expert` of a mesh of `shape` and its heads over `tensor`; else a one-line
+    error naming the key to change."""
+    data, fsdp, tensor, expert = shape
+    cfg = recipe.trainer
+    schedule = checked_schedule(cfg.batch_size, cfg.batch_schedule, cfg.grad_accum_steps,
+                                data * fsdp * expert,
+                                f"mesh.data={data} x mesh.fsdp={fsdp} x mesh.expert={expert}")
+    n_heads = recipe.model.n_heads if isinstance(recipe.model, ModelConfig) else None
     if n_heads is not None and n_heads % tensor:
         raise GptzooError(f"model.n_heads={n_heads} does not split over mesh.tensor={tensor}; "
                           f"set mesh.tensor to a divisor of {n_heads}")
-    return _mesh((data, fsdp, tensor), devices)
+    return schedule
 
 
-def eval_mesh(recipe: Recipe) -> Mesh:
-    """The mesh to evaluate a run on: its recipe's when that fits the devices here (a run trained
-    on eight devices may be evaluated on one), else every device on `fsdp`."""
+def eval_mesh(cfg: MeshConfig) -> Mesh:
+    """The mesh to evaluate a run on: its `mesh` section's when that fits the devices here (a run
+    trained on eight devices may be evaluated on one), else every device on `fsdp`."""
     devices = jax.devices()
     try:
-        shape = mesh_shape(recipe.mesh, len(devices))
+        shape = mesh_shape(cfg, len(devices))
     except GptzooError:
-        shape = (1, len(devices), 1)
+        shape = (1, len(devices), 1, 1)
     return _mesh(shape, devices)
 
 
-def _mesh(shape: tuple[int, int, int], devices: Sequence[jax.Device]) -> Mesh:
+def _mesh(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> Mesh:
     # Auto axes: XLA propagates shardings from the placed inputs and the constraints below.
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
@@ -119,7 +130,7 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh) -> PartitionSpec:
     if axes is None:
         return PartitionSpec()
     spec, used = [], set()
-    for name, size in zip(axes, shape):
+    for name, size in zip(axes, shape, strict=True):
         split = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1 and a not in used)
         if not split or size % math.prod(mesh.shape[a] for a in split):
             spec.append(None)
@@ -169,7 +180,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """A batch `(batch, ...)` split over `data` x `fsdp`."""
+    """A batch `(batch, ...)` split over `data` x `fsdp` x `expert`."""
     return NamedSharding(mesh, PartitionSpec(BATCH))
 
 
@@ -184,5 +195,6 @@ def activation_rule(mesh: Mesh) -> Callable[[tuple[str | None, ...]], NamedShard
 
 
 def chunk_sharded(mesh: Mesh) -> NamedSharding:
-    """A stack of batches `(n_steps, batch, ...)`: each batch split over `data` x `fsdp`."""
+    """A stack of batches `(n_steps, batch, ...)`: each batch split over `data` x `fsdp` x
+    `expert`."""
     return NamedSharding(mesh, PartitionSpec(None, BATCH))

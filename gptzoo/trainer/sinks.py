@@ -6,18 +6,17 @@ A record is the dict the loop logs every `trainer.log_interval` steps (`step`, `
 is anything with `write(record)` and `close()`; `open_sinks` builds the run's fan-out.
 """
 
-import json
 import os
 import secrets
 import socket
-import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any, Protocol
 
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe
-from gptzoo.trainer.progress import MetricsLog
+from gptzoo.trainer.metrics_file import MetricsLog
+from gptzoo.workarounds import torch_hidden
 
 # Record keys to TensorBoard tags: the prefix groups them into sections; any other numeric key
 # is logged under its own name.
@@ -71,8 +70,8 @@ class JsonlSink:
 class TensorBoardSink:
     """Event files in the run directory. tensorboardX's own thread writes each record to disk
     within `FLUSH_SECONDS`, so `tensorboard --logdir runs` follows the run live without the loop
-    waiting for the disk (a flush at every record took ~2 ms of each log step: the devices idle
-    meanwhile). A killed run's events lack at most that last second; metrics.jsonl has them."""
+    waiting for the disk (a flush at every record would idle the devices at each log step). A
+    killed run's events lack at most that last second; metrics.jsonl has them."""
 
     FLUSH_SECONDS = 1
 
@@ -92,17 +91,9 @@ class TensorBoardSink:
 
 
 def _summary_writer_class():
-    """tensorboardX's writer imports torch where it is installed (about 4 s) only to accept its
-    tensors; the sink writes floats, so torch is hidden while the writer loads, unless something
-    in this process has imported it already."""
-    hide_torch = "torch" not in sys.modules
-    if hide_torch:
-        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
-    try:
+    """tensorboardX's writer, loaded without torch (`workarounds.torch_hidden`)."""
+    with torch_hidden():
         from tensorboardX import SummaryWriter
-    finally:
-        if hide_torch:
-            del sys.modules["torch"]
     return SummaryWriter
 
 
@@ -167,18 +158,3 @@ def open_sinks(recipe: Recipe, run_dir: Path, metrics: MetricsLog,
     # W&B first: a missing package fails before any file is written.
     sinks: list[Sink] = [WandbSink(recipe, run_dir, resume_step)] if recipe.trainer.wandb else []
     return Sinks([JsonlSink(metrics), TensorBoardSink(run_dir, resume_step), *sinks])
-
-
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of `RUN_DIR/metrics.jsonl`, skipping a torn last line of a killed run."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise GptzooError(f"{run_dir} holds no metrics.jsonl; pass a run directory made by "
-                          "gptzoo train")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records

@@ -1,6 +1,6 @@
-"""The jitted train and eval functions. They know nothing of any particular model: a model is any
-module mapping `tokens (batch, seq)` to `logits (batch, seq, vocab)`, with dropout keyed by an
-optional `key`; a model may instead predict only the last `n` positions, `(batch, n, vocab)`."""
+"""The jitted train and eval functions. They know nothing of any particular model: a model is a
+`LanguageModel` (`gptzoo.models.protocol`), mapping `tokens (batch, seq)` to the logits of its last
+`n_predicted(seq)` positions, `(batch, n, vocab)`, with dropout keyed by an optional `key`."""
 
 from collections.abc import Callable
 from typing import NamedTuple
@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from gptzoo.models.protocol import LanguageModel
 from gptzoo.nn.activation_sharding import activation_sharding
 from gptzoo.trainer.accumulate import accumulated_grad
 from gptzoo.trainer.loss import cross_entropy
@@ -19,20 +20,21 @@ from gptzoo.trainer.precision import in_compute_dtype
 from gptzoo.trainer.sharding import activation_rule, batch_sharded, shard
 
 
-def loss_fn(model, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
+def loss_fn(model: LanguageModel, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
             key: PRNGKeyArray | None = None) -> Float[Array, ""]:
     return token_losses(model, inputs, targets, key).mean()
 
 
-def token_losses(model, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
-                 key: PRNGKeyArray | None = None) -> Float[Array, "batch predicted"]:
+def token_losses(model: LanguageModel, inputs: Int[Array, "batch seq"],
+                 targets: Int[Array, "batch seq"], key: PRNGKeyArray | None = None
+                 ) -> Float[Array, "batch predicted"]:
     """The float32 cross-entropy of every predicted position, whatever the compute dtype."""
     logits = model(inputs, key=key)
     return cross_entropy(logits, predicted(targets, logits))
 
 
-def batch_loss_sum(model, batch: Int[Array, "batch block_plus_1"], key: PRNGKeyArray | None
-                   ) -> tuple[Float[Array, ""], int]:
+def batch_loss_sum(model: LanguageModel, batch: Int[Array, "batch block_plus_1"],
+                   key: PRNGKeyArray | None) -> tuple[Float[Array, ""], int]:
     """`(sum of the token losses, number of predicted tokens)` of one batch of windows."""
     losses = token_losses(model, batch[:, :-1], batch[:, 1:], key)
     return losses.sum(), losses.size

@@ -7,20 +7,21 @@ shards, each predicted from the memory the earlier ones needed (`_search`).
 """
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import equinox as eqx
 import jax
 import numpy as np
 
 from gptzoo.errors import GptzooError
+from gptzoo.models.config import ModelConfig
 from gptzoo.recipe import Recipe
 from gptzoo.trainer import flops
-from gptzoo.trainer.loop import Prepared, prepare
-from gptzoo.trainer.sharding import chunk_sharded, mesh_shape
+from gptzoo.trainer.prepared import Prepared, prepare
+from gptzoo.trainer.sharding import AXES, BATCH, chunk_sharded, mesh_shape
 
 
 @dataclass
@@ -57,8 +58,9 @@ def tune_batch(recipe: Recipe, budget_bytes: int | None = None, timed_steps: int
     if budget_bytes is None:
         raise GptzooError(f"{jax.devices()[0].platform} devices report no memory limit; give "
                           "tune-batch one with --memory-gb")
-    data, fsdp, _ = mesh_shape(recipe.mesh, len(jax.devices()))
-    global_batch, shards = recipe.trainer.batch_size, data * fsdp  # the batch's pieces
+    sizes = dict(zip(AXES, mesh_shape(recipe.mesh, len(jax.devices())), strict=True))
+    global_batch = recipe.trainer.batch_size
+    shards = math.prod(sizes[axis] for axis in BATCH)  # the batch's pieces
     recipe = one_step_recipe(recipe, shards)
     p = prepare(recipe, log=lambda _: None)
     block = recipe.model.block_size
@@ -231,13 +233,13 @@ def _time(p: Prepared, state, batch_size: int, block: int, steps: int) -> float:
 
 
 def _flops_per_token(recipe: Recipe, p: Prepared) -> float | None:
-    """The model's training FLOPs per token, when its config names the shape that the attention
-    term needs (`n_layers`, `d_model`, `block_size`)."""
-    shape = [getattr(recipe.model, k, None) for k in ("n_layers", "d_model", "block_size")]
-    if None in shape:
+    """The model's training FLOPs per token, when its config is a `ModelConfig`, which names the
+    shape that the attention term needs (`n_layers`, `d_model`, `block_size`)."""
+    m = recipe.model
+    if not isinstance(m, ModelConfig):
         return None
-    n_params = sum(a.size for a in jax.tree.leaves(eqx.filter(p.model, eqx.is_array)))
-    return flops.flops_per_token(n_params, *shape)
+    return flops.flops_per_token(flops.count_parameters(p.model), m.n_layers, m.d_model,
+                                 m.block_size)
 
 
 def report(result: TuneResult, peak_flops: float | None = None) -> list[str]:

@@ -1,0 +1,144 @@
+"""Each workaround of `gptzoo.workarounds` is still needed: every test here checks the dependency
+behaviour it works around, and fails once the dependency changes, naming the workaround that can
+then go. Each also checks that the workaround itself does what it says."""
+
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental import serialize_executable
+
+from gptzoo import workarounds
+from gptzoo.trainer.checkpoint import Checkpoints
+
+# A process that loads JAX, runs a program and ends, printing the moment its last atexit handler
+# starts: from then on, Python tears down its modules and objects (what `gptzoo` skips).
+_ENDING = """
+import atexit, time
+
+atexit.register(lambda: print(repr(time.time()), flush=True))  # first registered, last run
+import jax, jax.numpy as jnp
+jax.jit(lambda a: a @ a)(jnp.ones((64, 64))).block_until_ready()
+"""
+
+
+def test_python_teardown_with_jax_loaded_outlasts_an_immediate_exit():
+    """`os._exit` ends such a process within a few hundredths of a second; once Python's own
+    teardown is about as quick, `exit_without_teardown` can go."""
+    process = subprocess.Popen([sys.executable, "-c", _ENDING], stdout=subprocess.PIPE, text=True)
+    teardown_started = float(process.stdout.read())  # returns once the process has ended
+    teardown = time.time() - teardown_started
+    assert process.wait() == 0
+    assert teardown > 0.15, (
+        f"Python's teardown took {teardown:.3f} s: drop workarounds.exit_without_teardown")
+
+
+# Asks for `import torch` are recorded and refused (a real torch would take seconds to load).
+_TENSORBOARDX = """
+import sys
+
+class RefuseTorch:
+    asked = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            RefuseTorch.asked = True
+            raise ImportError("torch refused by the test")
+        return None
+
+sys.meta_path.insert(0, RefuseTorch())
+from tensorboardX import SummaryWriter
+print(RefuseTorch.asked)
+"""
+
+
+def test_tensorboardx_still_imports_torch_with_its_writer():
+    """Once tensorboardX's writer loads without asking for torch, `torch_hidden` can go."""
+    asked = subprocess.run([sys.executable, "-c", _TENSORBOARDX], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert asked == "True", "tensorboardX no longer imports torch: drop workarounds.torch_hidden"
+
+
+_HIDDEN = """
+import sys
+from gptzoo.workarounds import torch_hidden
+
+with torch_hidden():
+    try:
+        import torch
+        print("imported")
+    except ImportError:
+        print("refused")
+print("torch" in sys.modules)
+"""
+
+
+def test_torch_hidden_refuses_torch_and_then_forgets_it():
+    out = subprocess.run([sys.executable, "-c", _HIDDEN], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["refused", "False"]
+
+
+def saved_files(tmp_path, handler) -> set[str]:
+    registry = ocp.type_handlers.create_type_handler_registry((jax.Array, handler))
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    checkpointer.save(tmp_path / "saved", args=ocp.args.PyTreeSave({"w": jnp.ones(3)}))
+    return {p.name for p in (tmp_path / "saved").rglob("*")}
+
+
+def test_orbax_still_writes_a_sharding_file_by_default(tmp_path):
+    """Once orbax's default array handler writes no `_sharding` file, the override can go."""
+    assert "_sharding" in saved_files(tmp_path / "default", ocp.type_handlers.ArrayHandler()), (
+        "orbax writes no _sharding file: drop workarounds.orbax_arrays_without_sharding_file")
+    checkpoints = Checkpoints(tmp_path / "run")  # gptzoo's, with the override registered
+    checkpoints.save(1, {"w": jnp.ones(3)}, {"m": jnp.zeros(2)}, {})
+    checkpoints.close()
+    files = {p.name for p in (tmp_path / "run").rglob("*")}
+    assert "_METADATA" in files and "_sharding" not in files
+
+
+def test_jax_distributed_still_has_no_public_cluster_detection():
+    """Once `jax.distributed` offers more than these, one may say which cluster `initialize()`
+    would detect: `detected_cluster` could then stop reading the private `jax._src.clusters`."""
+    public = {name for name in dir(jax.distributed) if not name.startswith("_")}
+    assert public == {"initialize", "is_initialized", "shutdown"}, (
+        f"jax.distributed now has {sorted(public)}: see whether one replaces "
+        "workarounds.detected_cluster")
+    assert workarounds.detected_cluster() is None  # a test machine is no cluster
+
+
+def run_serialized(compiled, x) -> float:
+    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    return float(serialize_executable.deserialize_and_load(payload, in_tree, out_tree)(x))
+
+
+def test_a_program_read_from_the_persistent_cache_serializes_without_its_kernels():
+    """The test session's persistent cache is on (conftest): a program compiled twice is read
+    back from it the second time, and its serialized form fails to run. Once it runs,
+    `compile_past_persistent_cache` can go. Compiled past the cache, it runs."""
+    assert jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache
+
+    def program(a):
+        return jnp.tanh(a @ a).sum()
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8)), jnp.float32)
+    expected = float(np.tanh(np.asarray(x, np.float64) @ np.asarray(x, np.float64)).sum())
+    jax.jit(program).lower(x).compile()  # into the persistent cache
+    jax.clear_caches()
+    from_cache = jax.jit(program).lower(x).compile()
+    try:
+        run_serialized(from_cache, x)
+    except Exception as e:  # noqa: BLE001 - XLA's runtime error, whatever its class
+        assert "not found" in str(e), e
+    else:
+        raise AssertionError("a program read from JAX's persistent cache now serializes whole: "
+                             "drop workarounds.compile_past_persistent_cache")
+    jax.clear_caches()  # or the lowering compiles to the executable held in memory
+    afresh = workarounds.compile_past_persistent_cache(jax.jit(program).lower(x))
+    assert run_serialized(afresh, x) == pytest.approx(expected, rel=1e-5)
+    assert jax.config.jax_enable_compilation_cache  # restored
