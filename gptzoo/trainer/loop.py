@@ -15,7 +15,7 @@ import optax
 
 from gptzoo.data import Batches, BatchSchedule, Corpus, Prefetcher, Tokenizer, prepare_corpus
 from gptzoo.errors import GptzooError
-from gptzoo.models.protocol import LanguageModel, require
+from gptzoo.models.protocol import AuxLossModel, LanguageModel, require
 from gptzoo.nn.stack import with_scan_settings
 from gptzoo.recipe import Recipe, save_recipe
 from gptzoo.trainer.accumulate import check_micro_batches
@@ -132,12 +132,15 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
                                       or due(cfg.checkpoint_interval))
             if due(cfg.log_interval) or interrupted:
                 # Waits for the chunk, whose call returned at once on a GPU: part of tokens/s.
-                losses, grad_norms = jax.device_get((stats.loss, stats.grad_norm))
+                losses, grad_norms, aux_losses = jax.device_get(
+                    (stats.loss, stats.grad_norm, stats.aux_loss))
                 record = {"step": step, "train_loss": float(losses[-1]),
                           "grad_norm": float(grad_norms[-1]), "bad_steps": bad_steps.take(),
                           "lr": float(learning_rate(step - 1)), "batch_size": batch_size(step - 1),
                           "tokens_per_sec": throughput.tokens_per_sec(),
                           "wall_time": run.status.wall_time()}
+                if isinstance(model, AuxLossModel):  # e.g. a mixture of experts' load balancing
+                    record["aux_loss"] = float(aux_losses[-1])
                 if due(cfg.eval_interval):
                     record.update(_validation_estimate(model, p, step, cfg.eval_steps))
                 run.sinks.write(record)
