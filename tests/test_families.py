@@ -137,5 +137,5 @@ def test_a_recipe_extending_model_config_still_builds(tmp_path):
 def test_an_unknown_architecture_fails_naming_the_registered_ones(tmp_path):
     (tmp_path / "r.py").write_text("architecture = 'mamba'\n")
     with pytest.raises(GptzooError, match="architecture='mamba' is not built in; choose one of "
-                                          "gpt2, llama, perceiver_ar"):
+                                          "gpt2, llama, mixtral, perceiver_ar"):
         load_recipe(tmp_path / "r.py")

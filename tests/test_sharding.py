@@ -20,7 +20,7 @@ from gptzoo.errors import GptzooError
 from gptzoo.models.axes import logical_axes
 from gptzoo.models.names import named_leaves
 from gptzoo.recipe import MeshConfig
-from gptzoo.trainer import evaluate_run, sharding
+from gptzoo.trainer import evaluate_run
 from gptzoo.trainer.sharding import AXES, check_fits, mesh_shape, partition_spec
 
 
@@ -96,14 +96,16 @@ def test_the_rules_split_heads_and_mlp_over_tensor_and_the_rest_over_fsdp():
     assert partition_spec("blocks.0.attn_norm.weight", (32,), mesh) == PartitionSpec(None)
 
 
-def test_a_mixtures_experts_split_over_the_expert_axis(monkeypatch):
-    # The logical axes of stacked experts' gate_up, (layers, experts, d_model, 2 d_hidden), as a
-    # model family declares them.
-    monkeypatch.setattr(sharding, "logical_axes", lambda path, ndim: (
-        "layers", "experts", "embed", "mlp"))
+def test_a_mixtures_experts_split_over_the_expert_axis():
+    # Stacked experts' gate_up is (layers, experts, d_model, 2 d_hidden), down (layers, experts,
+    # d_hidden, d_model); the router (layers, d_model, experts) keeps its experts whole.
     mesh = AbstractMesh((1, 2, 1, 4), AXES)
     assert partition_spec("blocks.layers.mlp.experts.gate_up", (3, 8, 32, 96), mesh) == (
         PartitionSpec(None, "expert", "fsdp", None))
+    assert partition_spec("blocks.layers.mlp.experts.down", (3, 8, 48, 32), mesh) == (
+        PartitionSpec(None, "expert", None, "fsdp"))
+    assert partition_spec("blocks.layers.mlp.router.weight", (3, 32, 8), mesh) == (
+        PartitionSpec(None, "fsdp", None))
     # Three experts do not split over four devices: each device holds them all.
     assert partition_spec("blocks.layers.mlp.experts.gate_up", (3, 3, 32, 96), mesh) == (
         PartitionSpec(None, None, "fsdp", None))

@@ -142,3 +142,45 @@ def test_a_program_read_from_the_persistent_cache_serializes_without_its_kernels
     afresh = workarounds.compile_past_persistent_cache(jax.jit(program).lower(x))
     assert run_serialized(afresh, x) == pytest.approx(expected, rel=1e-5)
     assert jax.config.jax_enable_compilation_cache  # restored
+
+
+def _cache_step(cache, q, new, position, ordered: bool):
+    """A decode step's shape: read the whole cache, then write one row of it in place."""
+    read = jnp.einsum("d,sd->s", q, cache)
+    if ordered:
+        (new,) = workarounds.read_before_write(read, new)
+    return jax.lax.dynamic_update_slice(cache, new[None], (position, 0)), read
+
+
+def _cache_copies(ordered: bool) -> int:
+    step = jax.jit(lambda *a: _cache_step(*a, ordered=ordered), donate_argnums=0)
+    text = step.lower(jnp.zeros((4096, 64)), jnp.ones(64), jnp.ones(64), 3).compile().as_text()
+    return sum(" copy(" in line and "f32[4096,64]" in line for line in text.splitlines())
+
+
+def test_xla_cpu_still_copies_a_cache_updated_without_the_read_first():
+    assert _cache_copies(ordered=False) > 0, (
+        "XLA:CPU now orders a read before an in-place write by itself: "
+        "workarounds.read_before_write can go")
+    assert _cache_copies(ordered=True) == 0
+
+
+def test_read_before_write_keeps_values_whatever_the_dependency():
+    values = (jnp.arange(3.0), jnp.arange(3, dtype=jnp.int32))
+    for dependency in (jnp.array([2.0]), jnp.array([jnp.nan]), jnp.array([-jnp.inf])):
+        for got, want in zip(workarounds.read_before_write(dependency, *values), values,
+                             strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_one_non_finite_token_stays_in_its_own_cache_slot():
+    """A NaN in one decoded token's input poisons its own keys and values, never the positions
+    or the other tokens' slots: later tokens still read a well-formed cache."""
+    from gptzoo.nn import CausalSelfAttention
+
+    attention = CausalSelfAttention(16, 2, key=jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 16)).at[1].set(jnp.nan)
+    _, cache = attention.decode(x, jnp.arange(3), attention.init_cache(8))
+    np.testing.assert_array_equal(cache.positions, [0, 1, 2, -1, -1, -1, -1, -1])
+    finite_k = np.isfinite(np.asarray(cache.k)).all(axis=(0, 2))  # per slot
+    np.testing.assert_array_equal(finite_k, [True, False, True] + [True] * 5)

@@ -50,7 +50,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, block_size: int | None = None
     template = eqx.filter_eval_shape(build_architecture, hf.architecture, hf.config,
                                      hf.config.vocab_size, key=jax.random.PRNGKey(0))
     with open_tensors(hf_dir, family.hf.rename) as tensors:
-        arrays = read_params(family.hf_params(hf.config), tensors, hf_dir,
+        arrays = read_params(family.hf_params(hf.config), family.hf.convert(tensors), hf_dir,
                              tied=hf.config.tie_head, buffers=family.hf.buffers)
         model = fill(template, arrays, hf_dir)
     out.mkdir(parents=True, exist_ok=True)

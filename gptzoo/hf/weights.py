@@ -1,6 +1,7 @@
 """Hugging Face tensor files both ways, driven by a family's `Param` table
 (`Family.hf_params(config)`): each of our arrays is one HF tensor or the concatenation (along the
-output axis) of several, transposed where HF stores `(out, in)`.
+output axis) of several, transposed where HF stores `(out, in)` (in the last two axes: stacked
+experts keep their leading axis).
 """
 
 import json
@@ -58,6 +59,9 @@ class TensorFiles(Mapping):
         array = tensor if isinstance(tensor, np.ndarray) else tensor.float().numpy()
         return np.asarray(array, dtype=np.float32)
 
+    def __contains__(self, name) -> bool:  # without reading the tensor, as Mapping's would
+        return name in self.location
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.location)
 
@@ -110,7 +114,8 @@ def read_params(params: list[Param], tensors: Mapping[str, np.ndarray], where: P
     arrays = {}
     for p in params:
         parts = [tensors[name] for name in p.theirs]
-        arrays[p.ours] = np.concatenate([t.T if p.transpose else t for t in parts], axis=-1)
+        arrays[p.ours] = np.concatenate([_transposed(t) if p.transpose else t for t in parts],
+                                        axis=-1)
     return arrays
 
 
@@ -121,5 +126,10 @@ def write_params(params: list[Param], arrays: Mapping[str, np.ndarray]) -> dict[
         parts = np.split(arrays[p.ours], np.cumsum(p.widths)[:-1], axis=-1) if p.widths else [
             arrays[p.ours]]
         for name, part in zip(p.theirs, parts):
-            tensors[name] = np.ascontiguousarray(part.T if p.transpose else part)
+            tensors[name] = np.ascontiguousarray(_transposed(part) if p.transpose else part)
     return tensors
+
+
+def _transposed(matrix: np.ndarray) -> np.ndarray:
+    """`(out, in)` <-> `(in, out)` in the last two axes, any leading ones (experts) kept."""
+    return np.swapaxes(matrix, -1, -2)

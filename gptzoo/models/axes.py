@@ -37,6 +37,11 @@ LOGICAL_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("*mlp.gate_up.bias", ("mlp",)),
     ("*mlp.down.weight", ("mlp", "embed")),
     ("*mlp.down.bias", ("embed",)),
+    # A mixture of experts (nn.MoEMLP): the router's columns are experts, but it is small and
+    # its softmax reads them all, so they stay whole; the experts' leading axis is split.
+    ("*mlp.router.weight", ("embed", "router")),
+    ("*mlp.experts.gate_up", ("experts", "embed", "mlp")),
+    ("*mlp.experts.down", ("experts", "mlp", "embed")),
     ("*norm.weight", ("norm",)),
     ("*norm.bias", ("norm",)),
     ("*norm.scale", ("norm",)),

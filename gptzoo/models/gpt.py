@@ -8,12 +8,14 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from gptzoo.nn import Embedding, Linear, PositionalEmbedding
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.decoding import decodes_from_cache
+from gptzoo.nn.moe import load_balancing_loss
 from gptzoo.nn.stack import (
     Stack,
     block_kinds,
     decode_blocks,
     init_caches,
     run_blocks,
+    split_aux,
     stack_blocks,
 )
 
@@ -59,11 +61,16 @@ class GPT(eqx.Module):
 
         Dropout is active only when `key` is given.
         """
+        return self._forward(tokens, key)[0]
+
+    def _forward(self, tokens, key):
+        """The logits, and what the blocks return beside the residual stream summed over them (a
+        mixture of experts' `RouterStats`), None for blocks that return it alone."""
         embed_key, blocks_key = jax.random.split(key) if key is not None else (None, None)
         x = self._embed(tokens, jnp.arange(tokens.shape[-1]))
         x = self.embed_dropout(x, key=embed_key, inference=key is None)
-        x = run_blocks(self.blocks, x, key=blocks_key)
-        return self._logits(self.final_norm(x), tokens)
+        x, aux = split_aux(run_blocks(self.blocks, x, key=blocks_key))
+        return self._logits(self.final_norm(x), tokens), aux
 
     @property
     def context_window(self) -> int:
@@ -107,6 +114,33 @@ class GPT(eqx.Module):
         return logits if self.head_qk is None else logits + self.head_qk(x, tokens)
 
 
+class MoEGPT(GPT):
+    """A `GPT` whose blocks route tokens to experts (`nn.MoEBlock`s, which return their
+    `RouterStats`), and an `AuxLossModel`: training adds `aux_loss_coef` times the
+    load-balancing loss of every layer's routing (`nn.load_balancing_loss`) to the cross-entropy,
+    as Mixtral's `router_aux_loss_coef` does. Its call gives the logits alone, as a `GPT`'s.
+
+    **Arguments:**
+
+    - `GPT`'s arguments, and
+    - `aux_loss_coef`: the load-balancing loss's weight in the training loss (keyword only).
+    """
+
+    aux_loss_coef: float = eqx.field(static=True, kw_only=True)
+
+    @typecheck
+    def logits_and_aux(
+        self, tokens: Int[Array, "*batch seq"], *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "*batch seq vocab"], Float[Array, ""]]:
+        """The logits and the load-balancing loss (unweighted) of the batch's tokens, pooled over
+        every layer's router as transformers' `load_balancing_loss_func` pools them."""
+        logits, stats = self._forward(tokens, key)
+        if stats is None:
+            raise ValueError("MoEGPT's blocks return no router statistics; build its blocks "
+                             "from nn.MoEBlock, or use a GPT")
+        return logits, load_balancing_loss(stats)
+
+
 def head_logits(embedding: Embedding, head: Linear | None,
                 x: Float[Array, "*batch seq d_model"]) -> Float[Array, "*batch seq vocab"]:
     """The output head (tied to `embedding` when `head` is None) in float32 whatever `x`'s dtype,
@@ -119,7 +153,7 @@ def decoder(
     block_size: int, final_norm: eqx.Module, positions: str | None = "learned",
     tie_head: bool = True, dropout: float = 0.0, init_std: float = 0.02,
     head_qk: eqx.Module | None = None, scan_layers: bool = True, window: int | None = None,
-    key: PRNGKeyArray,
+    aux_loss_coef: float | None = None, key: PRNGKeyArray,
 ) -> GPT:
     """A GPT around `n_layers` blocks made by `block(key)`: how recipes assemble zoo models.
 
@@ -130,13 +164,16 @@ def decoder(
     structure are stacked into a `Stack` and run with `jax.lax.scan` (one block to compile
     whatever the depth); otherwise, or when they differ, they stay a tuple. `window`: the
     sliding window the blocks' attention was given, if any (`GPT.context_window`).
+    `aux_loss_coef`: None for a `GPT`; for blocks that route to experts, a `MoEGPT` whose
+    training loss adds that times their load-balancing loss.
     """
     if positions not in ("learned", None):
         raise ValueError(f"positions={positions!r} is not a position scheme decoder knows; pass "
                          "'learned' for a learned embedding or None when attention adds positions")
     # Split as gpt2 does, so a gpt2 block factory rebuilds gpt2's model exactly.
     tok_key, pos_key, head_key, *block_keys = jax.random.split(key, n_layers + 3)
-    return GPT(
+    moe = {} if aux_loss_coef is None else {"aux_loss_coef": aux_loss_coef}
+    return (GPT if aux_loss_coef is None else MoEGPT)(
         token_embedding=Embedding(vocab_size, d_model, init_std=init_std, key=tok_key),
         position_embedding=(PositionalEmbedding(block_size, d_model, init_std=init_std,
                                                 key=pos_key) if positions == "learned" else None),
@@ -148,4 +185,5 @@ def decoder(
         block_size=block_size,
         head_qk=head_qk,
         window=window,
+        **moe,
     )

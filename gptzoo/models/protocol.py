@@ -2,8 +2,10 @@
 
 `LanguageModel`: tokens to next-token logits, its block size, how far back it sees and which
 positions it predicts. `CachedDecoder`: a `LanguageModel` that also decodes one example's new
-tokens from a KV cache. Both are runtime-checkable `typing.Protocol`s: a model satisfies them by
-having the members, whatever its class. `require` fails with one line naming what a model lacks.
+tokens from a KV cache. `AuxLossModel`: a `LanguageModel` whose training loss adds an auxiliary
+loss (a mixture of experts' load balancing). All are runtime-checkable `typing.Protocol`s: a
+model satisfies them by having the members, whatever its class. `require` fails with one line
+naming what a model lacks.
 """
 
 from typing import Protocol, runtime_checkable
@@ -59,6 +61,22 @@ class CachedDecoder(LanguageModel, Protocol):
     ) -> tuple[Float[Array, "seq vocab"], PyTree]:
         """Logits for one example's new `tokens` at `positions`, and the cache extended by
         them."""
+
+
+@runtime_checkable
+class AuxLossModel(LanguageModel, Protocol):
+    """A `LanguageModel` whose training loss adds an auxiliary loss of its own forward pass (a
+    mixture of experts' load-balancing loss): the trainer minimises the cross-entropy plus
+    `aux_loss_coef` times it, and logs it as `aux_loss`; evaluation scores the cross-entropy
+    alone."""
+
+    aux_loss_coef: float  # the auxiliary loss's weight in the training loss
+
+    def logits_and_aux(
+        self, tokens: Int[Array, "*batch seq"], *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "*batch n vocab"], Float[Array, ""]]:
+        """`__call__`'s logits and the auxiliary loss of the same pass, unweighted (over the
+        whole batch: a load-balancing loss pools every token)."""
 
 
 def can_decode(model) -> bool:

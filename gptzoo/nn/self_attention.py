@@ -12,20 +12,13 @@ from gptzoo.nn.attention import causal_attend, check_window, einsum_f32
 from gptzoo.nn.kv_cache import KVCache
 from gptzoo.nn.linear import Linear, projection_keys
 from gptzoo.nn.rmsnorm import RMSNorm
+from gptzoo.workarounds import read_before_write
 
 QK_NORMS = ("head", "projection")
 # The score of a key a query may not see: finite, so that a query that sees none (padding, at a
 # negative position) averages the values instead of giving NaN, which would reach the real
 # queries through the zero weights of the next layer's products.
 MASKED = float(jnp.finfo(jnp.float32).min)
-
-
-def _after(dependency: Array, *values: Array) -> tuple[Array, ...]:
-    """`values` unchanged, but computed from `dependency` (plus zero): XLA runs whatever reads
-    their inputs before it writes them. (`jax.lax.optimization_barrier` is removed before XLA:CPU
-    orders buffers.) A non-finite `dependency` makes them garbage; its output already is."""
-    zero = jnp.zeros((), dependency.dtype) * dependency.reshape(-1)[0]
-    return tuple(a + zero.astype(a.dtype) for a in values)
 
 
 class CausalSelfAttention(eqx.Module):
@@ -172,10 +165,8 @@ class CausalSelfAttention(eqx.Module):
         past, new = weights[..., : cache.size], weights[..., cache.size:]
         y = (einsum_f32("kgqs,kds->qkgd", past.astype(v.dtype), cache.v)
              + einsum_f32("kgqs,skd->qkgd", new.astype(v.dtype), v))
-        # The cache is written after it is read: the written values are made to depend on the
-        # output, which orders the reads before the in-place update. Unordered, XLA:CPU copies
-        # every layer's whole cache at every token to keep the reads safe.
-        k, v, positions = _after(y, k, v, positions)
+        # The cache is written after it is read (gptzoo.workarounds.read_before_write).
+        k, v, positions = read_before_write(y, k, v, positions)
         return self.out(y.reshape(seq, -1).astype(x.dtype)), cache.update(k, v, positions)
 
     def _cached_scores(self, grouped, k, cache, positions, key_positions):

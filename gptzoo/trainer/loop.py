@@ -10,7 +10,7 @@ import numpy as np
 
 from gptzoo.data import BatchSchedule, Prefetcher, Tokenizer
 from gptzoo.lora.run import recorded_base
-from gptzoo.models.protocol import LanguageModel
+from gptzoo.models.protocol import AuxLossModel, LanguageModel
 from gptzoo.recipe import Recipe
 from gptzoo.trainer.checkpoint import ensure_writable
 from gptzoo.trainer.distributed import agreed_stop, is_main
@@ -85,13 +85,16 @@ def _run_steps(recipe: Recipe, p: Prepared, run: OpenedRun, reporter: Reporter):
                                       or due(cfg.checkpoint_interval))
             if due(cfg.log_interval) or interrupted:
                 # Waits for the chunk, whose call returned at once on a GPU: part of tokens/s.
-                losses, grad_norms = jax.device_get((stats.loss, stats.grad_norm))
+                losses, grad_norms, aux_losses = jax.device_get(
+                    (stats.loss, stats.grad_norm, stats.aux_loss))
                 record = {"step": step, "train_loss": float(losses[-1]),
                           "grad_norm": float(grad_norms[-1]), "bad_steps": bad_steps.take(),
                           "lr": float(learning_rate(step - 1)),
                           "batch_size": p.train_batches.schedule.size(step - 1),
                           "tokens_per_sec": throughput.tokens_per_sec(),
                           "wall_time": run.status.wall_time()}
+                if isinstance(model, AuxLossModel):  # e.g. a mixture of experts' load balancing
+                    record["aux_loss"] = float(aux_losses[-1])
                 if due(cfg.eval_interval):
                     record.update(p.validation_estimate(model, step, cfg.eval_steps))
                 run.sinks.write(record)

@@ -22,6 +22,7 @@ from gptzoo.workarounds import torch_hidden
 # is logged under its own name.
 TAGS = {
     "train_loss": "loss/train", "val_loss": "loss/val", "val_bpb": "loss/val_bits_per_byte",
+    "aux_loss": "loss/aux",
     "lr": "optim/lr", "grad_norm": "optim/grad_norm", "bad_steps": "optim/bad_steps",
     "tokens_per_sec": "speed/tokens_per_sec", "wall_time": "speed/wall_time",
 }

@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from gptzoo.models.protocol import LanguageModel
+from gptzoo.models.protocol import AuxLossModel, LanguageModel
 from gptzoo.nn.activation_sharding import activation_sharding
 from gptzoo.trainer.accumulate import accumulated_grad
 from gptzoo.trainer.loss import cross_entropy
@@ -34,10 +34,19 @@ def token_losses(model: LanguageModel, inputs: Int[Array, "batch seq"],
 
 
 def batch_loss_sum(model: LanguageModel, batch: Int[Array, "batch block_plus_1"],
-                   key: PRNGKeyArray | None) -> tuple[Float[Array, ""], int]:
-    """`(sum of the token losses, number of predicted tokens)` of one batch of windows."""
-    losses = token_losses(model, batch[:, :-1], batch[:, 1:], key)
-    return losses.sum(), losses.size
+                   key: PRNGKeyArray | None
+                   ) -> tuple[Float[Array, ""], tuple[int, Float[Array, ""]]]:
+    """`(sum of the token losses, (number of predicted tokens, aux loss times that number))` of
+    one batch of windows. For an `AuxLossModel` each token's loss adds `aux_loss_coef` times the
+    batch's auxiliary loss, so that their mean is the cross-entropy plus the weighted auxiliary
+    loss; for any other model the auxiliary loss is 0."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    if not isinstance(model, AuxLossModel):
+        losses = token_losses(model, inputs, targets, key)
+        return losses.sum(), (losses.size, jnp.float32(0))
+    logits, aux = model.logits_and_aux(inputs, key=key)
+    losses = cross_entropy(logits, predicted(targets, logits))
+    return losses.sum() + model.aux_loss_coef * aux * losses.size, (losses.size, aux * losses.size)
 
 
 def predicted(a: Array, logits: Array) -> Array:
@@ -47,12 +56,14 @@ def predicted(a: Array, logits: Array) -> Array:
 
 
 class StepStats(NamedTuple):
-    """Per optimizer step of a chunk: the loss, the global gradient norm before clipping, and
-    whether both were finite (a step where they were not was skipped)."""
+    """Per optimizer step of a chunk: the loss, the global gradient norm before clipping,
+    whether both were finite (a step where they were not was skipped), and the auxiliary loss
+    of an `AuxLossModel` (unweighted; 0 for other models)."""
 
     loss: Float[Array, " n"]
     grad_norm: Float[Array, " n"]
     finite: Bool[Array, " n"]
+    aux_loss: Float[Array, " n"]
 
 
 def guarded_update(optimizer: optax.GradientTransformation, loss, grads, params, opt_state):
@@ -101,7 +112,7 @@ def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, *,
             step_index, batch = xs
             dropout_key = jax.random.fold_in(key, step_index)
             batch = jax.lax.with_sharding_constraint(batch, batch_sharded(mesh))
-            loss, grads = accumulated_grad(
+            loss, grads, aux_loss = accumulated_grad(
                 lambda p, rows, k: batch_loss_sum(
                     in_compute_dtype(eqx.combine(p, static), precision), rows, k),
                 params, batch, grad_accum_steps, dropout_key, batch_sharded(mesh))
@@ -110,7 +121,8 @@ def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, *,
             params, opt_state, grad_norm, finite = guarded_update(optimizer, loss, grads, params,
                                                                   opt_state)
             # Each step's parameters and state split by the rules, as they came in.
-            return shard((params, opt_state), mesh), StepStats(loss, grad_norm, finite)
+            return shard((params, opt_state), mesh), StepStats(loss, grad_norm, finite,
+                                                                 aux_loss)
 
         steps = start + jnp.arange(batches.shape[0])
         with activations_on(mesh):  # the rule is read while this traces

@@ -3,9 +3,11 @@ with Mistral and Qwen2, which share its layout, in its Hugging Face format."""
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
+import equinox as eqx
 import jax
 from jaxtyping import PRNGKeyArray
 
@@ -66,12 +68,26 @@ def llama(vocab_size: int, *, key: PRNGKeyArray, **fields) -> GPT:
 
 def build(c: LlamaConfig, vocab_size: int, *, key: PRNGKeyArray) -> GPT:
     """LLaMA from its resolved config (`Family.build`)."""
+
+    def mlp(out_std: float, k: PRNGKeyArray) -> GLUMLP:
+        return GLUMLP(c.d_model, activation="silu", d_hidden=c.d_hidden, dropout=c.dropout,
+                      use_bias=c.use_bias, out_init_std=out_std, key=k)
+
+    return llama_decoder(c, vocab_size, mlp, key=key)
+
+
+def llama_decoder(c: LlamaConfig, vocab_size: int,
+                  mlp: Callable[[float, PRNGKeyArray], eqx.Module], *, block: type = Block,
+                  key: PRNGKeyArray, **decoder_args) -> GPT:
+    """LLaMA's layout (RMSNorm, rotary, grouped-query attention, pre-norm `block`s) around the
+    feed-forwards `mlp(out_init_std, key)` makes: LLaMA's SwiGLU, or Mixtral's experts in
+    `nn.MoEBlock`s. `decoder_args` go on to `decoder`."""
     out_std = 0.02 / math.sqrt(2 * c.n_layers)
     scaling = _scaling(c.rope_scaling)
 
-    def block(k: PRNGKeyArray) -> Block:
+    def one_block(k: PRNGKeyArray) -> eqx.Module:
         attn_key, mlp_key = jax.random.split(k)
-        return Block(
+        return block(
             attn_norm=RMSNorm(c.d_model, eps=c.norm_eps),
             attention=CausalSelfAttention(
                 c.d_model, c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
@@ -79,14 +95,13 @@ def build(c: LlamaConfig, vocab_size: int, *, key: PRNGKeyArray) -> GPT:
                 dropout=c.dropout, use_bias=c.use_bias, qkv_bias=c.qkv_bias,
                 out_init_std=out_std, key=attn_key),
             mlp_norm=RMSNorm(c.d_model, eps=c.norm_eps),
-            mlp=GLUMLP(c.d_model, activation="silu", d_hidden=c.d_hidden, dropout=c.dropout,
-                       use_bias=c.use_bias, out_init_std=out_std, key=mlp_key),
+            mlp=mlp(out_std, mlp_key),
         )
 
-    return decoder(vocab_size, block=block, n_layers=c.n_layers, d_model=c.d_model,
+    return decoder(vocab_size, block=one_block, n_layers=c.n_layers, d_model=c.d_model,
                    block_size=c.block_size, final_norm=RMSNorm(c.d_model, eps=c.norm_eps),
                    positions=None, tie_head=c.tie_head, dropout=c.dropout,
-                   scan_layers=c.scan_layers, key=key)
+                   scan_layers=c.scan_layers, key=key, **decoder_args)
 
 
 def _scaling(rope_scaling: dict | None) -> Llama3Scaling | None:
