@@ -142,6 +142,25 @@ def test_a_resumed_lora_run_repeats_the_unbroken_one(llama, tmp_path):
         np.testing.assert_array_equal(array, expected[name], name)
 
 
+def test_a_diverging_lora_run_keeps_the_adapters_that_evaluate_as_well_as_the_run_did(
+        llama, tmp_path):
+    """Resumed at lr 1e30: step 5's adapters are finite and huge, and the steps after it are
+    skipped. The stop evaluates each checkpoint's adapters on the frozen weights: it sets step 5
+    aside and keeps step 4, whose loss is the one the run measured there."""
+    run = tmp_path / "run"
+    shutil.copytree(llama.run, run)
+    val_4 = [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").open())
+             if r["step"] == 4][0]
+    diverging = tuned(llama, **{"trainer.max_steps": "10", "optimizer.lr": "1e30",
+                                "trainer.checkpoint_interval": "1", "trainer.max_bad_steps": "2"})
+    with pytest.raises(GptzooError) as error:
+        train(diverging, run, resume=True)
+    message = str(error.value)
+    assert f"checkpoint step 4 is kept (validation loss {val_4:.4f} against {val_4:.4f} at " \
+           "the step 4 evaluation" in message, message
+    assert f"set aside in {run / 'set_aside'}: step 5 (validation loss" in message, message
+
+
 def losses(run) -> list[float]:
     return [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").open()]
 
