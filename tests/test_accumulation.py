@@ -65,13 +65,13 @@ def test_four_micro_batches_equal_one_step_on_the_whole_batch(path, extra):
 def test_a_micro_batch_that_does_not_split_over_the_shards_is_refused():
     recipe = gptzoo.load_recipe(RECIPE, {"trainer.batch_schedule": "[[0, 8], [5, 16]]",
                                          "trainer.grad_accum_steps": "2"})
-    check_fits(recipe, (1, 1, 1))  # one device: any size splits
-    check_fits(recipe, (2, 2, 1))  # micro-batches of 4 and 8 rows over 4 devices
+    check_fits(recipe, (1, 1, 1, 1))  # one device: any size splits
+    check_fits(recipe, (2, 2, 1, 1))  # micro-batches of 4 and 8 rows over 4 devices
     with pytest.raises(GptzooError, match=r"a micro-batch of trainer.batch_schedule's batch 8 / "
                                           r"trainer.grad_accum_steps=2 = 4 rows does not split "
-                                          r"over 8 devices \(mesh.data=8 x mesh.fsdp=1\); use a "
-                                          r"multiple of 16"):
-        check_fits(recipe, (8, 1, 1))
+                                          r"over 8 devices \(mesh.data=8 x mesh.fsdp=1 x "
+                                          r"mesh.expert=1\); use a multiple of 16"):
+        check_fits(recipe, (8, 1, 1, 1))
     with pytest.raises(GptzooError, match="trainer.grad_accum_steps"):
         gptzoo.load_recipe(RECIPE, {"trainer.batch_size": "12", "trainer.grad_accum_steps": "8"})
 
