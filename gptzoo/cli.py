@@ -173,7 +173,8 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
               help="Generations decoded at once (continuous batching).")
 @click.option("--max-queue", default=64, show_default=True, type=int,
               help="Generations that may wait for a slot; more are refused with 429.")
-@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1.")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every "
+              "endpoint but /health and /metrics.")
 @click.option("--chat-template", type=click.Path(),
               help="A Jinja chat template [the run's own, else a plain one].")
 @friendly_errors

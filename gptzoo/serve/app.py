@@ -20,7 +20,14 @@ from gptzoo.serve.engine import Engine, QueueFull
 from gptzoo.serve.errors import ApiError, error_response, install_error_handlers
 from gptzoo.serve.job import Job, Sampling
 from gptzoo.serve.metrics import ServerMetrics
-from gptzoo.serve.schemas import INT32, ChatRequest, CompletionRequest, Sampled
+from gptzoo.serve.schemas import (
+    INT32,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Sampled,
+    TokenizeRequest,
+)
 
 
 async def _announce(engine: Engine, log: Callable[[str], None] | None) -> None:
@@ -58,7 +65,8 @@ class Server:
     - `model_name`: the name `/v1/models` lists and requests may give as `model`.
     - `chat_template`: renders chat messages.
     - `metrics`: the `ServerMetrics` that `/metrics` shows.
-    - `api_key`: the key every `/v1` request must send as `Authorization: Bearer KEY`, or None.
+    - `api_key`: the key every request but `/health` and `/metrics` must send as
+        `Authorization: Bearer KEY`, or None.
     """
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str,
@@ -73,31 +81,39 @@ class Server:
         if not self.engine.ready.is_set():
             raise ApiError(503, "the server is still compiling its programs; retry when "
                                 "GET /health answers 200")
-        if body.model is not None and body.model != self.model_name:
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
-                                f"{self.model_name!r} (GET /v1/models)", "model",
-                           "model_not_found")
+        self.check_model(body.model)
         body.check(self.engine.n_slots)
 
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"model {model!r} is not served here; this server serves "
+                                f"{self.model_name!r} (GET /v1/models)", "model",
+                           "model_not_found")
+
+    def tokenize(self, text: str, field: str) -> list[int]:
+        """A text's token ids; an empty text gives the tokenizer's start tokens, from which
+        `gptzoo sample` starts an empty prompt."""
+        try:
+            tokens = self.tokenizer.encode(text) if text else self.tokenizer.start_tokens()
+        except GptzooError as e:
+            raise ApiError(400, f"{field}: {e}", field) from e
+        return [int(t) for t in tokens]
+
+    def check_ids(self, tokens: list[int], field: str) -> list[int]:
+        if tokens and max(tokens) >= self.engine.vocab:
+            raise ApiError(400, f"{field}: token id {max(tokens)} is outside the vocabulary of "
+                                f"{self.engine.vocab}", field)
+        return tokens
+
     def encode(self, prompt: str | list[int], field: str) -> list[int]:
-        """A prompt's token ids: at least one (an empty text starts from the tokenizer's start
-        tokens, as `gptzoo sample` does), each in the vocabulary, at most the model's window."""
-        if isinstance(prompt, str):
-            try:
-                tokens = self.tokenizer.encode(prompt) if prompt else \
-                    self.tokenizer.start_tokens()
-            except GptzooError as e:
-                raise ApiError(400, f"{field}: {e}", field) from e
-        else:
-            tokens = np.asarray(prompt)
-            if tokens.max() >= self.engine.vocab:
-                raise ApiError(400, f"{field}: token id {tokens.max()} is outside the "
-                                    f"vocabulary of {self.engine.vocab}", field)
+        """A prompt's token ids: at least one, each in the vocabulary, at most the window."""
+        tokens = (self.tokenize(prompt, field) if isinstance(prompt, str)
+                  else self.check_ids(prompt, field))
         window = self.engine.block_size
         if len(tokens) > window:
             raise ApiError(400, f"{field} is {len(tokens)} tokens, more than this model's window "
                                 f"of {window}; shorten it", field)
-        return [int(t) for t in tokens]
+        return tokens
 
     def jobs(self, answer: Answer, body: Sampled, prompts: list[list[int]], max_tokens: int,
              echo: bool = False) -> list[Job]:
@@ -138,7 +154,7 @@ def create_app(server: Server, log: Callable[[str], None] | None = None) -> Fast
     @app.middleware("http")
     async def authorize(request: Request, call_next):
         key = server.api_key
-        if key is not None and request.url.path.startswith("/v1"):
+        if key is not None and request.url.path not in ("/health", "/metrics"):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 return error_response(401, "missing or wrong API key; send the server's "
@@ -163,6 +179,27 @@ def create_app(server: Server, log: Callable[[str], None] | None = None) -> Fast
         return {"object": "list", "data": [
             {"id": server.model_name, "object": "model", "created": 0, "owned_by": "gptzoo",
              "max_model_len": server.engine.block_size}]}
+
+    # vLLM's tokenizer endpoints, through which lm-eval's local-completions tokenizes
+    # (its "remote" tokenizer backend).
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        end = server.tokenizer.end_of_text
+        return {"eos_token": None if end is None else server.tokenizer.decode([end]),
+                "bos_token": None, "pad_token": None,
+                "model_max_length": server.engine.block_size}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        server.check_model(body.model)
+        tokens = server.tokenize(body.prompt, "prompt")
+        return {"tokens": tokens, "count": len(tokens),
+                "max_model_len": server.engine.block_size}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        server.check_model(body.model)
+        return {"prompt": server.tokenizer.decode(server.check_ids(body.tokens, "tokens"))}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

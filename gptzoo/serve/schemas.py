@@ -138,3 +138,18 @@ class ChatRequest(Sampled):
         limit = self.max_completion_tokens
         limit = self.max_tokens if limit is None else limit
         return default if limit is None else limit
+
+
+class TokenizeRequest(Strict):
+    """`POST /tokenize` (vLLM's)."""
+
+    prompt: str
+    add_special_tokens: Literal[False] = False  # gptzoo's tokenizers add none
+    model: str | None = None
+
+
+class DetokenizeRequest(Strict):
+    """`POST /detokenize` (vLLM's)."""
+
+    tokens: list[Annotated[int, Field(ge=0)]]
+    model: str | None = None
