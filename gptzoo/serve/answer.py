@@ -58,10 +58,17 @@ class Answer:
         for job in self.jobs:
             job.cancelled = True
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self, request: Request | None = None) -> AsyncIterator[Event]:
+        """Every job's events until each has finished; with `request`, none more once its
+        client has disconnected (checked every `DISCONNECT_POLL_S` without an event)."""
         unfinished = len(self.generated)
         while unfinished:
-            event = await self.queue.get()
+            try:
+                event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    return
+                continue
             self.generated[event.index] = event.n_generated
             unfinished -= event.finish_reason is not None
             yield event
@@ -97,18 +104,9 @@ class Answer:
             self.cancel()
 
     async def whole(self, request: Request) -> dict:
-        """The finished answer; cancels the jobs when the client disconnects while waiting."""
-        events = aiter(self.events())
+        """The finished answer; its jobs are cancelled if the client disconnects first."""
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(anext(events), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return {}
-                    continue
-                except StopAsyncIteration:
-                    break
+            async for event in self.events(request):
                 if event.finish_reason == "error":
                     raise ApiError(500, event.text)
                 self.gather(event)
