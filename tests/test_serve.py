@@ -5,8 +5,8 @@ the completion of the documented plain template; nothing compiles after warm-up.
 
 from concurrent.futures import ThreadPoolExecutor
 
+import equinox as eqx
 import httpx
-import jax.numpy as jnp
 import live_server
 import numpy as np
 from conftest import SHAKESPEARE, gptzoo_in_process
@@ -114,11 +114,19 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+def forward_logprobs(model, tokens) -> np.ndarray:
+    """float64 log-probabilities at each position of `tokens`, from the model's forward over a
+    whole window (right-padded: causal attention keeps the padding out of what we read)."""
+    window = np.zeros(model.block_size, np.int32)
+    window[:len(tokens)] = tokens
+    return log_softmax(np.asarray(eqx.filter_jit(model)(window), np.float64))[:len(tokens)]
+
+
 def test_echo_logprobs_equal_the_models_forward_and_evaluate(client, trained_run):
     model, tokenizer = gptzoo.load(trained_run)
     text = SHAKESPEARE.read_text()[100:132]  # a whole window of 32 tokens
     tokens = tokenizer.encode(text)
-    reference = log_softmax(np.asarray(model(jnp.asarray(tokens)), np.float64))
+    reference = forward_logprobs(model, tokens)
     out = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True,
                                     logprobs=5).choices[0]
     logprobs = out.logprobs
@@ -137,18 +145,24 @@ def test_echo_logprobs_equal_the_models_forward_and_evaluate(client, trained_run
     assert abs(-np.mean(logprobs.token_logprobs[1:]) - loss) < 1e-4
 
 
-def test_logprobs_of_generated_tokens_equal_the_forward(client, trained_run):
+def test_logprobs_past_the_window_follow_the_context_shift(client, trained_run):
+    """The log-probability of each generated token under the context `gptzoo sample` holds:
+    all tokens so far, until they pass block_size; then the last half of them."""
     model, tokenizer = gptzoo.load(trained_run)
-    out = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=8, temperature=0,
-                                    echo=True, logprobs=1).choices[0]
-    tokens = tokenizer.encode(out.text)
-    assert out.logprobs.tokens == list(out.text) and len(tokens) == 6 + 8
-    reference = log_softmax(np.asarray(model(jnp.asarray(tokens)), np.float64))
-    np.testing.assert_allclose(out.logprobs.token_logprobs[1:],
-                               reference[np.arange(len(tokens) - 1), tokens[1:]], atol=1e-4)
-    for token, logprob, top in list(zip(out.logprobs.tokens, out.logprobs.token_logprobs,
-                                        out.logprobs.top_logprobs))[6:]:
-        assert top == {token: logprob}  # greedy: each token is the most likely
+    out = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=60, seed=3,
+                                    logprobs=1).choices[0]
+    logprobs = out.logprobs
+    assert logprobs.tokens == list(out.text)
+    assert logprobs.text_offset == list(range(6, 6 + 60))  # counted from the prompt's start
+    context, expected = list(tokenizer.encode("ROMEO:")), []
+    for token in tokenizer.encode(out.text):
+        if len(context) > model.block_size:
+            context = context[-model.block_size // 2:]
+        expected.append(forward_logprobs(model, context)[-1, token])
+        context.append(token)
+    np.testing.assert_allclose(logprobs.token_logprobs, expected, atol=1e-4)
+    for logprob, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        assert len(top) == 1 and max(top.values()) >= logprob - 1e-6
 
 
 def test_models_health_and_metrics(client, server):
