@@ -17,19 +17,29 @@ from gptzoo.serve.job import StopText
 from gptzoo.serve.programs import pick_token
 
 # Loop controls, tojson on a field (not escaped), special tokens, raise_exception, the generation
-# marker and the generation prompt: what published templates use.
-TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
-    "{% if message['role'] == 'system' and loop.first %}[sys] {{ message['content'] }}\n"
-    "{% continue %}{% endif %}"
-    "<|{{ message['role'] }}|>\n"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}"
-    "{% endgeneration %}{% else %}{{ message['content'] }}{% endif %}"
-    "{% if message.meta is defined %} {{ message.meta | tojson }}{% endif %}{{ eos_token }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+# marker and the generation prompt, laid out on indented lines as published templates are (which
+# trim_blocks and lstrip_blocks take out).
+TEMPLATE = """{{ bos_token }}
+{% for message in messages %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('unknown role ' + message['role']) }}
+    {% endif %}
+    {% if message['role'] == 'system' and loop.first %}
+[sys] {{ message['content'] }}
+        {% continue %}
+    {% endif %}
+<|{{ message['role'] }}|>
+    {% if message['role'] == 'assistant' %}
+        {% generation %}{{ message['content'] }}{% endgeneration %}
+    {% else %}
+{{ message['content'] }}
+    {% endif %}
+    {% if message.meta is defined %} {{ message.meta | tojson }}{% endif %}
+{{ eos_token }}
+{% endfor %}
+{% if add_generation_prompt %}
+<|assistant|>
+{% endif %}"""
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Is 1 < 2 & 'yes'?", "meta": {"lang": "fr", "note": "<é>"}},
