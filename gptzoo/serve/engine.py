@@ -16,15 +16,17 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from gptzoo.nn.rowwise import MIN_ROWS
 from gptzoo.sample import BUCKET, CHUNK
 from gptzoo.serve.job import Job, Sampling
 from gptzoo.serve.programs import (
     decode_chunk,
-    decoding_form,
+    decoding_forms,
     empty_slots,
     prefill,
     seed_key,
     vocab_size,
+    widths,
 )
 
 log = logging.getLogger(__name__)
@@ -70,13 +72,15 @@ class Engine:
     """
 
     def __init__(self, model, n_slots: int, max_queue: int, metrics=None):
-        self.model = decoding_form(model, n_slots)
+        # Prefills (one row) and narrow decode chunks read `few`, wide ones `many`.
+        self.few, self.many = decoding_forms(model, n_slots)
+        self.widths = widths(n_slots)
         self.block_size = model.block_size
         self.n_keep = max(1, int(KEEP * self.block_size))
         self.buckets = prefill_buckets(self.block_size, self.n_keep)
         self.vocab = vocab_size(model)
         self.n_slots, self.max_queue, self.metrics = n_slots, max_queue, metrics
-        self.slots = empty_slots(self.model, n_slots)
+        self.slots = empty_slots(self.few, n_slots)
         self.rows: list[Row | None] = [None] * n_slots
         self.waiting: deque[Job] = deque()
         self.wake = threading.Condition()
@@ -106,14 +110,17 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile every program the engine runs: each prefill bucket, with and without the
-        prompt's scores, and the decode chunk; each twice, the second time on the outputs of
-        the first, as requests will run them."""
+        prompt's scores, and the decode chunk of each width; each twice, the second time on the
+        outputs of the first, as requests will run them."""
         key = np.asarray(seed_key(np.int32(0)))
         for _ in range(2):
             for bucket in self.buckets:
                 for echo in (False, True):
                     self._prefill(0, np.zeros(bucket, np.int32), key, 0, Sampling(), echo)
-            self._decode_chunk(np.zeros(self.n_slots, np.int32))
+            for width in self.widths:
+                n_steps = np.zeros(self.n_slots, np.int32)
+                n_steps[width - 1] = 1
+                self._decode_chunk(n_steps)
 
     def _run(self) -> None:
         try:
@@ -207,14 +214,19 @@ class Engine:
         padded[:n] = tokens
         settings = (np.float32(sampling.temperature), np.int32(sampling.top_k or self.vocab),
                     np.float32(sampling.top_p or 1.0))
-        self.slots, token, info, prompt = prefill(self.model, self.slots, np.int32(slot), padded,
+        self.slots, token, info, prompt = prefill(self.few, self.slots, np.int32(slot), padded,
                                                   np.int32(n), key, np.int32(t), settings, echo)
         token, info, prompt = jax.device_get((token, info, prompt))
         prompt_infos = None if prompt is None else _info_rows(prompt, None, n - 1)
         return int(token), (float(info[0]), info[1], info[2]), prompt_infos
 
     def _decode_chunk(self, n_steps: np.ndarray):
-        self.slots, tokens, infos = decode_chunk(self.model, self.slots, n_steps, self.vocab)
+        """Decode the narrowest prefix of the slots that holds every slot with steps to take
+        (new jobs take the lowest free slot, so the busy ones stay near the front)."""
+        busy = np.flatnonzero(n_steps)
+        width = next(w for w in self.widths if w > (busy[-1] if len(busy) else 0))
+        model = self.many if width >= MIN_ROWS else self.few
+        self.slots, tokens, infos = decode_chunk(model, self.slots, n_steps[:width], self.vocab)
         return jax.device_get((tokens, infos))
 
     def _fail_all(self, message: str) -> None:
@@ -223,7 +235,7 @@ class Engine:
             self.rows, self.waiting = [None] * self.n_slots, deque()
         for job in jobs:
             job.fail(message)
-        self.slots = empty_slots(self.model, self.n_slots)  # a failed call may have used them
+        self.slots = empty_slots(self.few, self.n_slots)  # a failed call may have used them
 
 
 def _info_rows(info, slot: int | None, n: int) -> list[tuple]:

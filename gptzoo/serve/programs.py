@@ -1,5 +1,5 @@
 """The server's device programs: a prompt's prefill into one decode slot, and a chunk of decode
-steps over every slot at once.
+steps over the leading slots at once.
 
 A slot is one generation in progress: its KV cache, the token to feed next and its position, its
 random key and draw count, and its own sampling settings, all arrays with a leading slot axis, so
@@ -46,19 +46,26 @@ class TokenInfo(NamedTuple):
     top_logprobs: Float[Array, "*n k"]
 
 
-def decoding_form(model, n_slots: int):
-    """The model as the decode loop reads it, as `gptzoo.sample` converts it for a batch of
-    `n_slots` rows: blocks written out, each updating its own cache in place, and on CPU for
-    `MIN_ROWS` rows or more the weights in `rowwise_layout`."""
+def decoding_forms(model, n_slots: int) -> tuple[object, object]:
+    """The model as the decode programs read it, as `gptzoo.sample` converts it: blocks written
+    out (each updates its own cache in place); and for `MIN_ROWS` rows or more on CPU, also
+    with its weights in `rowwise_layout` (a second copy). Returns (the form for fewer rows,
+    the form for `MIN_ROWS` or more), the same model twice when they do not differ."""
     if any(isinstance(x, Stack) for x in jax.tree.leaves(model, is_leaf=_is_stack)):
         model = unstacked(model)
     if n_slots >= MIN_ROWS and jax.default_backend() == "cpu":
-        model = rowwise_layout(model)
-    return model
+        return model, rowwise_layout(model)
+    return model, model
 
 
 def _is_stack(x) -> bool:
     return isinstance(x, Stack)
+
+
+def widths(n_slots: int) -> list[int]:
+    """How many leading slots a decode chunk may run: powers of two below `n_slots`, and
+    `n_slots`; one program each, so a lone request decodes one row, not every slot."""
+    return [w for w in (2**i for i in range(n_slots.bit_length())) if w < n_slots] + [n_slots]
 
 
 def empty_slots(model, n_slots: int) -> Slots:
@@ -149,15 +156,18 @@ def prefill(model, slots: Slots, slot: Int[Array, ""], tokens: Int[Array, " buck
 
 
 @stored_jit(donate="all-except-first")
-def decode_chunk(model, slots: Slots, n_steps: Int[Array, " slots"], vocab: int
-                 ) -> tuple[Slots, Int[Array, "slots chunk"], TokenInfo]:
-    """Up to `CHUNK` tokens for every slot, `n_steps[i]` of them for slot i (a slot at its
-    count stops advancing: it feeds its token at its position again, which rewrites its cache
-    entry with the same values, and its tokens past the count are not used)."""
+def decode_chunk(model, slots: Slots, n_steps: Int[Array, " width"], vocab: int
+                 ) -> tuple[Slots, Int[Array, "width chunk"], TokenInfo]:
+    """Up to `CHUNK` tokens for each of the first `width` slots, `n_steps[i]` for slot i (a
+    slot at its count stops advancing: it feeds its token at its position again, which rewrites
+    its cache entry with the same values, and its tokens past the count are not used)."""
+    width = n_steps.shape[0]
+    whole, slots = slots, jax.tree.map(lambda x: x[:width], slots)
+
     def draws(_):
         return jax.vmap(lambda k, t: _noise(k, t, CHUNK, vocab))(slots.key, slots.t)
 
-    shape = (slots.token.shape[0], CHUNK)
+    shape = (width, CHUNK)
     noise = jax.lax.cond(jnp.any(slots.temperature > 0), draws,
                          lambda _: jnp.zeros((*shape, vocab), jnp.float32), None)
 
@@ -177,4 +187,5 @@ def decode_chunk(model, slots: Slots, n_steps: Int[Array, " slots"], vocab: int
                       jnp.zeros((*shape, MAX_LOGPROBS)))
     slots, tokens, infos = jax.lax.fori_loop(0, n_steps.max(), body,
                                              (slots, jnp.zeros(shape, jnp.int32), empty))
+    slots = jax.tree.map(lambda every, part: every.at[:width].set(part), whole, slots)
     return slots, tokens, infos
