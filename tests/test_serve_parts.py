@@ -1,7 +1,9 @@
 """Parts of `gptzoo serve` without a server: chat templates rendered as transformers renders
-them, the traced token picker against `gptzoo.sample`'s, and stop strings cut in a stream."""
+them, the traced token picker against `gptzoo.sample`'s, stop strings cut in a stream, and the
+engine outliving a failed decoding step."""
 
 import json
+import queue
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +12,13 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
+import gptzoo
+import gptzoo.serve.engine as engine_module
 from gptzoo.sample import pick_token as sample_pick_token
 from gptzoo.serve.chat import ChatTemplate
+from gptzoo.serve.engine import Engine
 from gptzoo.serve.errors import ApiError
-from gptzoo.serve.job import StopText
+from gptzoo.serve.job import Job, Sampling, StopText
 from gptzoo.serve.programs import pick_token
 
 # Loop controls, tojson on a field (not escaped), special tokens, raise_exception, the generation
@@ -122,3 +127,39 @@ def test_stop_text_holds_back_what_may_begin_a_stop_and_cuts_before_it():
     assert StopText([]).push("anything") == ("anything", False)
     held = StopText(["xyz"])
     assert held.push("abx") == ("ab", False) and held.flush() == "x"
+
+
+def events_until_finished(events: queue.Queue) -> list:
+    received = [events.get(timeout=60)]
+    while received[-1].finish_reason is None:
+        received.append(events.get(timeout=60))
+    return received
+
+
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on(trained_run,
+                                                                             monkeypatch):
+    model, tokenizer = gptzoo.load(trained_run)
+    monkeypatch.setattr(Engine, "warm_up", lambda self: None)  # compiled as it goes instead
+    engine = Engine(model, n_slots=2, max_queue=2)
+    engine.start()
+    events = queue.Queue()
+
+    def job(index: int) -> Job:
+        return Job(index, tokenizer.encode("ROMEO:"), 20, Sampling(temperature=0), [], False,
+                   tokenizer, events.put)
+
+    def broken(*args):
+        raise RuntimeError("the device is gone")
+
+    working = engine_module.decode_chunk
+    try:
+        monkeypatch.setattr(engine_module, "decode_chunk", broken)
+        engine.submit([job(0)])
+        failed = events_until_finished(events)
+        assert failed[-1].finish_reason == "error" and "the device is gone" in failed[-1].text
+        monkeypatch.setattr(engine_module, "decode_chunk", working)
+        engine.submit([job(1)])
+        answered = events_until_finished(events)
+        assert answered[-1].finish_reason == "length" and answered[-1].n_generated == 20
+    finally:
+        engine.stop()

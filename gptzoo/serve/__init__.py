@@ -42,7 +42,8 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, slo
     app = create_app(Server(engine, tokenizer, name, template, metrics, api_key), log)
     log(f"serving {run_dir} as {name!r} at http://{host}:{port}/v1 with {slots} slots; "
         "GET /health answers 200 once its programs are compiled")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Open streams would hold a Ctrl-C until they end: they get a few seconds.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -87,6 +87,7 @@ class Job:
         self.end_of_text = tokenizer.end_of_text
         self.decoder, self.stop_text = TextStream(tokenizer), StopText(stops)
         self.n_generated = 0
+        self.finished = False  # its last event is posted
         self.cancelled = False  # set by the request's handler; the engine drops the job
         self.created = time.perf_counter()
         self.last_delivery: float | None = None  # when tokens last went out (None: not yet)
@@ -115,8 +116,10 @@ class Job:
             event.finish_reason = event.finish_reason or "length"
         event.n_generated = self.n_generated
         self.last_delivery = time.perf_counter()
+        self.finished = event.finish_reason is not None
         self.post(event)
-        return event.finish_reason is not None
+        return self.finished
 
     def fail(self, message: str) -> None:
+        self.finished = True
         self.post(Event(self.index, text=message, finish_reason="error"))
