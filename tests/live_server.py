@@ -68,13 +68,14 @@ def _healthy(url: str) -> bool:
         return False
 
 
-SLOTS, QUEUE, KEY = 4, 4, "test-key"  # the shared server's settings
+SLOTS, QUEUE, KEY = 4, 4, "test-key"  # the test server's settings
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(trained_run, tmp_path_factory) -> LiveServer:
-    """One server over the shared tiny run for the session's serving tests: 4 slots, a queue of
-    4, an API key; `warm_compilations` is its compilation count once ready."""
+    """A server over the shared tiny run for a test module (which takes this fixture with
+    `server = live_server.server`): 4 slots, a queue of 4, an API key; `warm_compilations` is its
+    compilation count once ready."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with live_server(trained_run, log, "--slots", str(SLOTS), "--max-queue", str(QUEUE),
                      "--api-key", KEY) as live:
@@ -82,7 +83,7 @@ def server(trained_run, tmp_path_factory) -> LiveServer:
         yield live
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     """The official client, without its retries (a 429 must reach the test)."""
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)

@@ -12,7 +12,7 @@ from live_server import KEY
 
 import gptzoo
 
-server = live_server.server  # the shared server's fixture
+server = live_server.server  # a live server for this module
 
 pytestmark = pytest.mark.lmeval
 

@@ -14,7 +14,7 @@ from live_server import KEY, compilations
 
 import gptzoo
 
-server, client = live_server.server, live_server.client  # the shared server's fixtures
+server, client = live_server.server, live_server.client  # a live server for this module
 
 MODEL = "tiny"  # the shared run's directory name
 SEPARATOR = "\n---------------\n"

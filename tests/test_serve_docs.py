@@ -12,7 +12,7 @@ from conftest import ROOT
 from live_server import KEY
 from test_docs_examples import python_blocks
 
-server = live_server.server  # the shared server's fixture
+server = live_server.server  # a live server for this module
 
 PAGE = ROOT / "docs" / "serving.md"
 DOCS_URL, DOCS_MODEL = "http://127.0.0.1:8000", "char_shakespeare"

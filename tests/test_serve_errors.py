@@ -16,7 +16,7 @@ from conftest import gptzoo_in_process
 from live_server import KEY, QUEUE, SLOTS, metric
 from test_cli import assert_one_line_error
 
-server, client = live_server.server, live_server.client  # the shared server's fixtures
+server, client = live_server.server, live_server.client  # a live server for this module
 
 LONG = 10**6  # tokens: a stream that runs until its client leaves
 DEADLINE_S = 60  # the most a bounded wait below lasts

@@ -146,7 +146,7 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on(tr
 
     def job(index: int) -> Job:
         return Job(index, tokenizer.encode("ROMEO:"), 20, Sampling(temperature=0), [], False,
-                   tokenizer, events.put)
+                   False, tokenizer, events.put)
 
     def broken(*args):
         raise RuntimeError("the device is gone")

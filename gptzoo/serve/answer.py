@@ -43,15 +43,26 @@ class Answer:
         self.model, self.tokenizer, self.n_top = model, tokenizer, n_top
         self.prompt_tokens, self.generated = prompt_tokens, [0] * n_choices
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        # Events not yet taken, one per choice: a client that reads slowly gets larger pieces,
+        # and the server holds no more than the text it has not sent.
+        self.pending: dict[int, Event] = {}
+        self.arrived = asyncio.Event()
         self.jobs: list[Job] = []
 
     def post(self, event: Event) -> None:
         """Called from the engine's thread."""
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self.loop.call_soon_threadsafe(self._hold, event)
         except RuntimeError:  # the server is shutting down: nobody is waiting
             pass
+
+    def _hold(self, event: Event) -> None:
+        held = self.pending.get(event.index)
+        if held is None:
+            self.pending[event.index] = event
+        else:
+            held.absorb(event)
+        self.arrived.set()
 
     def cancel(self) -> None:
         """The client is gone: every job leaves its slot at the next chunk."""
@@ -64,14 +75,17 @@ class Answer:
         unfinished = len(self.generated)
         while unfinished:
             try:
-                event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                await asyncio.wait_for(self.arrived.wait(), DISCONNECT_POLL_S)
             except TimeoutError:
                 if request is not None and await request.is_disconnected():
                     return
                 continue
-            self.generated[event.index] = event.n_generated
-            unfinished -= event.finish_reason is not None
-            yield event
+            self.arrived.clear()
+            events, self.pending = self.pending, {}
+            for event in events.values():
+                self.generated[event.index] = event.n_generated
+                unfinished -= event.finish_reason is not None
+                yield event
 
     def usage(self) -> dict:
         completion = sum(self.generated)

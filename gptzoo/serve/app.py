@@ -122,7 +122,7 @@ class Server:
         seed = random.randrange(INT32 - body.n) if body.seed is None else body.seed
         return [Job(i * body.n + j, np.asarray(prompt, np.int32), max_tokens,
                     Sampling(body.temperature, body.top_k, body.top_p, seed + j), body.stops(),
-                    echo, self.tokenizer, answer.post)
+                    echo, answer.n_top is not None, self.tokenizer, answer.post)
                 for i, prompt in enumerate(prompts) for j in range(body.n)]
 
     async def respond(self, answer: Answer, body: Sampled, request: Request) -> Response:

@@ -164,13 +164,13 @@ class Engine:
         if self.metrics is not None:
             self.metrics.prompt(len(job.prompt))
         if job.max_tokens == 0 and not job.echo:
-            job.deliver([], [])
+            job.deliver([])
             return
         key = np.asarray(seed_key(np.int32(job.sampling.seed)))
         token, info, prompt_infos = self._prefill(slot, job.prompt, key, 0, job.sampling,
                                                   job.echo)
         if job.max_tokens == 0:  # scored only
-            job.deliver([], [], prompt_infos)
+            job.deliver([], None, prompt_infos)
             return
         row = Row(job, len(job.prompt), job.max_tokens - 1, 1, key, [*job.prompt, token])
         self.rows[slot] = row
@@ -197,13 +197,13 @@ class Engine:
             new = tokens[slot, :n].tolist()
             row.position, row.t, row.remaining = row.position + n, row.t + n, row.remaining - n
             row.context = [*row.context, *new][-self.block_size:]
-            self._deliver(slot, row, new, _info_rows(infos, slot, n))
+            self._deliver(slot, row, new, _info_rows(infos, slot, n) if row.job.logprobs else None)
 
-    def _deliver(self, slot: int, row: Row, tokens: list[int], infos: list[tuple],
+    def _deliver(self, slot: int, row: Row, tokens: list[int], infos: list[tuple] | None,
                  prompt_infos: list[tuple] | None = None) -> None:
         if self.metrics is not None:
             self.metrics.tokens(row.job, len(tokens))
-        if row.job.deliver(tokens, infos, prompt_infos):
+        if row.job.deliver(tokens, infos if row.job.logprobs else None, prompt_infos):
             self.rows[slot] = None
 
     def _prefill(self, slot: int, tokens: np.ndarray, key: np.ndarray, t: int,

@@ -37,6 +37,16 @@ class Event:
     prompt_logprobs: list[tuple] | None = None
     n_generated: int = 0  # tokens sampled so far, an end-of-text token included
 
+    def absorb(self, later: "Event") -> None:
+        """Take in the choice's next event (an error replaces what it ends)."""
+        if later.finish_reason == "error":
+            self.text, self.tokens, self.logprobs = later.text, [], []
+        else:
+            self.text += later.text
+            self.tokens += later.tokens
+            self.logprobs += later.logprobs
+        self.finish_reason, self.n_generated = later.finish_reason, later.n_generated
+
 
 class StopText:
     """A choice's text as it grows, ended before the first of `stops`. A tail that could begin
@@ -75,15 +85,16 @@ class Job:
     - `sampling`: its `Sampling` settings.
     - `stops`: strings that end the choice (not included in its text).
     - `echo`: score the prompt's tokens (the first event carries their log-probabilities).
+    - `logprobs`: whether events carry their tokens' log-probabilities.
     - `tokenizer`: decodes the tokens; its `end_of_text` ends the choice.
     - `post`: called with each `Event`, from the engine's thread.
     """
 
     def __init__(self, index: int, prompt: np.ndarray, max_tokens: int, sampling: Sampling,
-                 stops: list[str], echo: bool, tokenizer: Tokenizer,
+                 stops: list[str], echo: bool, logprobs: bool, tokenizer: Tokenizer,
                  post: Callable[[Event], None]):
         self.index, self.prompt, self.max_tokens = index, prompt, max_tokens
-        self.sampling, self.echo, self.post = sampling, echo, post
+        self.sampling, self.echo, self.logprobs, self.post = sampling, echo, logprobs, post
         self.end_of_text = tokenizer.end_of_text
         self.decoder, self.stop_text = TextStream(tokenizer), StopText(stops)
         self.n_generated = 0
@@ -92,18 +103,19 @@ class Job:
         self.created = time.perf_counter()
         self.last_delivery: float | None = None  # when tokens last went out (None: not yet)
 
-    def deliver(self, tokens: np.ndarray, infos: list[tuple],
+    def deliver(self, tokens: list[int], infos: list[tuple] | None = None,
                 prompt_infos: list[tuple] | None = None) -> bool:
-        """Take newly sampled tokens (with their `TokenInfo` rows) and post what they add;
-        True once the choice is finished."""
+        """Take newly sampled tokens (with their `TokenInfo` rows when the job wants
+        log-probabilities) and post what they add; True once the choice is finished."""
         event = Event(self.index, prompt_logprobs=prompt_infos)
-        for token, info in zip(tokens, infos):
+        for i, token in enumerate(tokens):
             self.n_generated += 1
             if token == self.end_of_text:
                 event.finish_reason = "stop"
                 break
             event.tokens.append(int(token))
-            event.logprobs.append(info)
+            if infos is not None:
+                event.logprobs.append(infos[i])
         text, stopped = self.stop_text.push(self.decoder.push(event.tokens))
         ended = event.finish_reason is not None or self.n_generated >= self.max_tokens
         if ended and not stopped:  # the text held back, and a character cut short
