@@ -1,4 +1,4 @@
-"""docs/serving.md's examples work as written, against the shared live server
+"""docs/serving.md's examples work as written, against a live server
 (tests/live_server.py): its ```python blocks run in order, and every curl command's request, read
 from its command line, is answered. Only the server's address, the model's name and the key
 differ from the page: the test serves its tiny run, under an API key."""

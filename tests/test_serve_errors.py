@@ -1,6 +1,6 @@
 """`gptzoo serve` refusing what it cannot do, and surviving it: bad requests are 400s naming the
 field (OpenAI's error object), a full queue is 429, a missing key 401; a client that disconnects
-frees its slot; the command's own bad options are one-line errors. The shared live server of
+frees its slot; the command's own bad options are one-line errors. A live server of
 tests/live_server.py: 4 slots, a queue of 4."""
 
 import json
