@@ -69,6 +69,7 @@ def test_stream_pieces_add_up_to_the_whole_answer(client, server):
     chunks = list(client.completions.create(**request, stream=True,
                                             stream_options={"include_usage": True}))
     assert len(chunks) > 3  # the answer arrives in pieces
+    assert {c.object for c in chunks} == {"text_completion"}  # as OpenAI's chunks say
     assert "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
@@ -94,6 +95,7 @@ def test_chat_answers_the_completion_of_the_plain_template(client):
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30,
                                                  temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == "length"
 

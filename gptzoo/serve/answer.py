@@ -34,7 +34,7 @@ class Answer:
     - `n_top`: alternatives per token in log-probabilities; None for no log-probabilities.
     """
 
-    kind, id_prefix = "", ""
+    kind = chunk_kind = id_prefix = ""  # the objects' `object` fields, and their ids' prefix
 
     def __init__(self, model: str, tokenizer: Tokenizer, n_choices: int, prompt_tokens: int,
                  n_top: int | None):
@@ -107,11 +107,11 @@ class Answer:
                                          "param": None, "code": None}})
                     break
                 for chunk in self.chunks(event):
-                    yield sse({**self.header(f"{self.kind}.chunk"), **chunk,
+                    yield sse({**self.header(self.chunk_kind), **chunk,
                                **({"usage": None} if include_usage else {})})
             else:
                 if include_usage:
-                    yield sse({**self.header(f"{self.kind}.chunk"), "choices": [],
+                    yield sse({**self.header(self.chunk_kind), "choices": [],
                                "usage": self.usage()})
             yield DONE
         finally:
@@ -143,7 +143,8 @@ class CompletionAnswer(Answer):
     """`text_completion`s; with `echo`, each choice's text and log-probabilities start with
     its prompt's (`prompts[i]`: the token ids of choice i's prompt)."""
 
-    kind, id_prefix = "text_completion", "cmpl"
+    kind = chunk_kind = "text_completion"  # OpenAI's streamed completions say so too
+    id_prefix = "cmpl"
 
     def __init__(self, *args, prompts: list[list[int]], echo: bool):
         super().__init__(*args)
@@ -207,7 +208,7 @@ class ChatAnswer(Answer):
     """`chat.completion`s: each choice an assistant message; streamed, a first chunk with the
     role, chunks of content, and a last one with the finish reason."""
 
-    kind, id_prefix = "chat.completion", "chatcmpl"
+    kind, chunk_kind, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
     def __init__(self, *args):
         super().__init__(*args)
