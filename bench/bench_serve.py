@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Fewer requests and tokens.")
     parser.add_argument("--run", type=Path, help="Serve this run instead of training one.")
     parser.add_argument("--tokens", type=int, default=None, help="New tokens per request.")
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()  # nox -s bench passes every script the same options
     n_tokens = args.tokens or (32 if args.quick else 256)
     requests_each = 2 if args.quick else 4
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
