@@ -1,5 +1,5 @@
-"""The `gptzoo` command: train, prepare, sample, eval, tune-batch, import-hf, export-hf, keys, plot,
-runs."""
+"""The `gptzoo` command: train, prepare, sample, serve, eval, tune-batch, import-hf, export-hf,
+keys, plot, runs."""
 
 import atexit
 import functools
@@ -161,6 +161,29 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
             texts = [t + c for t, c in zip(texts, chunk, strict=True)]
         click.echo("\n---------------\n".join(texts))
     _mark_output_complete()
+
+
+@main.command()
+@click.option("--ckpt", "run_dir", required=True, type=click.Path(), help="A run directory.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--slots", default=8, show_default=True, type=int,
+              help="Generations decoded at once (continuous batching).")
+@click.option("--max-queue", default=64, show_default=True, type=int,
+              help="Generations that may wait for a slot; more are refused with 429.")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every "
+              "endpoint but /health and /metrics.")
+@click.option("--chat-template", type=click.Path(),
+              help="A Jinja chat template [the run's own, else a plain one].")
+@friendly_errors
+def serve(run_dir, host, port, slots, max_queue, api_key, chat_template):
+    """Serve a run over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
+    from gptzoo.compile_cache import enable_compilation_cache
+    from gptzoo.serve import serve as run_server
+
+    enable_compilation_cache()
+    run_server(run_dir, host=host, port=port, slots=slots, max_queue=max_queue,
+               api_key=api_key, chat_template=chat_template, log=click.echo)
 
 
 @main.command(name="eval")
