@@ -1,4 +1,5 @@
-"""Sessions: tests and dist (what CI runs), lint, slow (full trainings), bench, docs."""
+"""Sessions: tests and dist (what CI runs), lint, slow (full trainings), lmeval (lm-eval through
+gptzoo serve), bench, docs."""
 
 import nox
 
@@ -49,6 +50,7 @@ def bench(session):
     env = {"JAX_PLATFORMS": "cpu"}
     session.run("python", "bench/bench_train.py", *session.posargs, env=env)
     session.run("python", "bench/bench_sample.py", *session.posargs, env=env)
+    session.run("python", "bench/bench_serve.py", *session.posargs, env=env)
     session.run("python", "bench/bench_loader.py", *session.posargs, env=env)
     session.run("python", "bench/bench_loop.py", *session.posargs, env=env)
     session.run("python", "bench/bench_compile.py", *session.posargs, env=env)
@@ -59,6 +61,15 @@ def bench(session):
     session.run("python", "bench/bench_window.py", *session.posargs, env=env)
     # Generates a 2 GB corpus (once, under the temp dir) and prepares and trains on it.
     session.run("python", "bench/bench_scale.py", *session.posargs, env=env)
+
+
+@nox.session
+def lmeval(session):
+    """lm-eval's local-completions model scoring a small local task through gptzoo serve (a
+    minute or so); lm-eval and its datasets stack are heavy, so only this session installs them."""
+    session.install("-e", *TEST, "lm-eval[api]>=0.4.13")
+    session.run("pytest", "-q", "-m", "lmeval", *session.posargs,
+                env={"JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
 
 
 @nox.session

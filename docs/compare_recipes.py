@@ -4,6 +4,7 @@ and write a Markdown table of the results.
     python docs/compare_recipes.py        # each recipe's own max_steps, to docs/recipes_table.md
     python docs/compare_recipes.py --seconds 120 --out /tmp/budget.md   # the same wall-clock budget
     python docs/compare_recipes.py --seconds 10 --out /tmp/smoke.md     # checks the script works
+    python docs/compare_recipes.py --only mixtral_shakespeare   # (re)train some, keep other rows
 
 Every recipe reads the same text with the same validation split and is evaluated once, at the end,
 on the whole validation split, in nats per token and in bits per UTF-8 byte (the figure that
@@ -37,8 +38,13 @@ SMOKE_SECONDS = 60  # budgets below this only check that the script works
 SKIPPED = ("char_shakespeare_gpu.py", "gpt2_124m.py")
 
 
-def recipe_paths() -> list[Path]:
-    return sorted(p for p in (ROOT / "recipes").glob("*.py") if p.name not in SKIPPED)
+def recipe_paths(only: list[str] | None = None) -> list[Path]:
+    paths = sorted(p for p in (ROOT / "recipes").glob("*.py") if p.name not in SKIPPED)
+    unknown = sorted(set(only or ()) - {p.stem for p in paths})
+    if unknown:
+        sys.exit(f"--only {' '.join(unknown)}: no such recipe; choose from "
+                 f"{', '.join(p.stem for p in paths)}")
+    return [p for p in paths if only is None or p.stem in only]
 
 
 def run(path: Path, max_steps: int | None, run_dir: Path) -> dict:
@@ -67,9 +73,10 @@ def run(path: Path, max_steps: int | None, run_dir: Path) -> dict:
     }
 
 
-def compare(seconds: float | None, timing_steps: int, workdir: Path) -> dict[str, dict]:
+def compare(seconds: float | None, timing_steps: int, workdir: Path,
+            only: list[str] | None = None) -> dict[str, dict]:
     rows = {}
-    for path in recipe_paths():
+    for path in recipe_paths(only):
         steps = None
         if seconds is not None:
             timing = run(path, timing_steps, workdir / f"{path.stem}-timing")
@@ -93,6 +100,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def table_rows(rows: dict[str, dict]) -> list[str]:
+    lines = []
+    for name, r in rows.items():
+        speed = "n/a" if r["tokens_per_sec"] is None else f"{r['tokens_per_sec']:,.0f}"
+        lines.append(f"| `{name}` | {r['tokenizer']} | {r['params']:,} | {r['steps']:,} | "
+                     f"{r['seconds']:.0f} | {speed} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} |")
+    return lines
+
+
+def with_rows(text: str, rows: dict[str, dict], command: str) -> str:
+    """The table `text` with `rows` replacing or joining its own, sorted by bits per byte, and a
+    line saying which rows came from `command`, on which machine."""
+    header, _, body = text.partition("\n\n")
+    kept = [line for line in body.splitlines() if line.startswith("| `")
+            and line.split("`")[1] not in rows]
+    lines = sorted(kept + table_rows(rows), key=lambda line: float(line.rstrip(" |").split()[-1]))
+    note = (f"Rows of {', '.join(f'`{n}`' for n in rows)}: {datetime.date.today().isoformat()}, "
+            f"{os.cpu_count()} cores of {cpu_model()}, jax {jax.__version__}, `{command}`.")
+    notes = [line for line in body.splitlines() if line.startswith("Rows of ")]
+    return (header + "\n\n" + "\n".join(body.splitlines()[:2] + lines) + "\n\n"
+            + "\n".join(notes + [note]) + "\n")
+
+
 def table(rows: dict[str, dict], seconds: float | None, command: str) -> str:
     devices = jax.devices()
     if seconds is None:
@@ -114,10 +144,7 @@ def table(rows: dict[str, dict], seconds: float | None, command: str) -> str:
     lines = ["| recipe | tokenizer | parameters | steps | wall seconds | tokens/s | val loss "
              "| val bits/byte |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, r in sorted(rows.items(), key=lambda item: item[1]["val_bpb"]):
-        speed = "n/a" if r["tokens_per_sec"] is None else f"{r['tokens_per_sec']:,.0f}"
-        lines.append(f"| `{name}` | {r['tokenizer']} | {r['params']:,} | {r['steps']:,} | "
-                     f"{r['seconds']:.0f} | {speed} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} |")
+    lines += table_rows(dict(sorted(rows.items(), key=lambda item: item[1]["val_bpb"])))
     return header + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -129,6 +156,9 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=50,
                         help="with --seconds: steps of the timing run that measures ms per step "
                              "[50]")
+    parser.add_argument("--only", nargs="+", metavar="RECIPE",
+                        help="train only these recipes (file stems) and replace or add their rows "
+                             "in the existing table")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="where to write the table [docs/recipes_table.md]")
     args = parser.parse_args()
@@ -139,9 +169,14 @@ def main() -> None:
             command += ["--timing-steps", str(args.timing_steps)]
     if args.out.resolve() != DEFAULT_OUT:
         command += ["--out", str(args.out)]
+    if args.only:
+        command += ["--only", *args.only]
     with tempfile.TemporaryDirectory() as workdir:
-        rows = compare(args.seconds, args.timing_steps, Path(workdir))
-    args.out.write_text(table(rows, args.seconds, shlex.join(command)))
+        rows = compare(args.seconds, args.timing_steps, Path(workdir), args.only)
+    if args.only:
+        args.out.write_text(with_rows(args.out.read_text(), rows, shlex.join(command)))
+    else:
+        args.out.write_text(table(rows, args.seconds, shlex.join(command)))
     print(f"wrote {args.out}")
 
 

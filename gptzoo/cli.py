@@ -1,5 +1,5 @@
-"""The `gptzoo` command: train, prepare, sample, eval, tune-batch, import-hf, export-hf, keys, plot,
-runs."""
+"""The `gptzoo` command: train, prepare, sample, serve, eval, tune-batch, import-hf, export-hf,
+keys, plot, runs."""
 
 import atexit
 import functools
@@ -163,6 +163,29 @@ def sample(run_dir, prompts, prompt_file, max_new_tokens, temperature, top_k, to
     _mark_output_complete()
 
 
+@main.command()
+@click.option("--ckpt", "run_dir", required=True, type=click.Path(), help="A run directory.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--slots", default=8, show_default=True, type=int,
+              help="Generations decoded at once (continuous batching).")
+@click.option("--max-queue", default=64, show_default=True, type=int,
+              help="Generations that may wait for a slot; more are refused with 429.")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every "
+              "endpoint but /health and /metrics.")
+@click.option("--chat-template", type=click.Path(),
+              help="A Jinja chat template [the run's own, else a plain one].")
+@friendly_errors
+def serve(run_dir, host, port, slots, max_queue, api_key, chat_template):
+    """Serve a run over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
+    from gptzoo.compile_cache import enable_compilation_cache
+    from gptzoo.serve import serve as run_server
+
+    enable_compilation_cache()
+    run_server(run_dir, host=host, port=port, slots=slots, max_queue=max_queue,
+               api_key=api_key, chat_template=chat_template, log=click.echo)
+
+
 @main.command(name="eval")
 @click.option("--ckpt", "run_dir", required=True, type=click.Path(), help="A run directory.")
 @click.option("--data", "data_path", type=click.Path(),
@@ -237,13 +260,12 @@ def tune_batch(recipe_path, overrides, memory_gb, peak_flops):
 def import_hf(hf_dir, out, block_size, adapter):
     """Turn a local Hugging Face folder (GPT-2, LLaMA, Mistral, Qwen2: any family with a Hugging
     Face format) into a run directory; with --adapter, a LoRA run over it."""
-    if adapter:
-        from gptzoo.hf.peft_runs import import_peft
+    from gptzoo.hf import import_hf as run_import
+    from gptzoo.hf.peft_runs import import_peft
 
+    if adapter:
         import_peft(hf_dir, adapter, out, block_size)
     else:
-        from gptzoo.hf import import_hf as run_import
-
         run_import(hf_dir, out, block_size)
     click.echo(f"imported {adapter or hf_dir} into {out}; try gptzoo sample --ckpt {out}")
 
@@ -258,12 +280,10 @@ def export_hf(run_dir, out, peft):
     """Write a run of a family with a Hugging Face format (gpt2, llama) as a Hugging Face folder
     (config.json, model.safetensors, tokenizer) for AutoModelForCausalLM.from_pretrained; with
     --peft, a LoRA run's adapters for PEFT."""
-    if peft:
-        from gptzoo.hf.peft_runs import export_peft as run_export
-    else:
-        from gptzoo.hf import export_hf as run_export
+    from gptzoo.hf import export_hf as run_export
+    from gptzoo.hf.peft_runs import export_peft
 
-    run_export(run_dir, out)
+    (export_peft if peft else run_export)(run_dir, out)
     click.echo(f"exported {run_dir} to {out}")
 
 

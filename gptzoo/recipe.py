@@ -250,7 +250,16 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     for key, value in (overrides or {}).items():
         recipe.set(key, value)
     recipe.validate()
+    _note_deprecated(recipe)
     return recipe
+
+
+def _note_deprecated(recipe: Recipe) -> None:
+    """One line on stderr for each setting that still works but has a replacement."""
+    if isinstance(recipe.model, ModelConfig) and not recipe.model.scan_layers:
+        print(f"note: {recipe.source.name}: model.scan_layers=false is deprecated and will go; "
+              "use trainer.unroll_layers=true (the layers stay stacked and run as fast)",
+              file=sys.stderr)
 
 
 def _python_recipe(path: Path) -> Recipe:

@@ -10,12 +10,10 @@ from gptzoo.recipe import DataConfig, OptimizerConfig, TrainerConfig
 # Built in: the model is gptzoo.models.gpt2(vocab_size, **model fields), and the run directory
 # reloads from its recipe.json without executing Python.
 architecture = "gpt2"
-# Blocks unrolled, not scanned: on a CPU XLA runs a few blocks written out faster than a loop
-# over stacked ones (bench/bench_train.py --set model.scan_layers=true|false). Scanning pays where
-# compile time grows with depth or memory needs remat (gpt2_124m); see docs/scan-and-remat.md.
-model = GPT2Config(n_layers=4, n_heads=4, d_model=128, block_size=128, dropout=0.0,
-                   scan_layers=False)
+model = GPT2Config(n_layers=4, n_heads=4, d_model=128, block_size=128, dropout=0.0)
 data = DataConfig()  # the tiny Shakespeare copy shipped inside the package
 optimizer = OptimizerConfig(lr=3e-3, min_lr_ratio=0.05, warmup_steps=100, weight_decay=0.1)
+# The stacked layers' scan written out: on a CPU XLA runs a few blocks written out faster than a
+# loop over them; scanning pays where compile time grows with depth (docs/scan-and-remat.md).
 trainer = TrainerConfig(max_steps=2400, batch_size=32, eval_interval=250, eval_steps=20,
-                        checkpoint_interval=500, seed=1337)
+                        checkpoint_interval=500, seed=1337, unroll_layers=True)

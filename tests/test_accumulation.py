@@ -70,8 +70,7 @@ def test_a_micro_batch_that_does_not_split_over_the_shards_is_refused():
     with pytest.raises(GptzooError, match=r"a micro-batch of trainer.batch_schedule's batch 8 / "
                                           r"trainer.grad_accum_steps=2 = 4 rows does not split "
                                           r"over 8 devices \(mesh.data=8 x mesh.fsdp=1 x "
-                                          r"mesh.expert=1\); use a "
-                                          r"multiple of 16"):
+                                          r"mesh.expert=1\); use a multiple of 16"):
         check_fits(recipe, (8, 1, 1, 1))
     with pytest.raises(GptzooError, match="trainer.grad_accum_steps"):
         gptzoo.load_recipe(RECIPE, {"trainer.batch_size": "12", "trainer.grad_accum_steps": "8"})

@@ -160,7 +160,7 @@ def test_aux_loss_and_a_training_steps_loss_equal_transformers(mixtral):
     assert abs(whole.aux_loss.item() - 2.0) > 0.05  # routed unevenly: not the balanced top_k
     np.testing.assert_allclose(aux, whole.aux_loss.item(), rtol=0, atol=1e-5)
     optimizer = optax.sgd(0.0)
-    mesh = make_mesh(gptzoo.load_recipe(RECIPE, {"trainer.batch_size": "4"}))
+    mesh = make_mesh(gptzoo.load_recipe(RECIPE, {"trainer.batch_size": "4"}).mesh)
     chunk = make_train_chunk(optimizer, mesh)
     _, _, stats = chunk((jnp.asarray(batch)[None], jax.random.PRNGKey(0), jnp.int32(0)),
                         model, optimizer.init(eqx.filter(model, eqx.is_array)))

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_ONE_EVAL
+from conftest import RECIPE, TINY_ONE_EVAL
 
 import gptzoo
 from gptzoo import nn
@@ -234,3 +234,13 @@ def test_llama_recipe_through_the_command_line(tmp_path, small_text):
     train_loss = float(re.search(r"final val loss ([0-9.]+)", trained).group(1))
     eval_loss = float(re.search(r"val loss ([0-9.]+)", evaluated).group(1))
     assert eval_loss == pytest.approx(train_loss, abs=1e-3)  # the run rebuilds the same model
+
+
+def test_model_scan_layers_false_still_works_with_a_deprecation_notice(capsys):
+    default = gptzoo.load_recipe(RECIPE)
+    assert default.trainer.unroll_layers and default.model.scan_layers  # one setting: the trainer's
+    assert "deprecated" not in capsys.readouterr().err
+    recipe = gptzoo.load_recipe(RECIPE, {"model.scan_layers": "false"})
+    assert not recipe.model.scan_layers
+    assert ("model.scan_layers=false is deprecated and will go; use trainer.unroll_layers=true"
+            in capsys.readouterr().err)

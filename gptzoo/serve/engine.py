@@ -1,0 +1,245 @@
+"""Continuous batching: one thread owns the device and a fixed number of decode slots.
+
+Requests wait in a bounded queue; between decode chunks the thread takes the waiting ones into
+free slots (each prompt prefilled in a length bucket), re-encodes the generations whose window is
+full (the sampler's default context shift: keep the last half, at positions 0..), decodes one
+chunk of every slot at once, and hands each job its new tokens. A job that finishes, or whose
+client has gone, leaves its slot at that boundary. Every program compiles in `warm_up`, so no
+request waits on a compilation.
+"""
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from gptzoo.nn.rowwise import MIN_ROWS
+from gptzoo.sample import BUCKET, CHUNK
+from gptzoo.serve.job import Job, Sampling
+from gptzoo.serve.programs import (
+    decode_chunk,
+    decoding_forms,
+    empty_slots,
+    prefill,
+    seed_key,
+    vocab_size,
+    widths,
+)
+
+log = logging.getLogger(__name__)
+
+KEEP = 0.5  # the fraction of the window a context shift keeps (`gptzoo sample`'s default)
+
+
+class QueueFull(Exception):
+    """More jobs than the free slots and the queue's room."""
+
+
+def prefill_buckets(block_size: int, n_keep: int) -> list[int]:
+    """The padded prompt lengths that compile: `BUCKET` doubled up to the window, and the
+    length a context shift re-encodes."""
+    buckets, bucket = {block_size, n_keep}, BUCKET
+    while bucket < block_size:
+        buckets.add(bucket)
+        bucket *= 2
+    return sorted(buckets)
+
+
+@dataclass
+class Row:
+    """A slot's generation as the host tracks it."""
+
+    job: Job
+    position: int  # where the token to feed goes
+    remaining: int  # tokens still to sample
+    t: int  # the next draw's index
+    key: np.ndarray
+    context: list[int]  # the generation's last block_size tokens, the one to feed last
+
+
+class Engine:
+    """The device thread and its slots.
+
+    **Arguments:**
+
+    - `model`: a model with a KV cache (`init_cache`, `decode`, `block_size`).
+    - `n_slots`: how many generations decode at once.
+    - `max_queue`: how many jobs may wait for a slot; `submit` refuses more.
+    - `metrics`: a `ServerMetrics` told of tokens and queue lengths, or None.
+    """
+
+    def __init__(self, model, n_slots: int, max_queue: int, metrics=None):
+        # Prefills (one row) and narrow decode chunks read `few`, wide ones `many`.
+        self.few, self.many = decoding_forms(model, n_slots)
+        self.widths = widths(n_slots)
+        self.block_size = model.block_size
+        self.n_keep = max(1, int(KEEP * self.block_size))
+        self.buckets = prefill_buckets(self.block_size, self.n_keep)
+        self.vocab = vocab_size(model)
+        self.n_slots, self.max_queue, self.metrics = n_slots, max_queue, metrics
+        self.slots = empty_slots(self.few, n_slots)
+        self.rows: list[Row | None] = [None] * n_slots
+        self.waiting: deque[Job] = deque()
+        self.wake = threading.Condition()
+        self.ready = threading.Event()
+        self.stopping = False
+        self.failure: str | None = None  # why warm-up failed
+        self.thread = threading.Thread(target=self._run, name="gptzoo-engine", daemon=True)
+
+    def start(self) -> None:
+        """Warm up, then serve, on the engine's thread."""
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join()
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue `jobs` (all or none: `QueueFull` when they do not fit)."""
+        with self.wake:
+            running = sum(row is not None for row in self.rows)
+            if running + len(self.waiting) + len(jobs) > self.n_slots + self.max_queue:
+                raise QueueFull
+            self.waiting.extend(jobs)
+            self.wake.notify()
+
+    def warm_up(self) -> None:
+        """Compile every program the engine runs: each prefill bucket, with and without the
+        prompt's scores, and the decode chunk of each width; each twice, the second time on the
+        outputs of the first, as requests will run them."""
+        key = np.asarray(seed_key(np.int32(0)))
+        for _ in range(2):
+            for bucket in self.buckets:
+                for echo in (False, True):
+                    self._prefill(0, np.zeros(bucket, np.int32), key, 0, Sampling(), echo)
+            for width in self.widths:
+                n_steps = np.zeros(self.n_slots, np.int32)
+                n_steps[width - 1] = 1
+                self._decode_chunk(n_steps)
+
+    def _run(self) -> None:
+        try:
+            self.warm_up()
+        except Exception as e:  # noqa: BLE001 - reported by /health and every request
+            log.exception("compiling the programs failed")
+            self.failure = f"{type(e).__name__}: {e}"
+            return
+        self.ready.set()
+        while True:
+            with self.wake:
+                self.wake.wait_for(lambda: self.stopping or self.waiting or any(self.rows))
+                if self.stopping:
+                    return
+                self._drop_cancelled()
+                starting = [(slot, self.waiting.popleft()) for slot, row in enumerate(self.rows)
+                            if row is None and self.waiting]
+            try:
+                self._step(starting)
+            except Exception as e:  # noqa: BLE001 - the server outlives a failed step
+                log.exception("decoding failed; the requests in progress end with an error")
+                self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
+            if self.metrics is not None:
+                self.metrics.queues(sum(row is not None for row in self.rows), len(self.waiting))
+
+    def _drop_cancelled(self) -> None:
+        self.rows = [None if row is None or row.job.cancelled else row for row in self.rows]
+        self.waiting = deque(job for job in self.waiting if not job.cancelled)
+
+    def _step(self, starting: list[tuple[int, Job]]) -> None:
+        for slot, job in starting:
+            self._start(slot, job)
+        for slot, row in enumerate(self.rows):
+            if row is not None and row.position >= self.block_size:
+                self._shift(slot, row)
+        if any(self.rows):
+            self._decode()
+
+    def _start(self, slot: int, job: Job) -> None:
+        """Prefill a job's prompt into `slot` and deliver its first token."""
+        if self.metrics is not None:
+            self.metrics.prompt(len(job.prompt))
+        if job.max_tokens == 0 and not job.echo:
+            job.deliver([])
+            return
+        key = np.asarray(seed_key(np.int32(job.sampling.seed)))
+        token, info, prompt_infos = self._prefill(slot, job.prompt, key, 0, job.sampling,
+                                                  job.echo)
+        if job.max_tokens == 0:  # scored only
+            job.deliver([], None, prompt_infos)
+            return
+        row = Row(job, len(job.prompt), job.max_tokens - 1, 1, key, [*job.prompt, token])
+        self.rows[slot] = row
+        self._deliver(slot, row, [token], [info], prompt_infos)
+
+    def _shift(self, slot: int, row: Row) -> None:
+        """Re-encode a full window's last `n_keep` tokens at positions 0.. and sample one."""
+        kept = row.context[-self.n_keep:]
+        token, info, _ = self._prefill(slot, np.asarray(kept, np.int32), row.key, row.t,
+                                       row.job.sampling, echo=False)
+        row.position, row.t, row.remaining = self.n_keep, row.t + 1, row.remaining - 1
+        row.context = [*kept, token]
+        self._deliver(slot, row, [token], [info])
+
+    def _decode(self) -> None:
+        n_steps = np.zeros(self.n_slots, np.int32)
+        for slot, row in enumerate(self.rows):
+            if row is not None:
+                n_steps[slot] = min(CHUNK, row.remaining, self.block_size - row.position)
+        tokens, infos = self._decode_chunk(n_steps)
+        for slot, (row, n) in enumerate(zip(self.rows, n_steps, strict=True)):
+            if row is None or n == 0:
+                continue
+            new = tokens[slot, :n].tolist()
+            row.position, row.t, row.remaining = row.position + n, row.t + n, row.remaining - n
+            row.context = [*row.context, *new][-self.block_size:]
+            self._deliver(slot, row, new, _info_rows(infos, slot, n) if row.job.logprobs else None)
+
+    def _deliver(self, slot: int, row: Row, tokens: list[int], infos: list[tuple] | None,
+                 prompt_infos: list[tuple] | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.tokens(row.job, len(tokens))
+        if row.job.deliver(tokens, infos if row.job.logprobs else None, prompt_infos):
+            self.rows[slot] = None
+
+    def _prefill(self, slot: int, tokens: np.ndarray, key: np.ndarray, t: int,
+                 sampling: Sampling, echo: bool):
+        """(the sampled token, its info row, and with `echo` the prompt's info rows)."""
+        n = len(tokens)
+        padded = np.zeros(next(b for b in self.buckets if b >= n), np.int32)
+        padded[:n] = tokens
+        settings = (np.float32(sampling.temperature), np.int32(sampling.top_k or self.vocab),
+                    np.float32(sampling.top_p or 1.0))
+        self.slots, token, info, prompt = prefill(self.few, self.slots, np.int32(slot), padded,
+                                                  np.int32(n), key, np.int32(t), settings, echo)
+        token, info, prompt = jax.device_get((token, info, prompt))
+        prompt_infos = None if prompt is None else _info_rows(prompt, None, n - 1)
+        return int(token), (float(info[0]), info[1], info[2]), prompt_infos
+
+    def _decode_chunk(self, n_steps: np.ndarray):
+        """Decode the narrowest prefix of the slots that holds every slot with steps to take
+        (new jobs take the lowest free slot, so the busy ones stay near the front)."""
+        busy = np.flatnonzero(n_steps)
+        width = next(w for w in self.widths if w > (busy[-1] if len(busy) else 0))
+        model = self.many if width >= MIN_ROWS else self.few
+        self.slots, tokens, infos = decode_chunk(model, self.slots, n_steps[:width], self.vocab)
+        return jax.device_get((tokens, infos))
+
+    def _fail_all(self, message: str) -> None:
+        with self.wake:
+            jobs = [row.job for row in self.rows if row is not None] + list(self.waiting)
+            self.rows, self.waiting = [None] * self.n_slots, deque()
+        for job in jobs:
+            job.fail(message)
+        self.slots = empty_slots(self.few, self.n_slots)  # a failed call may have used them
+
+
+def _info_rows(info, slot: int | None, n: int) -> list[tuple]:
+    """`TokenInfo` arrays (of one slot's chunk, or of a prompt) as n `(logprob, top_ids,
+    top_logprobs)` tuples."""
+    logprob, top_ids, top_logprobs = (x if slot is None else x[slot] for x in info)
+    return list(zip(logprob[:n].tolist(), top_ids[:n], top_logprobs[:n], strict=True))

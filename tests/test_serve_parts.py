@@ -1,0 +1,165 @@
+"""Parts of `gptzoo serve` without a server: chat templates rendered as transformers renders
+them, the traced token picker against `gptzoo.sample`'s, stop strings cut in a stream, and the
+engine outliving a failed decoding step."""
+
+import json
+import queue
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+
+import gptzoo
+import gptzoo.serve.engine as engine_module
+from gptzoo.sample import pick_token as sample_pick_token
+from gptzoo.serve.chat import ChatTemplate
+from gptzoo.serve.engine import Engine
+from gptzoo.serve.errors import ApiError
+from gptzoo.serve.job import Job, Sampling, StopText
+from gptzoo.serve.programs import pick_token
+
+# Loop controls, tojson on a field (not escaped), special tokens, raise_exception, the generation
+# marker and the generation prompt, laid out on indented lines as published templates are (which
+# trim_blocks and lstrip_blocks take out).
+TEMPLATE = """{{ bos_token }}
+{% for message in messages %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('unknown role ' + message['role']) }}
+    {% endif %}
+    {% if message['role'] == 'system' and loop.first %}
+[sys] {{ message['content'] }}
+        {% continue %}
+    {% endif %}
+<|{{ message['role'] }}|>
+    {% if message['role'] == 'assistant' %}
+        {% generation %}{{ message['content'] }}{% endgeneration %}
+    {% else %}
+{{ message['content'] }}
+    {% endif %}
+    {% if message.meta is defined %} {{ message.meta | tojson }}{% endif %}
+{{ eos_token }}
+{% endfor %}
+{% if add_generation_prompt %}
+<|assistant|>
+{% endif %}"""
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Is 1 < 2 & 'yes'?", "meta": {"lang": "fr", "note": "<é>"}},
+    {"role": "assistant", "content": "Oui."},
+    {"role": "user", "content": "Merci"},
+]
+
+
+def saved_tokenizer(folder, template: str) -> PreTrainedTokenizerFast:
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+        bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_a_saved_template_renders_as_transformers_renders_it(tmp_path):
+    tokenizer = saved_tokenizer(tmp_path, TEMPLATE)
+    expected = tokenizer.apply_chat_template(MESSAGES, tokenize=False,
+                                             add_generation_prompt=True)
+    assert ChatTemplate.for_run(tmp_path).render(MESSAGES) == expected
+    assert '"<é>"' in expected  # the check covers tojson's unescaped output
+
+
+def test_a_template_in_tokenizer_config_renders_as_transformers_renders_it(tmp_path):
+    tokenizer = saved_tokenizer(tmp_path, TEMPLATE)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)  # the older layout: in the config
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    expected = tokenizer.apply_chat_template(MESSAGES, tokenize=False,
+                                             add_generation_prompt=True)
+    assert ChatTemplate.for_run(tmp_path).render(MESSAGES) == expected
+
+
+def test_raise_exception_is_a_400_on_messages(tmp_path):
+    saved_tokenizer(tmp_path, TEMPLATE)
+    with pytest.raises(ApiError) as caught:
+        ChatTemplate.for_run(tmp_path).render([{"role": "tool", "content": "x"}])
+    assert caught.value.status == 400 and caught.value.param == "messages"
+    assert "unknown role tool" in caught.value.message
+
+
+def test_the_sandbox_refuses_python_internals():
+    template = ChatTemplate("{{ messages.__class__.__mro__ }}")
+    with pytest.raises(ApiError):
+        template.render(MESSAGES)
+
+
+def test_a_run_without_a_template_uses_the_plain_one(tmp_path):
+    assert ChatTemplate.for_run(tmp_path).render(MESSAGES[:2]) == (
+        "SYSTEM:\nBe brief.\n\nUSER:\nIs 1 < 2 & 'yes'?\n\nASSISTANT:\n")
+
+
+SETTINGS = [(0.0, None, None), (1.0, None, None), (0.7, 5, None), (1.3, None, 0.6),
+            (0.9, 3, 0.8), (1.0, 1, None), (2.0, None, 1.0)]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)
+def test_traced_settings_pick_the_tokens_of_the_static_ones(temperature, top_k, top_p):
+    vocab, rows = 50, 64
+    logits = jax.random.normal(jax.random.PRNGKey(0), (rows, vocab)) * 2
+    noise = jax.random.gumbel(jax.random.PRNGKey(1), (rows, vocab))
+    expected = jax.vmap(lambda lg, z: sample_pick_token(lg, z, temperature, top_k, top_p))(
+        logits, noise)
+    traced = jax.jit(jax.vmap(pick_token, in_axes=(0, 0, None, None, None)))(
+        logits, noise, jnp.float32(temperature), jnp.int32(top_k or vocab),
+        jnp.float32(top_p or 1.0))
+    np.testing.assert_array_equal(traced, expected)
+
+
+def test_stop_text_holds_back_what_may_begin_a_stop_and_cuts_before_it():
+    text = StopText(["\n\n", "END"])
+    shown = [text.push(piece) for piece in ["ab", "c\n", "E", "N", "x\n", "\nrest"]]
+    # "\n", "E" and "EN" may begin a stop: each is held until a later piece decides.
+    assert shown == [("ab", False), ("c", False), ("\n", False), ("", False), ("ENx", False),
+                     ("", True)]
+    assert StopText([]).push("anything") == ("anything", False)
+    held = StopText(["xyz"])
+    assert held.push("abx") == ("ab", False) and held.flush() == "x"
+
+
+def events_until_finished(events: queue.Queue) -> list:
+    received = [events.get(timeout=60)]
+    while received[-1].finish_reason is None:
+        received.append(events.get(timeout=60))
+    return received
+
+
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on(trained_run,
+                                                                             monkeypatch):
+    model, tokenizer = gptzoo.load(trained_run)
+    monkeypatch.setattr(Engine, "warm_up", lambda self: None)  # compiled as it goes instead
+    engine = Engine(model, n_slots=2, max_queue=2)
+    engine.start()
+    events = queue.Queue()
+
+    def job(index: int) -> Job:
+        return Job(index, tokenizer.encode("ROMEO:"), 20, Sampling(temperature=0), [], False,
+                   False, tokenizer, events.put)
+
+    def broken(*args):
+        raise RuntimeError("the device is gone")
+
+    working = engine_module.decode_chunk
+    try:
+        monkeypatch.setattr(engine_module, "decode_chunk", broken)
+        engine.submit([job(0)])
+        failed = events_until_finished(events)
+        assert failed[-1].finish_reason == "error" and "the device is gone" in failed[-1].text
+        monkeypatch.setattr(engine_module, "decode_chunk", working)
+        engine.submit([job(1)])
+        answered = events_until_finished(events)
+        assert answered[-1].finish_reason == "length" and answered[-1].n_generated == 20
+    finally:
+        engine.stop()
