@@ -1,0 +1,94 @@
+"""The sections of a recipe besides the model's: their fields, defaults and the checks their
+values must pass (the model section is the family's config, `gptzoo.models.config`)."""
+
+import dataclasses
+
+from gptzoo.data.text import SHAKESPEARE
+from gptzoo.lora.config import LORA_CHECKS, LoRAConfig
+from gptzoo.models import ModelConfig
+from gptzoo.nn.stack import REMAT_POLICIES
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str = str(SHAKESPEARE)  # a text file, a folder, a glob, or JSONL files
+    val_fraction: float = 0.1
+    tokenizer: str = "char"  # char, bytes, bpe (trained on the training split), or a tokenizer.json
+    vocab_size: int = 1024  # bpe only
+    text_field: str = "text"  # JSONL files: the field holding each document's text
+    cache_dir: str = ""  # where token shards go; "" = $GPTZOO_CACHE or ~/.cache/gptzoo
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # global-norm clipping
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    max_steps: int = 2000
+    batch_size: int = 32
+    eval_interval: int = 250
+    eval_steps: int = 20
+    checkpoint_interval: int = 500
+    log_interval: int = 10
+    steps_per_call: int = 10  # train steps fused into one jitted call with lax.scan
+    keep_checkpoints: int = 3
+    keep_best: bool = False  # also RUN_DIR/best: the step of the lowest val loss so far
+    max_bad_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops
+    seed: int = 0
+    wandb: bool = False  # also log to Weights & Biases (pip install -e .[wandb])
+    wandb_project: str = "gptzoo"
+    precision: str = "float32"  # float32, or bfloat16 compute over float32 master weights
+    remat: str = "none"  # none, full, or a jax.checkpoint_policies name, per block
+    unroll_layers: bool = False  # scanned layers written out: slower compiles, faster steps
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size stays the global)
+    # [(step, batch size), ...]: the global batch from each listed step on; None: batch_size
+    batch_schedule: list | None = None
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """How the devices are arranged: the batch is split over data x fsdp x expert, parameters and
+    optimizer state over fsdp, attention heads and MLP width over tensor, a mixture's experts over
+    expert. -1 takes the devices left."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+
+SECTIONS = ("model", "data", "optimizer", "trainer", "mesh", "lora")
+DEFAULTS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
+            "trainer": TrainerConfig, "mesh": MeshConfig, "lora": LoRAConfig}
+# (key, predicate, what it must be) checked after overrides, so bad values fail before training.
+CHECKS = [
+    ("trainer.max_steps", lambda v: v > 0, "a positive integer"),
+    ("trainer.batch_size", lambda v: v > 0, "a positive integer"),
+    ("trainer.eval_interval", lambda v: v > 0, "a positive integer"),
+    ("trainer.eval_steps", lambda v: v > 0, "a positive integer"),
+    ("trainer.checkpoint_interval", lambda v: v > 0, "a positive integer"),
+    ("trainer.log_interval", lambda v: v > 0, "a positive integer"),
+    ("trainer.steps_per_call", lambda v: v > 0, "a positive integer"),
+    ("trainer.keep_checkpoints", lambda v: v > 0, "a positive integer"),
+    ("trainer.max_bad_steps", lambda v: v > 0, "a positive integer"),
+    ("trainer.grad_accum_steps", lambda v: v > 0, "a positive integer"),
+    ("trainer.precision", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
+    ("trainer.remat", lambda v: v in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}"),
+    ("optimizer.lr", lambda v: v > 0, "positive"),
+    ("model.n_layers", lambda v: v > 0, "a positive integer"),
+    ("model.n_heads", lambda v: v > 0, "a positive integer"),
+    ("model.d_model", lambda v: v > 0, "a positive integer"),
+    ("model.block_size", lambda v: v > 0, "a positive integer"),
+    ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("data.vocab_size", lambda v: v > 256, "above 256 (the byte alphabet and <|endoftext|>)"),
+    *LORA_CHECKS,
+]
