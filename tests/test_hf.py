@@ -36,7 +36,9 @@ TOLERANCE = 1e-4  # max |logit difference| in float32
 
 # Small configs covering each feature: GPT-2 (tied head, exact GELU); LLaMA with grouped-query
 # attention, rope_theta != 10,000, llama3 scaling, head_dim != hidden / heads, tied and untied
-# heads; Qwen2's q/k/v biases. The `save` entry picks the file layout.
+# heads; Qwen2's q/k/v biases; Mistral's sliding window, shorter than the tested sequences;
+# Qwen3's QK-norm with head_dim != hidden / heads and attention biases. The `save` entry picks the
+# file layout.
 CONFIGS = {
     "gpt2": dict(cls="GPT2Config", save="safetensors", n_layer=2, n_embd=32, n_head=4,
                  n_positions=64, layer_norm_epsilon=1e-4),
@@ -57,6 +59,13 @@ CONFIGS = {
     "qwen2": dict(cls="Qwen2Config", save="safetensors", num_hidden_layers=2, hidden_size=32,
                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                   max_position_embeddings=128, tie_word_embeddings=False),
+    "mistral_window": dict(cls="MistralConfig", save="safetensors", num_hidden_layers=2,
+                           hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=64, max_position_embeddings=128, sliding_window=5),
+    "qwen3": dict(cls="Qwen3Config", save="safetensors", num_hidden_layers=2, hidden_size=32,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                  intermediate_size=64, max_position_embeddings=128, attention_bias=True,
+                  tie_word_embeddings=True),
 }
 
 
