@@ -4,6 +4,8 @@ both attention back-ends on inputs longer than the window, the context an import
 `gptzoo sample` against `generate` through the rolling cache and past block_size, and the window
 keys of Qwen's configs both ways."""
 
+import json
+
 import jax
 import pytest
 import torch
@@ -91,7 +93,9 @@ def test_a_window_slides_past_block_size_by_default_as_transformers(imported,  #
     assert cli_greedy_text(tmp_path / "run", "ROMEO:", 40) == expected
 
 
-def qwen_folder(tmp_path, cls: str, max_window_layers: int):
+def qwen_folder(tmp_path, cls: str, max_window_layers: int, layer_types: bool):
+    """A Qwen config.json as transformers 5 saves it (with `layer_types`) or as transformers 4
+    did (without: `max_window_layers` decides)."""
     config = getattr(transformers, cls)(
         num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
         vocab_size=VOCAB, use_sliding_window=True, sliding_window=4,
@@ -99,18 +103,26 @@ def qwen_folder(tmp_path, cls: str, max_window_layers: int):
     config.architectures = [cls.replace("Config", "ForCausalLM")]
     folder = tmp_path / f"{cls}_{max_window_layers}"
     config.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    if not layer_types:
+        del saved["layer_types"]
+    (folder / "config.json").write_text(json.dumps(saved))
     return folder
 
 
+@pytest.mark.parametrize("layer_types", [True, False])
 @pytest.mark.parametrize("cls", ["Qwen2Config", "Qwen3Config"])
-def test_qwen_windows_read_and_write_as_transformers_assigns_them(tmp_path, cls):
+def test_qwen_windows_read_and_write_as_transformers_assigns_them(tmp_path, cls, layer_types):
     """Layers from max_window_layers on slide: all of them is a window, none is none, some
     are refused in one line; a window written back slides every layer in transformers."""
-    assert read_config(qwen_folder(tmp_path, cls, 0)).config.sliding_window == 4
-    assert read_config(qwen_folder(tmp_path, cls, 2)).config.sliding_window is None
+    def window(max_window_layers: int) -> int | None:
+        folder = qwen_folder(tmp_path, cls, max_window_layers, layer_types)
+        return read_config(folder).config.sliding_window
+
+    assert (window(0), window(2)) == (4, None)
     with pytest.raises(GptzooError, match="slide 1 of 2 layers, which is not supported"):
-        read_config(qwen_folder(tmp_path, cls, 1))
-    config = read_config(qwen_folder(tmp_path, cls, 0)).config
+        window(1)
+    config = read_config(qwen_folder(tmp_path, cls, 0, layer_types)).config
     written = write_config("llama", config, VOCAB)
     theirs = transformers.AutoConfig.for_model(**written)
     assert (type(theirs).__name__, theirs.sliding_window) == (cls, 4)
