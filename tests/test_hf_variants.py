@@ -11,15 +11,8 @@ import pytest
 import torch
 import transformers
 from conftest import gptzoo_in_process
-from test_hf import (
-    CONFIGS,
-    TOLERANCE,
-    VOCAB,
-    imported,  # noqa: F401  (the fixture)
-    max_diff,
-    random_tokens,
-)
-from tokenizers import Tokenizer
+from test_hf import CONFIGS, TOLERANCE, VOCAB, import_once, max_diff, random_tokens
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from gptzoo.errors import GptzooError
 from gptzoo.hf import import_hf, read_config, write_config
@@ -31,8 +24,26 @@ WINDOW = CONFIGS["mistral_window"]["sliding_window"]
 CONTEXT = CONFIGS["mistral_window"]["max_position_embeddings"]
 
 
+def one_character_tokenizer() -> Tokenizer:
+    """VOCAB printable characters, a token each (ASCII, then CJK): a text decodes from one token
+    sequence only, so comparing `gptzoo sample`'s text compares its tokens. (A byte-level BPE
+    decodes a random model's stray bytes to U+FFFD, whatever the bytes.)"""
+    chars = [chr(c) for c in range(33, 127)]
+    chars += [chr(0x4E00 + i) for i in range(VOCAB - len(chars))]
+    tokenizer = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="?"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """test_hf's `imported(name)`, with `one_character_tokenizer`."""
+    return import_once(tmp_path_factory, one_character_tokenizer)
+
+
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_a_window_shorter_than_the_input_matches_both_backends(imported,  # noqa: F811
+def test_a_window_shorter_than_the_input_matches_both_backends(imported,
                                                                implementation):
     """The case that failed when the context was clamped to the window: window 5, 32 tokens."""
     _, folder, run = imported("mistral_window")
@@ -45,7 +56,7 @@ def test_a_window_shorter_than_the_input_matches_both_backends(imported,  # noqa
     assert diff <= TOLERANCE
 
 
-def test_an_imported_window_is_the_attentions_not_the_contexts(imported):  # noqa: F811
+def test_an_imported_window_is_the_attentions_not_the_contexts(imported):
     """block_size is max_position_embeddings (capped), the window is how far attention reads,
     and the KV cache holds the window alone."""
     _, folder, run = imported("mistral_window")
@@ -73,7 +84,7 @@ def cli_greedy_text(run, prompt: str, n_new: int) -> str:
 
 
 @pytest.mark.parametrize("name", ["mistral_window", "qwen3"])
-def test_greedy_sampling_matches_transformers_for_four_windows(imported, name):  # noqa: F811
+def test_greedy_sampling_matches_transformers_for_four_windows(imported, name):
     """`gptzoo sample --temperature 0` against `generate`: 20 tokens are four windows of the
     Mistral, whose 5-slot cache wraps round three times."""
     hf, _, run = imported(name)
@@ -81,7 +92,7 @@ def test_greedy_sampling_matches_transformers_for_four_windows(imported, name): 
     assert cli_greedy_text(run, "ROMEO:", 4 * WINDOW) == expected
 
 
-def test_a_window_slides_past_block_size_by_default_as_transformers(imported,  # noqa: F811
+def test_a_window_slides_past_block_size_by_default_as_transformers(imported,
                                                                     tmp_path):
     """Imported with a block_size of 8, the model decodes past it with its rolling cache by
     default (--context slide): the tokens are transformers', which attends over the whole
