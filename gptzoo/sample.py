@@ -84,9 +84,10 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
 
 
 def default_context(model: LanguageModel, use_cache: bool = True) -> str:
-    """"slide" for a model whose attention window is narrower than `block_size` (Mistral's
-    sliding window), decoded from its cache: its rolling cache holds the window, so sliding
-    decodes what its forward computes over the whole history. "shift" for any other."""
+    """The context mode when none is asked for: "slide" for a model whose attention window is
+    narrower than `block_size` (Mistral's sliding window), decoded from its cache, since its
+    rolling cache holds the window and sliding decodes what its forward computes over the whole
+    history; "shift" for any other."""
     cached = use_cache and can_decode(model) and model.slides_window
     return "slide" if cached and model.context_window < model.block_size else "shift"
 
