@@ -113,11 +113,10 @@ def train(recipe_path, overrides, run_dir, resume, init_from, coordinator, num_p
 @click.option("--num-samples", default=1, show_default=True, type=int,
               help="Samples per prompt, with seeds seed, seed+1, ...")
 @click.option("--no-cache", is_flag=True, help="Recompute the context every token (slow).")
-@click.option("--context", default="shift", show_default=True,
-              type=click.Choice(["shift", "crop", "slide"]),
+@click.option("--context", default=None, type=click.Choice(["shift", "crop", "slide"]),
               help="Past the window: keep its last --keep and re-encode it (shift), recompute "
               "the last block_size tokens every token (crop, nanoGPT), or slide the cache "
-              "(rotary/ALiBi only).")
+              "(rotary/ALiBi only). Default: slide for a sliding-window model, else shift.")
 @click.option("--keep", default=0.5, show_default=True, type=float,
               help="Fraction of the window that --context shift keeps.")
 @friendly_errors

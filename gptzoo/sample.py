@@ -8,7 +8,9 @@ What the context is once it holds `block_size` tokens (`context`):
   "shift": keep its last `keep` fraction, re-encode those tokens at positions 0.. in one prefill
      and continue from the cache (llama.cpp's context shift): the cost per token stays flat;
   "crop": the last `block_size` tokens, recomputed every token (nanoGPT's `generate`);
-  "slide": the cache keeps the last `block_size` positions of every layer (rotary/ALiBi only).
+  "slide": the cache keeps the last `block_size` positions of every layer (rotary/ALiBi only);
+     exact for a model with a sliding window, whose rolling cache holds the window.
+None (the default) is "slide" for a sliding-window model decoded from its cache, else "shift".
 """
 
 import weakref
@@ -64,7 +66,7 @@ def pick_token(logits: Float[Array, " vocab"], noise: Float[Array, " vocab"] | N
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None = None,
-                        top_p: float | None = None, context: str = "shift",
+                        top_p: float | None = None, context: str | None = None,
                         keep: float = 0.5) -> None:
     if max_new_tokens < 0:
         raise GptzooError(f"--max-new-tokens={max_new_tokens} is negative; pass 0 or more")
@@ -74,14 +76,23 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
         raise GptzooError(f"--top-k={top_k} must be at least 1; omit it to sample from all tokens")
     if top_p is not None and not 0 < top_p <= 1:
         raise GptzooError(f"--top-p={top_p} must be in (0, 1]; omit it to sample from all tokens")
-    if context not in CONTEXTS:
+    if context not in (None, *CONTEXTS):
         raise GptzooError(f"--context={context} is not one of {', '.join(CONTEXTS)}")
     if not 0 < keep <= 1:
         raise GptzooError(f"--keep={keep} must be in (0, 1]: the fraction of the window kept "
                           "when it is full")
 
 
-def check_context(model: LanguageModel, context: str, use_cache: bool = True) -> None:
+def default_context(model: LanguageModel, use_cache: bool = True) -> str:
+    """The context mode when none is asked for: "slide" for a model whose attention window is
+    narrower than `block_size` (Mistral's sliding window), decoded from its cache, since its
+    rolling cache holds the window and sliding decodes what its forward computes over the whole
+    history; "shift" for any other."""
+    cached = use_cache and can_decode(model) and model.slides_window
+    return "slide" if cached and model.context_window < model.block_size else "shift"
+
+
+def check_context(model: LanguageModel, context: str | None, use_cache: bool = True) -> None:
     """`context="slide"` needs the cache of a model whose attention carries the positions."""
     if context != "slide":
         return
@@ -315,7 +326,7 @@ def _for_decoding(model, n_rows: int):
 def generate_tokens(model: LanguageModel, prompts: list[np.ndarray], *, max_new_tokens: int,
                     temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, seeds: list[int] | None = None,
-                    use_cache: bool = True, context: str = "shift",
+                    use_cache: bool = True, context: str | None = None,
                     keep: float = 0.5) -> Iterator[np.ndarray]:
     """Yield `(batch, k)` arrays of new tokens, at most `CHUNK` at a time, for prompts of any
     lengths; `context` and `keep` as in the module docstring.
@@ -324,6 +335,7 @@ def generate_tokens(model: LanguageModel, prompts: list[np.ndarray], *, max_new_
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, context, keep)
     require(model, LanguageModel, "gptzoo sample")
+    context = context or default_context(model, use_cache)
     check_context(model, context, use_cache)
     use_cache = use_cache and can_decode(model)
     w = model.block_size
@@ -404,7 +416,7 @@ def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> np.ndarray:
 def stream_batch(model: LanguageModel, tokenizer: Tokenizer, prompts: list[str], *,
                  max_new_tokens: int = 500, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seeds: list[int] | None = None,
-                 stop: str | None = None, use_cache: bool = True, context: str = "shift",
+                 stop: str | None = None, use_cache: bool = True, context: str | None = None,
                  keep: float = 0.5) -> Iterator[list[str]]:
     """Yield, for each prompt, the next piece of its continuation; after `stop` a row yields ''."""
     texts = ["" for _ in prompts]
@@ -466,8 +478,9 @@ def generate(model: LanguageModel, tokenizer: Tokenizer, prompt: str | list[str]
     """Each prompt followed by its continuation.
 
     Options: `max_new_tokens` (500), `temperature` (1.0; 0 is greedy), `top_k`, `top_p`,
-    `stop` (a string that ends a row's text), `use_cache` (True), `context` ("shift", "crop" or
-    "slide") and `keep` (0.5), as in `gptzoo.sample`. Every row uses `seed`.
+    `stop` (a string that ends a row's text), `use_cache` (True), `context` ("shift", "crop",
+    "slide" or None: slide for a sliding-window model, else shift) and `keep` (0.5), as in
+    `gptzoo.sample`. Every row uses `seed`.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     texts = list(prompts)

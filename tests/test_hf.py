@@ -5,6 +5,7 @@ bit-identical; bad folders fail with one line."""
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -36,7 +37,9 @@ TOLERANCE = 1e-4  # max |logit difference| in float32
 
 # Small configs covering each feature: GPT-2 (tied head, exact GELU); LLaMA with grouped-query
 # attention, rope_theta != 10,000, llama3 scaling, head_dim != hidden / heads, tied and untied
-# heads; Qwen2's q/k/v biases. The `save` entry picks the file layout.
+# heads; Qwen2's q/k/v biases; Mistral's sliding window, shorter than the tested sequences;
+# Qwen3's QK-norm with head_dim != hidden / heads and attention biases (these two with weights 10x
+# the default's, so attention is far from uniform). The `save` entry picks the file layout.
 CONFIGS = {
     "gpt2": dict(cls="GPT2Config", save="safetensors", n_layer=2, n_embd=32, n_head=4,
                  n_positions=64, layer_norm_epsilon=1e-4),
@@ -57,6 +60,14 @@ CONFIGS = {
     "qwen2": dict(cls="Qwen2Config", save="safetensors", num_hidden_layers=2, hidden_size=32,
                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                   max_position_embeddings=128, tie_word_embeddings=False),
+    "mistral_window": dict(cls="MistralConfig", save="safetensors", num_hidden_layers=2,
+                           hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=64, max_position_embeddings=128, sliding_window=5,
+                           initializer_range=0.2),
+    "qwen3": dict(cls="Qwen3Config", save="safetensors", num_hidden_layers=2, hidden_size=32,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                  intermediate_size=64, max_position_embeddings=128, attention_bias=True,
+                  tie_word_embeddings=False, initializer_range=0.2),
 }
 
 
@@ -81,8 +92,9 @@ def perturb(model) -> None:
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
 
 
-def make_hf(name: str, folder: Path):
-    """The transformers model `name` of CONFIGS, saved in `folder` with a tokenizer.json."""
+def make_hf(name: str, folder: Path, tokenizer: Callable[[], Tokenizer] = make_tokenizer):
+    """The transformers model `name` of CONFIGS, saved in `folder` with `tokenizer()`'s
+    tokenizer.json."""
     spec = dict(CONFIGS[name])
     cls, save = spec.pop("cls"), spec.pop("save")
     config = getattr(transformers, cls)(vocab_size=VOCAB, bos_token_id=None, eos_token_id=None,
@@ -94,25 +106,30 @@ def make_hf(name: str, folder: Path):
     if save == "bin":  # transformers 5 writes only safetensors: the older pickle by hand
         (folder / "model.safetensors").unlink()
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    make_tokenizer().save(str(folder / "tokenizer.json"))
+    tokenizer().save(str(folder / "tokenizer.json"))
     return model
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    """`imported(name)`: (transformers model, HF folder, run directory) of CONFIGS[name], made
-    and imported once per module."""
+def import_once(tmp_path_factory, tokenizer: Callable[[], Tokenizer] = make_tokenizer):
+    """`get(name)`: (transformers model, HF folder, run directory) of CONFIGS[name] with
+    `tokenizer()`'s tokenizer.json, made and imported at the first call."""
     made = {}
 
     def get(name: str):
         if name not in made:
             root = tmp_path_factory.mktemp(name)
-            hf = make_hf(name, root / "hf")
+            hf = make_hf(name, root / "hf", tokenizer)
             import_hf(root / "hf", root / "run")
             made[name] = hf, root / "hf", root / "run"
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """`import_once` for a module: `imported(name)` is made once per module."""
+    return import_once(tmp_path_factory)
 
 
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:

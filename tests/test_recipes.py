@@ -146,6 +146,23 @@ def test_llama_recipe_is_rmsnorm_rotary_swiglu_gqa_without_biases():
     assert linears and all(m.bias is None for m in linears)
 
 
+def test_mistral_recipe_slides_a_window_shorter_than_its_block():
+    recipe, model = build("mistral_shakespeare")
+    window = recipe.model.sliding_window
+    assert window < model.block_size and model.context_window == window
+    assert all(block.attention.window == window for block in model.blocks)
+
+
+def test_qwen3_recipe_norms_queries_and_keys_in_heads_of_their_own_width():
+    recipe, model = build("qwen3_shakespeare")
+    for block in model.blocks:
+        attention = block.attention
+        assert attention.n_heads * attention.head_dim != recipe.model.d_model
+        assert attention.qk_norm == "head"
+        assert attention.q_norm.scale.shape == attention.k_norm.scale.shape == (64,)
+    assert model.head is None  # tied, as Qwen3's small models are
+
+
 def test_gptj_recipe_is_parallel_with_one_norm_and_quarter_interleaved_rotary():
     _, model = build("gptj_shakespeare")
     assert model.position_embedding is None and model.head is not None

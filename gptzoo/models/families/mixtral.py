@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from gptzoo.models.families import llama
+from gptzoo.models.families import llama, llama_hf
 from gptzoo.models.families.llama import LlamaConfig, llama_decoder
 from gptzoo.models.gpt import MoEGPT
 from gptzoo.models.hf_format import HFFormat, Merged, Param, param, unsupported
@@ -74,7 +74,7 @@ def write_hf_config(c: MixtralConfig, vocab_size: int) -> dict:
     if c.use_bias or c.qkv_bias:
         raise ValueError("transformers' MixtralForCausalLM has no biases; export a run with "
                          "model.use_bias=false and model.qkv_bias=false")
-    common = {k: v for k, v in llama.write_hf_config(c, vocab_size).items()
+    common = {k: v for k, v in llama_hf.write_config(c, vocab_size).items()
               if k not in ("attention_bias", "mlp_bias")}
     return {**common, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
             "num_local_experts": c.n_experts, "num_experts_per_tok": c.experts_per_token,
@@ -85,7 +85,7 @@ def write_hf_config(c: MixtralConfig, vocab_size: int) -> dict:
 def hf_params(c: MixtralConfig) -> list[Param]:
     """LLaMA's table but for the feed-forward: each layer's router and experts in transformers
     5's fused layout, `(out, in)` in the last two axes with the experts first."""
-    params = [p for p in llama.hf_params(c) if ".mlp." not in p.ours]
+    params = [p for p in llama_hf.params(c) if ".mlp." not in p.ours]
     for i in range(c.n_layers):
         ours, theirs = f"blocks.{i}.mlp.", f"model.layers.{i}.mlp."
         params += [param(ours + "router.weight", theirs + "gate.weight", transpose=True),
