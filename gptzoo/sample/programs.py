@@ -19,14 +19,24 @@ CHUNK = 16  # most tokens per compiled decode call; the host streams text betwee
 
 
 class State(NamedTuple):
-    """Every row's generation so far; `token` is sampled (and emitted) but not yet fed."""
+    """Every row's generation so far.
 
-    cache: object  # the model's cache with a leading batch axis; None when recomputing
+    **Arguments:**
+
+    - `cache`: the model's cache with a leading batch axis; None when recomputing the context.
+    - `token`: each row's last token, sampled (and emitted) but not yet fed.
+    - `position`: the position each row's `token` is fed at.
+    - `ring`: each row's last `block_size` tokens, position p in slot `p % block_size`.
+    - `keys`: each row's PRNG key.
+    - `t`: the index of the next draw, the same for every row (`gumbel_noise`).
+    """
+
+    cache: object
     token: Int[Array, " batch"]
-    position: Int[Array, " batch"]  # the position `token` is fed at
-    ring: Int[Array, "batch block_size"]  # the token at position p in slot p % block_size
+    position: Int[Array, " batch"]
+    ring: Int[Array, "batch block_size"]
     keys: PRNGKeyArray
-    t: Int[Array, ""]  # index of the next token to sample, for each row's key
+    t: Int[Array, ""]
 
 
 def _window(ring: Int[Array, " w"], position: Int[Array, ""]) -> Int[Array, " w"]:
