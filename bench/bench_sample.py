@@ -59,7 +59,7 @@ def bytes_per_step(model, batch: int, n_new: int) -> int:
     """The weights once, and each row's KV cache as far as it is filled, on average over a run of
     `n_new` tokens after `PROMPT`: what a step must read (the sampler reads the filled part
     rounded up to a half, a quarter, ... of the window, or the whole cache where it is small
-    beside the weights: `gptzoo.sample._reads_by_extent`)."""
+    beside the weights: `gptzoo.sample.layout.reads_by_extent`)."""
     weights = sum(a.nbytes for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
     cache = sum(a.nbytes for a in jax.tree.leaves(model.init_cache()))
     filled = min(len(PROMPT) + n_new / 2, model.block_size) / model.block_size

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from gptzoo.data import SHAKESPEARE, HFTokenizer, train_bpe
-from gptzoo.data.corpus import BATCH_BYTES, PIECE_BYTES
+from gptzoo.data.shards import BATCH_BYTES
+from gptzoo.data.sources import PIECE_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE_BYTES = 64 << 20

@@ -2,11 +2,11 @@
 process without tracing them again.
 
 JAX's persistent compilation cache skips XLA's compilation but still traces and lowers a program
-to find its key. For `gptzoo sample` that was most of its start-up: the 6-layer char model's
-prefill took 0.58 s to trace, 0.22 s to lower and 0.20 s to read back from the cache. A stored
-program is found by a key computed from the arguments alone (their structure, static values,
-shapes and dtypes), the code that could have traced it and the JAX that compiled it, and is loaded
-with `jax.experimental.serialize_executable`, as MaxText's ahead-of-time compilation does.
+to find its key, which was most of `gptzoo sample`'s start-up (docs/benchmarks.md, "Design
+choices"). A stored program is found by a key computed from the arguments alone (their structure,
+static values, shapes and dtypes), the code that could have traced it and the JAX that compiled
+it, and is loaded with `jax.experimental.serialize_executable`, as MaxText's ahead-of-time
+compilation does.
 
 The code in the key is every loaded Python file outside the interpreter's own and its
 site-packages (gptzoo in an editable install, a run's recipe, the modules it imports), by path,
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 _directory: Path | None = None  # where programs are stored; None keeps them in memory only
 _IN_MEMORY = 32  # compiled programs kept per function: tests build many shapes in one process
-_ON_DISK = 256  # programs kept in the folder (~1 MB each), the least recently used removed
+_ON_DISK = 256  # programs kept in the folder, the least recently used removed
 
 
 @functools.cache
@@ -110,8 +110,8 @@ class StoredJit:
         self.n_compiled = self.n_loaded = 0
 
     def __call__(self, *args):
-        # One flatten per call: partitioning the model as eqx.filter_jit does made each decode
-        # chunk's call take ~7 ms for GPT-2 small's 222 arrays.
+        # One flatten per call: partitioning the model as eqx.filter_jit does costs every call
+        # time per array of the model (docs/benchmarks.md, "Design choices").
         leaves, treedef = jax.tree.flatten(args)
         arrays, static = _split(leaves)
         # A NumPy array goes to the default device (None here); a JAX array stays where it is.

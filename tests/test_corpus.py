@@ -12,7 +12,7 @@ from conftest import ROOT, TINY, gptzoo_cli, gptzoo_in_process, set_args
 from test_cli import assert_one_line_error
 
 from gptzoo.data import corpus as corpus_module
-from gptzoo.data import prepare_corpus, train_bpe
+from gptzoo.data import prepare_corpus, shards, sources, train_bpe
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import DataConfig
 
@@ -33,8 +33,8 @@ def test_a_file_splits_by_bytes_into_shards_that_round_trip(tmp_path, monkeypatc
     path = tmp_path / "a.txt"
     path.write_text(text)
     # Tiny pieces and shards, so pieces are cut and windows cross shard files.
-    monkeypatch.setattr(corpus_module, "PIECE_BYTES", 50)
-    monkeypatch.setattr(corpus_module, "SHARD_TOKENS", 97)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 50)
+    monkeypatch.setattr(shards, "SHARD_TOKENS", 97)
     cfg = DataConfig(path=str(path), tokenizer="bytes", cache_dir=str(tmp_path / "cache"))
     corpus = prepare_corpus(cfg, log=lambda _: None)
     assert len(corpus.train.maps) > 3 and corpus.manifest["dtype"] == "uint16"
@@ -102,10 +102,10 @@ def test_folder_and_glob_sources_skip_hidden_files(tmp_path):
     (folder / "b.txt").write_text("bee")
     (folder / "sub" / "a.txt").write_text("ay")
     (folder / ".hidden").write_text("no")
-    found = [Path(s["path"]).name for s in corpus_module.find_sources(DataConfig(path=str(folder)))]
+    found = [Path(s["path"]).name for s in sources.find_sources(DataConfig(path=str(folder)))]
     assert found == ["b.txt", "a.txt"]  # sorted by path: corpus/b.txt < corpus/sub/a.txt
     pattern = DataConfig(path=str(folder / "**" / "*.txt"))
-    assert len(corpus_module.find_sources(pattern)) == 2
+    assert len(sources.find_sources(pattern)) == 2
 
 
 def test_the_cache_is_reused_and_rebuilt_when_sources_or_tokenizer_change(tmp_path, small_text):
@@ -141,7 +141,7 @@ def test_a_killed_prepare_leaves_nothing_trusted(tmp_path, small_text, monkeypat
     def killed(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus_module, "_write_shards", killed)
+    monkeypatch.setattr(corpus_module, "write_shards", killed)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(cfg, log=lambda _: None)
     assert not folder.exists() and not abandoned.exists()
@@ -155,10 +155,10 @@ def test_a_killed_prepare_leaves_nothing_trusted(tmp_path, small_text, monkeypat
 
 
 def test_shard_dtype_follows_the_vocabulary():
-    assert corpus_module.shard_dtype(65_536) == np.uint16
-    assert corpus_module.shard_dtype(65_537) == np.uint32
+    assert shards.shard_dtype(65_536) == np.uint16
+    assert shards.shard_dtype(65_537) == np.uint32
     with pytest.raises(GptzooError, match="does not fit uint32 token shards"):
-        corpus_module.shard_dtype(2**32 + 1)
+        shards.shard_dtype(2**32 + 1)
 
 
 def test_a_large_vocabulary_gets_uint32_shards(tmp_path):

@@ -17,18 +17,13 @@ import numpy as np
 import pytest
 
 from gptzoo import nn
-from gptzoo import sample as sampler
 from gptzoo.errors import GptzooError
 from gptzoo.models import GPT, gpt2
 from gptzoo.models.protocol import can_decode
+from gptzoo.nn.rowwise import MIN_ROWS
 from gptzoo.recipe import load_recipe
-from gptzoo.sample import (
-    _decode_chunk,
-    _prefill,
-    _shift,
-    generate_tokens,
-    sample_logits,
-)
+from gptzoo.sample import decode_chunk, generate_tokens, layout, loop, prefill, sample_logits
+from gptzoo.sample.programs import merge_rows
 
 V, D_MODEL, N_HEADS, BLOCK_SIZE = 29, 32, 4, 16
 HEAD_DIM = D_MODEL // N_HEADS
@@ -382,8 +377,8 @@ def test_the_rowwise_layout_gives_the_models_logits_for_one_row_and_for_many(nam
 def conversions(monkeypatch) -> list[tuple[bool, bool]]:
     """The `(unstack, rows_first)` flags of each model the sampler converts for decoding."""
     forms = []
-    real = sampler._decoding_form
-    monkeypatch.setattr(sampler, "_decoding_form",
+    real = layout.decoding_form
+    monkeypatch.setattr(layout, "decoding_form",
                         lambda m, *flags: forms.append(flags) or real(m, *flags))
     return forms
 
@@ -391,7 +386,7 @@ def conversions(monkeypatch) -> list[tuple[bool, bool]]:
 def test_batches_of_min_rows_or_more_decode_in_the_rowwise_layout_on_cpu(conversions):
     model = build("gpt2")  # scanned blocks: written out for decoding at any batch size
     generate(model, [PROMPT], n=3)
-    generate(model, [PROMPT] * (sampler.MIN_ROWS - 1), n=3)  # padded to MIN_ROWS rows
+    generate(model, [PROMPT] * (MIN_ROWS - 1), n=3)  # padded to MIN_ROWS rows
     # One row keeps XLA:CPU's matrix product, the faster there.
     assert conversions == [(True, False), (True, True)]
 
@@ -410,10 +405,10 @@ def test_a_model_is_converted_for_decoding_once_while_it_lives(conversions):
     assert len(conversions) == 3
     del other
     gc.collect()
-    assert sampler._last_form  # model's form, kept while model lives
+    assert layout._last_form  # model's form, kept while model lives
     del model
     gc.collect()
-    assert not sampler._last_form
+    assert not layout._last_form
 
 
 def test_a_model_without_weak_references_is_converted_at_every_call(conversions, monkeypatch):
@@ -421,11 +416,11 @@ def test_a_model_without_weak_references_is_converted_at_every_call(conversions,
     def no_weak_references(model, *args):
         raise TypeError(f"cannot create weak reference to {type(model).__name__!r} object")
 
-    monkeypatch.setattr(sampler, "weakref", types.SimpleNamespace(ref=no_weak_references))
+    monkeypatch.setattr(layout, "weakref", types.SimpleNamespace(ref=no_weak_references))
     model = ARCHS["gpt2"]()
     first = generate(model, [PROMPT], n=3)
     np.testing.assert_array_equal(generate(model, [PROMPT], n=3), first)
-    assert len(conversions) == 2 and not sampler._last_form
+    assert len(conversions) == 2 and not layout._last_form
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -545,10 +540,10 @@ def test_a_long_window_is_decoded_over_only_the_cache_slots_it_holds(monkeypatch
     model = randomize(gpt2(V, n_layers=1, n_heads=2, d_model=16, block_size=256,
                            key=jax.random.PRNGKey(2)), seed=3)
     prompts = [PROMPT, np.random.default_rng(4).integers(0, V, 33)]
-    chunk = sampler._decode_chunk
+    chunk = decode_chunk
 
     def run(min_extent: int, **kwargs):
-        monkeypatch.setattr(sampler, "MIN_EXTENT", min_extent)
+        monkeypatch.setattr(layout, "MIN_EXTENT", min_extent)
         extents, caches = [], []
 
         def recorded(*args):
@@ -556,7 +551,7 @@ def test_a_long_window_is_decoded_over_only_the_cache_slots_it_holds(monkeypatch
             extents.append(args[-1])
             caches.append(jax.tree.map(np.asarray, state.cache))  # before it is donated
             return state, tokens
-        monkeypatch.setattr(sampler, "_decode_chunk", recorded)
+        monkeypatch.setattr(loop, "decode_chunk", recorded)
         return generate(model, prompts, n=280, **kwargs), extents, caches
 
     tokens, extents, caches = run(64, seeds=[1, 2])
@@ -578,15 +573,15 @@ def test_caches_of_an_eighth_of_the_weights_or_more_are_read_by_extent():
 
     def rows(n: int):
         return jax.tree.map(lambda a: jnp.stack([a] * n), model.init_cache())
-    assert [sampler._reads_by_extent(model, rows(n)) for n in (1, 2)] == [False, True]
-    assert not sampler._reads_by_extent(model, None)  # no cache: recomputed
+    assert [layout.reads_by_extent(model, rows(n)) for n in (1, 2)] == [False, True]
+    assert not layout.reads_by_extent(model, None)  # no cache: recomputed
 
 
 def test_extents_are_halves_of_the_window_down_to_min_extent():
-    assert [sampler._extent(1024, end) for end in (1, 64, 65, 256, 257, 1024, 1100)] == [
+    assert [layout.extent(1024, end) for end in (1, 64, 65, 256, 257, 1024, 1100)] == [
         64, 64, 128, 256, 512, 1024, 1024]
-    assert [sampler._extent(256, end) for end in (1, 64, 65, 129)] == [64, 64, 128, 256]
-    assert sampler._extent(96, 1) == 96  # a half would be below MIN_EXTENT
+    assert [layout.extent(256, end) for end in (1, 64, 65, 129)] == [64, 64, 128, 256]
+    assert layout.extent(96, 1) == 96  # a half would be below MIN_EXTENT
 
 
 # Models that cannot cache fall back to recomputing the context
@@ -609,8 +604,8 @@ def test_models_that_mix_positions_are_sampled_without_cache(name, model):
 
 
 def test_prompt_lengths_in_one_bucket_share_the_compiled_programs():
-    def compiled() -> np.ndarray:  # decode chunks, prefills, shifts
-        return np.array([f.n_compiled for f in (_decode_chunk, _prefill, _shift)])
+    def compiled() -> np.ndarray:  # decode chunks, prefills, merges of shifted and decoded rows
+        return np.array([f.n_compiled for f in (decode_chunk, prefill, merge_rows)])
 
     # A shape no other test compiles, so that the counts start here.
     model = gpt2(V, n_layers=1, n_heads=2, d_model=24, block_size=BLOCK_SIZE,

@@ -9,15 +9,14 @@ import pytest
 from conftest import RECIPE, TINY
 
 import gptzoo
-from gptzoo.data import Batches, Prefetcher, prepare_corpus
-from gptzoo.data import corpus as corpus_module
+from gptzoo.data import Batches, Prefetcher, prepare_corpus, shards
 from gptzoo.recipe import DataConfig
 
 
 @pytest.fixture
 def split(tmp_path, monkeypatch):
     """A bytes-tokenised split of 3,000 tokens over shards of 700, so windows cross shards."""
-    monkeypatch.setattr(corpus_module, "SHARD_TOKENS", 700)
+    monkeypatch.setattr(shards, "SHARD_TOKENS", 700)
     rng = np.random.default_rng(0)
     (tmp_path / "t.txt").write_bytes(bytes(rng.integers(32, 127, size=3334).tolist()))
     cfg = DataConfig(path=str(tmp_path / "t.txt"), tokenizer="bytes",
@@ -133,7 +132,7 @@ def test_random_windows_do_not_stay_resident(tmp_path):
     a big corpus grew by the gigabytes it had sampled."""
     shard = tmp_path / "train_00000.bin"
     np.arange(4 << 20, dtype=np.uint16).tofile(shard)  # 8 MB, in the page cache once written
-    split = corpus_module.TokenSplit(tmp_path, {"shards": [{"file": shard.name}], "bytes": 8 << 20},
+    split = shards.TokenSplit(tmp_path, {"shards": [{"file": shard.name}], "bytes": 8 << 20},
                                      "uint16", "train", str(tmp_path))
     starts = np.random.default_rng(0).integers(0, len(split) - 65, size=(100, 8))
     for rows in starts:

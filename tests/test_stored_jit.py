@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from conftest import EIGHT_DEVICES
 
-from gptzoo import sample as sampler
 from gptzoo.models import gpt2
+from gptzoo.sample import decode_chunk, generate_tokens, prefill
+from gptzoo.sample.programs import merge_rows
 from gptzoo.stored_jit import StoredJit, store_programs_in, stored_jit
 
 
@@ -138,10 +139,10 @@ def test_an_unwritable_store_only_warns(tmp_path, caplog):
 def test_the_sampler_loads_every_program_of_a_second_generation(store):
     model = gpt2(29, n_layers=1, n_heads=2, d_model=16, block_size=16, key=jax.random.PRNGKey(0))
     prompt = [np.array([1, 2, 3], np.int32)]
-    programs = sampler._prefill, sampler._decode_chunk, sampler._shift
+    programs = prefill, decode_chunk, merge_rows
 
     def generate() -> np.ndarray:
-        return np.concatenate(list(sampler.generate_tokens(model, prompt, max_new_tokens=30,
+        return np.concatenate(list(generate_tokens(model, prompt, max_new_tokens=30,
                                                            seeds=[5])), axis=1)
 
     def counts() -> np.ndarray:  # (compiled, loaded) per program, over the whole session

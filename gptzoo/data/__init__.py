@@ -1,8 +1,9 @@
 """Tokenizers, corpora (token shards on disk) and the batch loader."""
 
 from gptzoo.data.batch_schedule import BatchSchedule
-from gptzoo.data.corpus import Corpus, TokenSplit, prepare_corpus
+from gptzoo.data.corpus import Corpus, prepare_corpus
 from gptzoo.data.loader import Batches, Prefetcher
+from gptzoo.data.shards import TokenSplit
 from gptzoo.data.text import SHAKESPEARE, all_windows, eval_windows, n_windows
 from gptzoo.data.tokenizer import (
     ByteTokenizer,

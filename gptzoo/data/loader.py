@@ -18,7 +18,7 @@ import numpy as np
 from jaxtyping import Int
 
 from gptzoo.data.batch_schedule import BatchSchedule
-from gptzoo.data.corpus import TokenSplit
+from gptzoo.data.shards import TokenSplit
 
 
 class Batches:

@@ -125,7 +125,7 @@ def write_params(params: list[Param], arrays: Mapping[str, np.ndarray]) -> dict[
     for p in params:
         parts = np.split(arrays[p.ours], np.cumsum(p.widths)[:-1], axis=-1) if p.widths else [
             arrays[p.ours]]
-        for name, part in zip(p.theirs, parts):
+        for name, part in zip(p.theirs, parts, strict=True):
             tensors[name] = np.ascontiguousarray(_transposed(part) if p.transpose else part)
     return tensors
 

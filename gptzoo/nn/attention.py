@@ -32,11 +32,8 @@ def check_window(window: int | None) -> None:
 # Query block size of the block-causal path: query block i reads keys up to its own last position
 # only, skipping the masked upper triangle (5/8 of the matrix products at 4 blocks).
 BLOCK = 64
-# Measured on the 2-core CPU (process CPU ms, forward + backward of one layer's attention, medians,
-# other jobs sharing the cores): batch 8, 256 positions, 6 heads of 64: einsum 87, blocks of 64
-# 64, of 32 81, of 128 71, `jax.nn.dot_product_attention`'s XLA path 97; batch 12, 64 positions,
-# 4 heads of 32: einsum 4.3, blocks of 32 4.8, of 16 3.5 (noise at that size). So blocks of 64
-# from 2 blocks up, the einsum (one block) below.
+# Blocks of 64 from 2 blocks up, the einsum (one block) below: the faster of the CPU paths in
+# `bench/bench_train.py`'s attention timings (docs/benchmarks.md, "Design choices").
 MIN_BLOCKED_QUERIES = 2 * BLOCK
 
 
@@ -87,11 +84,9 @@ def _heads_first(x: Array) -> Array:
     return jnp.swapaxes(x, -3, -2)
 
 
-# The two products below take heads-first operands, each head's rows contiguous: transposing
-# q, k and v once before them (and the output once after), rather than leaving XLA a transpose
-# per product and block, took a layer's block-causal attention forward + backward from 40.4 and
-# 43.8 to 37.6 and 35.1 ms (2-core CPU, batch 8, 256 positions, 6 heads of 64; two alternating
-# runs of bench_train.py's attention_micro, medians of 12).
+# The two products below take heads-first operands, each head's rows contiguous: q, k and v are
+# transposed once before them (and the output once after) rather than leaving XLA a transpose per
+# product and block, which is slower on CPU (docs/benchmarks.md, "Design choices").
 def _weights(q, k, mask, bias):
     scores = einsum_f32("...hqd,...hkd->...hqk", q, k) / math.sqrt(q.shape[-1])
     if bias is not None:
@@ -150,8 +145,8 @@ def causal_attend(
         local = None if window is None else (window - 1, 0)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
                                             implementation="cudnn")
-    # Repeating the shared k/v heads measured faster on CPU than a grouped einsum that avoids
-    # the copy, and is a no-op for plain multi-head attention.
+    # Repeating the shared k/v heads runs faster on CPU than a grouped einsum that avoids the
+    # copy, and is a no-op for plain multi-head attention.
     k, v = (jnp.repeat(a, q.shape[-2] // k.shape[-2], axis=-2) for a in (k, v))
     q, k, v = map(_heads_first, (q, k, v))
     blocks = _query_blocks(n_queries, n_keys, BLOCK if path == "blocks" else n_queries, window)

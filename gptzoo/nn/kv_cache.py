@@ -8,8 +8,8 @@ from gptzoo.nn._typecheck import typecheck
 class KVCache(eqx.Module):
     """One example's past keys and values for one attention layer, preallocated to `size` slots.
 
-    Heads come first, so each head's keys and values are one contiguous read per decoded token
-    (the step is bound by memory bandwidth; slots-first measured ~10x slower). Within a head, keys
+    Heads come first, so each head's keys and values are one contiguous read per decoded token,
+    which is bound by memory bandwidth (docs/benchmarks.md, "Design choices"). Within a head, keys
     are `(size, head_dim)` and values `(head_dim, size)`: the layouts XLA:CPU's matrix-vector
     products take as they are (the other way round, it transposed every layer's whole cache at
     every token).
@@ -19,6 +19,14 @@ class KVCache(eqx.Module):
     holds (-1: empty), and `visible` lets a query see exactly the keys at or before it and inside
     the window, so stale slots (prompt padding, overwritten positions) are never read.
     Negative positions are padding: never written, never seen.
+
+    **Arguments:**
+
+    - `k`: the keys, `(kv_heads, size, head_dim)`.
+    - `v`: the values, `(kv_heads, head_dim, size)`.
+    - `positions`: the position each slot holds, -1 where it holds none.
+
+    `KVCache.empty` makes an empty one.
     """
 
     k: Float[Array, "kv_heads size head_dim"]
@@ -27,6 +35,7 @@ class KVCache(eqx.Module):
 
     @classmethod
     def empty(cls, size: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        """A cache of `size` empty slots for `kv_heads` heads of `head_dim`, in `dtype`."""
         return cls(jnp.zeros((kv_heads, size, head_dim), dtype),
                    jnp.zeros((kv_heads, head_dim, size), dtype),
                    jnp.full(size, -1, dtype=jnp.int32))

@@ -1,12 +1,12 @@
 """Weights laid out for decoding a few rows at a time on CPU.
 
 A decode step multiplies each of a batch's rows (one token each) by every weight matrix. XLA:CPU
-does that with a general matrix product built for many rows, which packs the whole weight first:
-8 rows times the 6-layer char model's matrices ran at 4.4 GB/s of weights, against ~15 GB/s for
-one row. Stored `(out, in)` and written as a multiply and a sum over `in`, the same product is one
-fused reduction that XLA:CPU runs 1.6-2x as fast from 4 to 16 rows, and about 6x slower for a
-single row (2-core CPU, jax 0.10; `bench/bench_sample.py` prints both products). So the
-sampler converts a model with `rowwise_layout` only for batches of `MIN_ROWS` or more on CPU.
+does that with a general matrix product built for many rows, which packs the whole weight first,
+so a few rows read the weights far slower than one row does. Stored `(out, in)` and written as a
+multiply and a sum over `in`, the same product is one fused reduction that XLA:CPU runs faster
+for a few rows, and slower for a single row (`bench/bench_sample.py` prints both products;
+docs/benchmarks.md, "Design choices"). So the sampler converts a model with `rowwise_layout` only
+for batches of `MIN_ROWS` or more on CPU.
 """
 
 import equinox as eqx
@@ -18,7 +18,7 @@ from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.embedding import Embedding
 from gptzoo.nn.linear import Linear
 
-MIN_ROWS = 4  # at 2 rows the reduction and the matrix product ran alike; at 1 it is far slower
+MIN_ROWS = 4  # fewest rows the reduction is used for: below, the matrix product is as fast
 
 
 @typecheck

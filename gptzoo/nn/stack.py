@@ -25,6 +25,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.activation_sharding import constrain
+from gptzoo.nn.leaves import is_array_or_shape
 
 # jax.checkpoint_policies' other members (save_*, offload_*) build a policy from arguments.
 REMAT_POLICIES = ("none", "full", *sorted(
@@ -32,22 +33,25 @@ REMAT_POLICIES = ("none", "full", *sorted(
     if not name.startswith(("_", "save_", "offload_"))))
 
 
-def _is_leaf_array(x) -> bool:
-    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-
-
 class Stack(eqx.Module):
-    """`n_layers` identical blocks as one: `layers` is a block whose arrays have a leading layer
-    axis. `remat`: "none", "full" (keep only each block's input for the backward pass) or a
-    `jax.checkpoint_policies` name (e.g. "dots_with_no_batch_dims_saveable"), applied per block.
-    `unroll`: write the scan's layers out one after another instead of looping over them, as a
-    tuple of blocks would be, with the parameters still stacked and `remat` still per block.
-    XLA then compiles every layer (compile time grows with depth, as for a tuple), and does not
-    copy each layer's saved activations into and out of the loop's stacked buffers: GPT-2
-    small's bf16 training step ran at 39.4% MFU against 33.9% looped on an H100 (64 sequences;
-    unrolling 4 layers per loop iteration gave 33.8%).
+    """`n_layers` identical blocks as one, run by `jax.lax.scan`.
+
+    Unrolled, XLA compiles every layer (compile time grows with depth, as for a tuple of blocks)
+    and does not copy each layer's saved activations into and out of the loop's stacked buffers,
+    which trains faster (docs/benchmarks.md, "Design choices").
 
     Indexing, `len` and iteration give the blocks one at a time, as a tuple of blocks would.
+    `Stack.from_blocks` stacks a sequence of identical blocks.
+
+    **Arguments:**
+
+    - `layers`: a block whose arrays have a leading layer axis.
+    - `n_layers`: the length of that axis.
+    - `remat`: "none", "full" (keep only each block's input for the backward pass) or a
+        `jax.checkpoint_policies` name (e.g. "dots_with_no_batch_dims_saveable"), applied per
+        block.
+    - `unroll`: write the scan's layers out one after another instead of looping over them, as a
+        tuple of blocks would be, with the parameters still stacked and `remat` still per block.
     """
 
     layers: eqx.Module
@@ -64,8 +68,8 @@ class Stack(eqx.Module):
         fields or array shapes (then they cannot share one compiled body)."""
         if not blocks:
             return None
-        parts = [eqx.partition(b, _is_leaf_array) for b in blocks]
-        arrays, static = zip(*parts)
+        parts = [eqx.partition(b, is_array_or_shape) for b in blocks]
+        arrays, static = zip(*parts, strict=True)
         if any(jax.tree.structure(b) != jax.tree.structure(blocks[0]) for b in blocks):
             return None
         shapes = [[(tuple(x.shape), x.dtype) for x in jax.tree.leaves(a)] for a in arrays]
@@ -80,7 +84,7 @@ class Stack(eqx.Module):
     def __getitem__(self, i: int) -> eqx.Module:
         if not -self.n_layers <= i < self.n_layers:
             raise IndexError(f"layer {i} of a Stack of {self.n_layers}")
-        return jax.tree.map(lambda a: _layer(a, i), self.layers, is_leaf=_is_leaf_array)
+        return jax.tree.map(lambda a: _layer(a, i), self.layers, is_leaf=is_array_or_shape)
 
     def __iter__(self):
         return (self[i] for i in range(self.n_layers))
@@ -165,7 +169,7 @@ def run_blocks(blocks: "Stack | tuple", x: Array, *, key: PRNGKeyArray | None = 
         return blocks(x, key=key)
     keys = [None] * len(blocks) if key is None else jax.random.split(key, len(blocks))
     total = None
-    for block, block_key in zip(blocks, keys):
+    for block, block_key in zip(blocks, keys, strict=True):
         x, aux = split_aux(block(x, key=block_key))
         x = residual(x)
         if aux is not None:
@@ -194,7 +198,7 @@ def decode_blocks(blocks: "Stack | tuple", x: Array, positions: Array, cache):
     if isinstance(blocks, Stack):
         return blocks.decode(x, positions, cache)
     new_cache = []
-    for block, block_cache in zip(blocks, cache):
+    for block, block_cache in zip(blocks, cache, strict=True):
         x, block_cache = block.decode(x, positions, block_cache)
         new_cache.append(block_cache)
     return x, tuple(new_cache)
