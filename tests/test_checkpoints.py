@@ -149,9 +149,9 @@ def test_resume_names_the_parameters_a_changed_recipe_builds(tmp_path, trained_r
     recipe.name = "char_shakespeare"
     with pytest.raises(GptzooError) as error:
         gptzoo.train(recipe, run_dir=copy_run(trained_run, tmp_path), resume=True)
-    # Unrolled layers (the recipe's on CPU): the second block's parameters are named.
+    # Stacked layers (the recipe's): the layer axis that differs is named.
     assert "does not fit the recipe" in str(error.value)
-    assert ("recipe builds blocks.1.attention.qkv.bias (96,), checkpoint lacks it"
+    assert ("blocks.layers.attention.qkv.bias (1, 96); the recipe builds (2, 96)"
             in str(error.value))
 
 

@@ -378,6 +378,7 @@ def conversions(monkeypatch) -> list[tuple[bool, bool]]:
     """The `(unstack, rows_first)` flags of each model the sampler converts for decoding."""
     forms = []
     real = layout.decoding_form
+    monkeypatch.setattr(layout, "_last_form", [])  # no form kept from an earlier test
     monkeypatch.setattr(layout, "decoding_form",
                         lambda m, *flags: forms.append(flags) or real(m, *flags))
     return forms

@@ -12,7 +12,7 @@ for batches of `MIN_ROWS` or more on CPU.
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.embedding import Embedding
@@ -55,8 +55,9 @@ class RowwiseLinear(eqx.Module):
         """The `(in, out)` view that components read shapes and dtypes from (free under jit)."""
         return jnp.swapaxes(self.weight_t, -1, -2)
 
-    def __call__(self, x: Float[Array, "*rows d_in"], *, out_dtype=None
-                 ) -> Float[Array, "*rows d_out"]:
+    def __call__(self, x: Float[Array, "*rows d_in"], *, key: PRNGKeyArray | None = None,
+                 out_dtype=None) -> Float[Array, "*rows d_out"]:
+        """`Linear.__call__`'s signature; `key` is unused, as there (decoding drops nothing)."""
         y = rowwise_product(x, self.weight_t, out_dtype)
         return y if self.bias is None else y + self.bias
 
