@@ -2,11 +2,12 @@
 process without tracing them again.
 
 JAX's persistent compilation cache skips XLA's compilation but still traces and lowers a program
-to find its key, which was most of `gptzoo sample`'s start-up (docs/benchmarks.md, "Design
-choices"). A stored program is found by a key computed from the arguments alone (their structure,
-static values, shapes and dtypes), the code that could have traced it and the JAX that compiled
-it, and is loaded with `jax.experimental.serialize_executable`, as MaxText's ahead-of-time
-compilation does.
+to find its key, which was most of `gptzoo sample`'s start-up: kept because it saves well over
+half a second of a second `gptzoo sample` (`python bench/bench_stored_jit.py`, docs/benchmarks.md,
+"Design choices"). A stored program is found by a key computed from the arguments alone (their
+structure, static values, shapes and dtypes), the code that could have traced it and the JAX
+that compiled it, and is loaded with `jax.experimental.serialize_executable`, as MaxText's
+ahead-of-time compilation does.
 
 The code in the key is every loaded Python file outside the interpreter's own and its
 site-packages (gptzoo in an editable install, a run's recipe, the modules it imports), by path,
