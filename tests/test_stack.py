@@ -16,10 +16,11 @@ from gptzoo.models import gpt2, llama
 from gptzoo.models.names import named_leaves, per_layer_leaves
 from gptzoo.nn import Stack, unstacked, with_scan_settings
 from gptzoo.recipe import OptimizerConfig
-from gptzoo.trainer.checkpoint import Checkpoints, load
+from gptzoo.trainer.checkpoint import Checkpoints
 from gptzoo.trainer.init_from import Initial
 from gptzoo.trainer.loop import prepare
 from gptzoo.trainer.optimizer import make_optimizer
+from gptzoo.trainer.run_dir import load
 from gptzoo.trainer.step import loss_fn
 
 KEY = jax.random.PRNGKey(0)

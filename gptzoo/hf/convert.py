@@ -30,7 +30,8 @@ from gptzoo.recipe import (
     load_run_recipe,
     save_recipe,
 )
-from gptzoo.trainer.checkpoint import Checkpoints, load
+from gptzoo.trainer.checkpoint import Checkpoints
+from gptzoo.trainer.run_dir import load
 
 # The files of a HF tokenizer that travel with the weights, both ways.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -40,7 +40,8 @@ from gptzoo.models.names import (
     shapes,
 )
 from gptzoo.recipe import load_run_recipe, save_recipe
-from gptzoo.trainer.checkpoint import Checkpoints, load
+from gptzoo.trainer.checkpoint import Checkpoints
+from gptzoo.trainer.run_dir import load
 
 BASE_FOLDER = "base"  # import-hf --adapter: the imported base run, inside the adapter's run
 

@@ -109,7 +109,7 @@ def check_resumable_base(saved: dict, current: dict, run_dir: Path) -> None:
 
 def load_base(reference: dict, run_dir: Path):
     """The model of the base run `reference` names, checked against its hash."""
-    from gptzoo.trainer.checkpoint import load
+    from gptzoo.trainer.run_dir import load
 
     base_dir = base_dir_of(reference, run_dir)
     if not (base_dir / "checkpoints").is_dir():

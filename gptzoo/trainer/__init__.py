@@ -3,7 +3,7 @@
 from typing import TYPE_CHECKING
 
 from gptzoo._lazy import lazy_attributes
-from gptzoo.trainer.checkpoint import load
+from gptzoo.trainer.run_dir import load
 
 # The training loop (and its progress display, metrics sinks and optimizer set-up) and the
 # evaluation (which imports the loss, and with it optax) are imported on first use, so that

@@ -8,7 +8,7 @@ from jax.sharding import Mesh
 from gptzoo.data import eval_windows, n_windows, prepare_corpus
 from gptzoo.models.protocol import LanguageModel, require
 from gptzoo.recipe import load_run_recipe
-from gptzoo.trainer.checkpoint import load
+from gptzoo.trainer.run_dir import load
 from gptzoo.trainer.sharding import batch_sharded, batch_shards, eval_mesh, shard
 from gptzoo.trainer.step import masked_loss_sum
 

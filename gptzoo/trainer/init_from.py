@@ -17,7 +17,7 @@ from gptzoo.models.names import (
     shapes,
 )
 from gptzoo.nn.leaves import is_array_or_shape
-from gptzoo.trainer.checkpoint import load
+from gptzoo.trainer.run_dir import load
 
 
 @dataclass

@@ -12,7 +12,6 @@ from gptzoo.data import BatchSchedule, Prefetcher, Tokenizer
 from gptzoo.lora.run import recorded_base
 from gptzoo.models.protocol import AuxLossModel, LanguageModel
 from gptzoo.recipe import Recipe
-from gptzoo.trainer.checkpoint import ensure_writable
 from gptzoo.trainer.distributed import agreed_stop, is_main
 from gptzoo.trainer.evaluate import evaluate
 from gptzoo.trainer.flops import count_parameters
@@ -21,6 +20,7 @@ from gptzoo.trainer.opened_run import OpenedRun, open_run
 from gptzoo.trainer.optimizer import make_schedule
 from gptzoo.trainer.prepared import Prepared, prepare
 from gptzoo.trainer.progress import Reporter, Throughput
+from gptzoo.trainer.run_dir import ensure_writable
 from gptzoo.trainer.sharding import chunk_sharded
 
 

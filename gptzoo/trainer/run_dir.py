@@ -1,0 +1,59 @@
+"""A run directory from outside the training loop: its model and tokenizer loaded for sampling,
+evaluation and export, and the check that a new run can write it."""
+
+import os
+import socket
+from contextlib import closing
+from pathlib import Path
+
+import equinox as eqx
+import jax
+
+from gptzoo.errors import GptzooError
+from gptzoo.trainer.checkpoint import Checkpoints
+
+
+def load(run_dir: str | Path, merge: bool = True):
+    """The model and tokenizer of a run directory's newest readable checkpoint (no training
+    state); an unreadable newer one is skipped with a warning. A LoRA run's model is its base
+    run's with the adapters merged into the weights, or, with `merge=False`, kept apart."""
+    from gptzoo.data import tokenizer_from_dict
+    from gptzoo.lora.run import BASE_KEY, load_adapted
+    from gptzoo.recipe import load_run_recipe
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise GptzooError(f"run directory {run_dir} does not exist; pass the --run-dir of a "
+                          "`gptzoo train` run, e.g. runs/char_shakespeare")
+    if not (run_dir / "checkpoints").is_dir():
+        raise GptzooError(f"{run_dir} holds no checkpoints; train it first with gptzoo train")
+    recipe = load_run_recipe(run_dir)
+
+    def restore(step: int):
+        meta = checkpoints.meta(step)
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        if BASE_KEY in meta:  # a LoRA run
+            return load_adapted(run_dir, recipe, checkpoints, step, meta, tokenizer.vocab_size,
+                                merge), tokenizer
+        template = eqx.filter_eval_shape(recipe.build, tokenizer.vocab_size,
+                                         key=jax.random.PRNGKey(0))
+        return checkpoints.restore(step, template), tokenizer
+
+    with closing(Checkpoints(run_dir)) as checkpoints:
+        found = checkpoints.restore_newest(restore)
+    if found is None:
+        raise GptzooError(f"{run_dir} holds no checkpoints; train it first with gptzoo train")
+    return found[1]
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Fail before any training when `run_dir` cannot be created or written."""
+    # Named for its process: the processes of a multi-host run probe one folder at once.
+    probe = run_dir / f".gptzoo-write-test-{socket.gethostname()}-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise GptzooError(f"cannot write the run directory {run_dir} ({e.strerror}: "
+                          f"{e.filename}); pass --run-dir a writable folder with free space") from e
