@@ -17,7 +17,7 @@ from gptzoo.errors import GptzooError
 _EXPORTS = {
     "Recipe": "gptzoo.recipe", "load_recipe": "gptzoo.recipe", "generate": "gptzoo.sample",
     "stream": "gptzoo.sample", "evaluate": "gptzoo.trainer.evaluate",
-    "load": "gptzoo.trainer.checkpoint", "train": "gptzoo.trainer.loop",
+    "load": "gptzoo.trainer.run_dir", "train": "gptzoo.trainer.loop",
 }
 __all__ = [
     "GptzooError", "Recipe", "evaluate", "generate", "load", "load_recipe", "stream", "train",
