@@ -27,6 +27,8 @@ jax.jit(lambda a: a @ a)(jnp.ones((64, 64))).block_until_ready()
 """
 
 
+# Timed, so not in CI's suite (a loaded machine read 0.13 s once): `nox -s slow` runs it.
+@pytest.mark.slow
 def test_python_teardown_with_jax_loaded_outlasts_an_immediate_exit():
     """`os._exit` ends such a process within a few hundredths of a second; once Python's own
     teardown is about as quick, `exit_without_teardown` can go."""
