@@ -1,9 +1,10 @@
 """Parts of `gptzoo serve` without a server: chat templates rendered as transformers renders
-them, the traced token picker against `gptzoo.sample`'s, stop strings cut in a stream, and the
-engine outliving a failed decoding step."""
+them, the traced token picker against `gptzoo.sample`'s, stop strings cut in a stream, the
+engine outliving a failed decoding step, and its queue counting the jobs it is prefilling."""
 
 import json
 import queue
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import gptzoo
 import gptzoo.serve.engine as engine_module
 from gptzoo.sample import pick_token as sample_pick_token
 from gptzoo.serve.chat import ChatTemplate
-from gptzoo.serve.engine import Engine
+from gptzoo.serve.engine import Engine, QueueFull
 from gptzoo.serve.errors import ApiError
 from gptzoo.serve.job import Job, Sampling, StopText
 from gptzoo.serve.programs import pick_token
@@ -162,4 +163,36 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on(tr
         answered = events_until_finished(events)
         assert answered[-1].finish_reason == "length" and answered[-1].n_generated == 20
     finally:
+        engine.stop()
+
+
+def test_a_job_being_prefilled_still_counts_against_the_queue(trained_run, monkeypatch):
+    """A job leaves the queue before its prefill and takes its slot after: in between, a
+    request must not slip past a full queue (and then wait behind streams that never end)."""
+    model, tokenizer = gptzoo.load(trained_run)
+    monkeypatch.setattr(Engine, "warm_up", lambda self: None)
+    engine = Engine(model, n_slots=1, max_queue=1)
+    prefilling, release, start = threading.Event(), threading.Event(), Engine._start
+
+    def held_start(self, slot, job):
+        prefilling.set()
+        release.wait()
+        start(self, slot, job)
+
+    monkeypatch.setattr(Engine, "_start", held_start)
+    engine.start()
+    events = queue.Queue()
+
+    def job(index: int) -> Job:
+        return Job(index, tokenizer.encode("ROMEO:"), 2, Sampling(temperature=0), [], False,
+                   False, tokenizer, events.put)
+
+    try:
+        engine.submit([job(0)])
+        assert prefilling.wait(60)
+        engine.submit([job(1)])  # the queue's one place
+        with pytest.raises(QueueFull):
+            engine.submit([job(2)])
+    finally:
+        release.set()
         engine.stop()

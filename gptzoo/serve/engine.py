@@ -83,6 +83,7 @@ class Engine:
         self.slots = empty_slots(self.few, n_slots)
         self.rows: list[Row | None] = [None] * n_slots
         self.waiting: deque[Job] = deque()
+        self.starting: set[int] = set()  # slots taken for jobs whose prefill is under way
         self.wake = threading.Condition()
         self.ready = threading.Event()
         self.stopping = False
@@ -102,7 +103,8 @@ class Engine:
     def submit(self, jobs: list[Job]) -> None:
         """Queue `jobs` (all or none: `QueueFull` when they do not fit)."""
         with self.wake:
-            running = sum(row is not None for row in self.rows)
+            running = sum(row is not None or slot in self.starting
+                          for slot, row in enumerate(self.rows))
             if running + len(self.waiting) + len(jobs) > self.n_slots + self.max_queue:
                 raise QueueFull
             self.waiting.extend(jobs)
@@ -138,11 +140,15 @@ class Engine:
                 self._drop_cancelled()
                 starting = [(slot, self.waiting.popleft()) for slot, row in enumerate(self.rows)
                             if row is None and self.waiting]
+                # Neither waiting nor in a row while they prefill, yet `submit` must count them.
+                self.starting = {slot for slot, _ in starting}
             try:
                 self._step(starting)
             except Exception as e:  # noqa: BLE001 - the server outlives a failed step
                 log.exception("decoding failed; the requests in progress end with an error")
                 self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
+            with self.wake:
+                self.starting = set()
             if self.metrics is not None:
                 self.metrics.queues(sum(row is not None for row in self.rows), len(self.waiting))
 
