@@ -66,11 +66,34 @@ class GPT(eqx.Module):
     def _forward(self, tokens, key):
         """The logits, and what the blocks return beside the residual stream summed over them (a
         mixture of experts' `RouterStats`), None for blocks that return it alone."""
+        x, aux = self._hidden_and_aux(tokens, key)
+        return self._logits(x, tokens), aux
+
+    def _hidden_and_aux(self, tokens, key):
         embed_key, blocks_key = jax.random.split(key) if key is not None else (None, None)
         x = self._embed(tokens, jnp.arange(tokens.shape[-1]))
         x = self.embed_dropout(x, key=embed_key, inference=key is None)
         x, aux = split_aux(run_blocks(self.blocks, x, key=blocks_key))
-        return self._logits(self.final_norm(x), tokens), aux
+        return self.final_norm(x), aux
+
+    @typecheck
+    def hidden_states(
+        self, tokens: Int[Array, "*batch seq"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch seq d_model"]:
+        """The final norm's output: the head's input."""
+        return self._hidden_and_aux(tokens, key)[0]
+
+    def head_weight(self) -> Float[Array, "vocab d_model"]:
+        """The head's `(vocab, d_model)` matrix: the token embedding's when tied."""
+        if self.head_qk is not None:
+            raise ValueError("head-QK adds logits that are no linear map of the hidden states; "
+                             "set trainer.head_chunk=0")
+        if self.head is None:
+            return self.token_embedding.weight
+        if not isinstance(self.head, Linear) or self.head.bias is not None:
+            raise ValueError(f"the head ({type(self.head).__name__}) is not one bias-free "
+                             "matrix; set trainer.head_chunk=0")
+        return self.head.weight.T
 
     @property
     def context_window(self) -> int:

@@ -3,8 +3,10 @@
 `LanguageModel`: tokens to next-token logits, its block size, how far back it sees and which
 positions it predicts. `CachedDecoder`: a `LanguageModel` that also decodes one example's new
 tokens from a KV cache. `AuxLossModel`: a `LanguageModel` whose training loss adds an auxiliary
-loss (a mixture of experts' load balancing). All are runtime-checkable `typing.Protocol`s: a
-model satisfies them by having the members, whatever its class. `require` fails with one line
+loss (a mixture of experts' load balancing). `LinearHeadModel`: a `LanguageModel` whose logits
+are its last hidden states times one matrix, which the trainer may fuse with the loss. All are
+runtime-checkable `typing.Protocol`s: a model satisfies them by having the members, whatever its
+class. `require` fails with one line
 naming what a model lacks.
 """
 
@@ -77,6 +79,22 @@ class AuxLossModel(LanguageModel, Protocol):
     ) -> tuple[Float[Array, "*batch n vocab"], Float[Array, ""]]:
         """`__call__`'s logits and the auxiliary loss of the same pass, unweighted (over the
         whole batch: a load-balancing loss pools every token)."""
+
+
+@runtime_checkable
+class LinearHeadModel(LanguageModel, Protocol):
+    """A `LanguageModel` whose logits are `hidden_states(tokens) @ head_weight().T`: the trainer
+    can then compute the head and the cross-entropy a chunk of positions at a time
+    (`trainer.head_chunk`), never holding the whole batch's logits."""
+
+    def hidden_states(
+        self, tokens: Int[Array, "*batch seq"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch n d_model"]:
+        """The head's input at the positions `__call__` predicts."""
+
+    def head_weight(self) -> Float[Array, "vocab d_model"]:
+        """The head's matrix; raises `ValueError` (one line) when the model's logits are not a
+        linear map of its hidden states alone."""
 
 
 def can_decode(model) -> bool:

@@ -48,6 +48,8 @@ class TrainerConfig:
     precision: str = "float32"  # float32, or bfloat16 compute over float32 master weights
     remat: str = "none"  # none, full, or a jax.checkpoint_policies name, per block
     unroll_layers: bool = False  # scanned layers written out: slower compiles, faster steps
+    # positions per chunk of the head fused with the loss (only a chunk's logits in memory); 0: off
+    head_chunk: int = 0
     grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size stays the global)
     # [(step, batch size), ...]: the global batch from each listed step on; None: batch_size
     batch_schedule: list | None = None
@@ -81,6 +83,7 @@ CHECKS = [
     ("trainer.max_bad_steps", lambda v: v > 0, "a positive integer"),
     ("trainer.grad_accum_steps", lambda v: v > 0, "a positive integer"),
     ("trainer.precision", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
+    ("trainer.head_chunk", lambda v: v >= 0, "0 (off) or a positive number of positions"),
     ("trainer.remat", lambda v: v in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}"),
     ("optimizer.lr", lambda v: v > 0, "positive"),
     ("model.n_layers", lambda v: v > 0, "a positive integer"),

@@ -12,8 +12,9 @@ import jax
 import optax
 
 from gptzoo.data import Batches, Corpus, Tokenizer, prepare_corpus
+from gptzoo.errors import GptzooError
 from gptzoo.lora.training import Trainable, trainable
-from gptzoo.models.protocol import LanguageModel, require
+from gptzoo.models.protocol import AuxLossModel, LanguageModel, LinearHeadModel, require
 from gptzoo.nn.stack import with_scan_settings
 from gptzoo.recipe import Recipe
 from gptzoo.trainer.distributed import main_first
@@ -74,12 +75,27 @@ def prepare(recipe: Recipe, log=print, init_from: str | Path | None = None) -> P
         model = build_sharded(build, mesh)
     require(model, LanguageModel, f"gptzoo train ({recipe.source.name})")
     model, trained = trainable(recipe, model, initial, key=jax.random.fold_in(model_key, 1))
+    if cfg.head_chunk:
+        check_head_chunk(model)
     model = shard(model, mesh)  # the adapters too
     optimizer = make_optimizer(recipe.optimizer, cfg.max_steps)
     # Placed before a resume restores into them: a restored array keeps its template's sharding.
     opt_state = shard(optimizer.init(trained.partition(model)[0]), mesh)
     train_chunk = make_train_chunk(optimizer, mesh, precision=cfg.precision,
                                    grad_accum_steps=cfg.grad_accum_steps,
-                                   partition=trained.partition)
+                                   partition=trained.partition, head_chunk=cfg.head_chunk)
     return Prepared(corpus, tokenizer, train_batches, val_batches, mesh, model, optimizer,
                     opt_state, train_key, train_chunk, trained)
+
+
+def check_head_chunk(model) -> None:
+    """One line unless `trainer.head_chunk` applies to `model`: a `LinearHeadModel` whose loss
+    has no auxiliary term."""
+    require(model, LinearHeadModel, "trainer.head_chunk", fix="set trainer.head_chunk=0")
+    if isinstance(model, AuxLossModel):
+        raise GptzooError(f"trainer.head_chunk does not apply to {type(model).__name__}, whose "
+                          "loss adds an auxiliary loss; set trainer.head_chunk=0")
+    try:
+        model.head_weight()
+    except ValueError as e:
+        raise GptzooError(f"trainer.head_chunk: {e}") from None

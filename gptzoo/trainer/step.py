@@ -15,7 +15,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from gptzoo.models.protocol import AuxLossModel, LanguageModel
 from gptzoo.nn.activation_sharding import activation_sharding
 from gptzoo.trainer.accumulate import accumulated_grad
-from gptzoo.trainer.loss import cross_entropy
+from gptzoo.trainer.loss import cross_entropy, head_cross_entropy
 from gptzoo.trainer.precision import in_compute_dtype
 from gptzoo.trainer.sharding import activation_rule, batch_sharded, shard
 
@@ -26,23 +26,29 @@ def loss_fn(model: LanguageModel, inputs: Int[Array, "batch seq"], targets: Int[
 
 
 def token_losses(model: LanguageModel, inputs: Int[Array, "batch seq"],
-                 targets: Int[Array, "batch seq"], key: PRNGKeyArray | None = None
-                 ) -> Float[Array, "batch predicted"]:
-    """The float32 cross-entropy of every predicted position, whatever the compute dtype."""
+                 targets: Int[Array, "batch seq"], key: PRNGKeyArray | None = None,
+                 head_chunk: int = 0) -> Float[Array, "batch predicted"]:
+    """The float32 cross-entropy of every predicted position, whatever the compute dtype; with
+    `head_chunk`, the head and the loss run that many positions at a time (the model a
+    `LinearHeadModel`)."""
+    if head_chunk:
+        hidden = model.hidden_states(inputs, key=key)
+        return head_cross_entropy(hidden, model.head_weight(), predicted(targets, hidden),
+                                  head_chunk)
     logits = model(inputs, key=key)
     return cross_entropy(logits, predicted(targets, logits))
 
 
 def batch_loss_sum(model: LanguageModel, batch: Int[Array, "batch block_plus_1"],
-                   key: PRNGKeyArray | None
+                   key: PRNGKeyArray | None, head_chunk: int = 0
                    ) -> tuple[Float[Array, ""], tuple[int, Float[Array, ""]]]:
     """`(sum of the token losses, (number of predicted tokens, aux loss times that number))` of
     one batch of windows. For an `AuxLossModel` each token's loss adds `aux_loss_coef` times the
     batch's auxiliary loss, so that their mean is the cross-entropy plus the weighted auxiliary
-    loss; for any other model the auxiliary loss is 0."""
+    loss; for any other model the auxiliary loss is 0. `head_chunk`: as `token_losses`'s."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     if not isinstance(model, AuxLossModel):
-        losses = token_losses(model, inputs, targets, key)
+        losses = token_losses(model, inputs, targets, key, head_chunk)
         return losses.sum(), (losses.size, jnp.float32(0))
     logits, aux = model.logits_and_aux(inputs, key=key)
     losses = cross_entropy(logits, predicted(targets, logits))
@@ -90,13 +96,14 @@ def trainable_arrays(model):
 
 def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, *,
                      precision: str = "float32", grad_accum_steps: int = 1,
-                     partition: Callable = trainable_arrays):
+                     partition: Callable = trainable_arrays, head_chunk: int = 0):
     """`train_chunk((batches, key, start), model, opt_state)` runs one optimizer step per batch of
     `batches (n_steps, batch, block + 1)` (a `Batches.chunk`) in one compiled `lax.scan` and
     returns the updated model and state and each step's `StepStats`. Each step computes in
     `precision` (`trainer.precision`) over `grad_accum_steps` micro-batches of its batch.
     `partition(model)` gives `(trainable, frozen)` parts (e.g. LoRA's adapters and the rest): only
-    the first gets gradients and optimizer updates, the second is read as it is.
+    the first gets gradients and optimizer updates, the second is read as it is. `head_chunk`
+    (`trainer.head_chunk`): the loss's head runs that many positions at a time (0: all at once).
 
     The dropout randomness of step `s` comes from `fold_in(key, s)` and its batch from the
     loader's (seed, step), so a run resumes exactly from any step. Model and state are donated.
@@ -114,7 +121,7 @@ def make_train_chunk(optimizer: optax.GradientTransformation, mesh: Mesh, *,
             batch = jax.lax.with_sharding_constraint(batch, batch_sharded(mesh))
             loss, grads, aux_loss = accumulated_grad(
                 lambda p, rows, k: batch_loss_sum(
-                    in_compute_dtype(eqx.combine(p, static), precision), rows, k),
+                    in_compute_dtype(eqx.combine(p, static), precision), rows, k, head_chunk),
                 params, batch, grad_accum_steps, dropout_key, batch_sharded(mesh))
             # Gradients split as their parameters: reduce-scattered over fsdp, not all-reduced.
             grads = shard(grads, mesh)
