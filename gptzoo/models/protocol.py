@@ -6,8 +6,7 @@ tokens from a KV cache. `AuxLossModel`: a `LanguageModel` whose training loss ad
 loss (a mixture of experts' load balancing). `LinearHeadModel`: a `LanguageModel` whose logits
 are its last hidden states times one matrix, which the trainer may fuse with the loss. All are
 runtime-checkable `typing.Protocol`s: a model satisfies them by having the members, whatever its
-class. `require` fails with one line
-naming what a model lacks.
+class. `require` fails with one line naming what a model lacks.
 """
 
 from typing import Protocol, runtime_checkable
