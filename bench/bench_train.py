@@ -1,7 +1,8 @@
 """Training and sampling speed of gptzoo's own train chunk, for the default char_shakespeare recipe
-and nanoGPT's two CPU comparison shapes; then, with torch installed, gptzoo against nanoGPT's own
-model and training step (its faster of eager and torch.compile) on those shapes, in interleaved
-rounds, and one layer's attention forward + backward on each path.
+and nanoGPT's two CPU comparison shapes; then, with torch installed, one layer's attention forward
++ backward and the step's matrix products in XLA and in torch. These share one process, so
+they only locate differences; the training speed against nanoGPT is bench_vs_nanogpt.py's,
+each side in a process of its own.
 
     python bench/bench_train.py [--quick] [--steps-per-call N] [--set KEY=VALUE ...]
 """
@@ -89,82 +90,6 @@ def bench(recipe: Recipe, warmup: int, chunks: int, samples: int) -> dict:
             "ms/step med": 1e3 * median, "ms/step min": 1e3 * best,
             "tok/s med": tokens_per_step / median, "tok/s best": tokens_per_step / best,
             "sample tok/s": SAMPLE_TOKENS / sample_seconds}
-
-
-def against_nanogpt(recipe: Recipe, rounds: int) -> dict:
-    """Training tokens/s of gptzoo's train chunk and of nanoGPT's step, eager and compiled, each
-    timed over the same number of steps in turn, round after round (A B C A B C ...), so load
-    from other work falls on all three alike; medians per step, and gptzoo's speed over nanoGPT's
-    faster variant as the median of the rounds' ratios."""
-    import nanogpt
-    import torch  # the test extra; main() checks it is there
-
-    cfg, m = recipe.trainer, recipe.model
-    p = prepare(recipe, log=lambda *_: None)
-    n = cfg.steps_per_call
-    runners = {"gptzoo": chunk_timer(p, n)}
-    idx = torch.randint(0, p.tokenizer.vocab_size, (cfg.batch_size, m.block_size + 1))
-    inputs, targets = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
-    for name, compiled in [("nanoGPT eager", False), ("nanoGPT compile", True)]:
-        torch.manual_seed(0)
-        model = nanogpt.GPT(p.tokenizer.vocab_size, m.block_size, m.n_layers, m.n_heads,
-                            m.d_model, bias=m.use_bias)
-        step = nanogpt.train_step(model, compile_model=compiled, lr=recipe.optimizer.lr,
-                                  betas=(recipe.optimizer.beta1, recipe.optimizer.beta2))
-
-        def run(step=step) -> float:
-            clock = time.perf_counter()
-            for _ in range(n):
-                step(inputs, targets)
-            return time.perf_counter() - clock
-
-        runners[name] = run
-    for run in runners.values():
-        run(), run()  # compile, warm up
-    seconds = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            seconds[name].append(run() / n)
-    tokens = cfg.batch_size * m.block_size
-    row = {name: tokens / statistics.median(s) for name, s in seconds.items()}
-    # Paired by round: a round's three runs share the machine's state of the moment, so load that
-    # comes and goes cancels in each round's ratio, which it does not between medians.
-    faster = max(["nanoGPT eager", "nanoGPT compile"], key=row.get)
-    row["ratio"] = statistics.median(theirs / ours for ours, theirs
-                                     in zip(seconds["gptzoo"], seconds[faster], strict=True))
-    return row
-
-
-def nanogpt_breakdown(recipe: Recipe, steps: int) -> dict:
-    """Where nanoGPT's eager step spends its time, ms per step from torch's profiler (which slows
-    the small operations a little): matrix products, attention (`scaled_dot_product_attention`'s
-    kernels, forward and backward) and all of it. Their ratio is the most gptzoo could gain on
-    this shape with products and attention no faster than torch's, for its step can be no shorter
-    than those two. Against nanoGPT's compiled step, where that is the faster, it is lower
-    still (the same products and attention in a shorter step)."""
-    import nanogpt
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    m, batch = recipe.model, recipe.trainer.batch_size
-    vocab = 65  # tiny Shakespeare's characters, as in against_nanogpt
-    torch.manual_seed(0)
-    model = nanogpt.GPT(vocab, m.block_size, m.n_layers, m.n_heads, m.d_model, bias=m.use_bias)
-    step = nanogpt.train_step(model, compile_model=False, lr=recipe.optimizer.lr)
-    idx = torch.randint(0, vocab, (batch, m.block_size + 1))
-    inputs, targets = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
-    for _ in range(2):
-        step(inputs, targets)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step(inputs, targets)
-    self_ms = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
-    products = sum(ms for name, ms in self_ms.items()
-                   if name in ("aten::mm", "aten::addmm", "aten::bmm"))
-    attention = sum(ms for name, ms in self_ms.items() if "scaled_dot_product" in name)
-    step_ms = sum(self_ms.values())
-    return {"step": step_ms, "products": products, "attention": attention,
-            "ceiling": step_ms / (products + attention)}
 
 
 def attention_micro(shape: tuple[int, int, int, int], rounds: int) -> dict:
@@ -292,19 +217,6 @@ def main() -> None:
     except ImportError:
         print("\nnanoGPT comparison skipped: torch is missing (pip install -e .[test])")
         return
-    print(f"\ngptzoo vs nanoGPT training, tokens/s, medians of {rounds} interleaved rounds")
-    for name in NANOGPT_SHAPES:
-        row = against_nanogpt(recipes[name], rounds)
-        print(f"{name}: " + ", ".join(
-            f"{k} {v:.2f}x" if k == "ratio" else f"{k} {v:,.0f}" for k, v in row.items())
-            + " (ratio: gptzoo over nanoGPT's faster, the median of the rounds' ratios)")
-    print("\nnanoGPT's eager step under torch's profiler, ms per step")
-    for name in NANOGPT_SHAPES:
-        b = nanogpt_breakdown(recipes[name], 3 if args.quick else 10)
-        print(f"{name}: step {b['step']:,.1f}, matrix products {b['products']:,.1f} "
-              f"({b['products'] / b['step']:.0%}), attention {b['attention']:,.1f}; with "
-              f"products and attention as fast as torch's and all else free, gptzoo would train "
-              f"at most {b['ceiling']:.2f}x nanoGPT eager")
     print(f"\none layer's causal attention forward + backward, ms, medians of {rounds} rounds")
     for shape in [(12, 64, 4, 32), (8, 256, 6, 64)]:
         print(f"batch, seq, heads, head_dim {shape}: " + ", ".join(
