@@ -24,13 +24,19 @@ def pick_token(logits: Float[Array, " vocab"], noise: Float[Array, " vocab"] | N
     if top_k is not None and top_k < logits.shape[-1]:
         logits = jnp.where(logits < jax.lax.top_k(logits, top_k)[0][-1], -jnp.inf, logits)
     if top_p is not None and top_p < 1:
-        order = jnp.argsort(-logits)
-        probs = jax.nn.softmax(logits[order])
-        # Keep a token if the tokens ranked above it hold less than top_p: the smallest nucleus.
-        keep_sorted = jnp.cumsum(probs) - probs < top_p
-        keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
+        logits = nucleus(logits, top_p)
     return jnp.argmax(logits + noise)
+
+
+def nucleus(logits: Float[Array, " vocab"], top_p: float | Float[Array, ""]
+            ) -> Float[Array, " vocab"]:
+    """`logits` with -inf outside the smallest set of tokens whose probability reaches `top_p`."""
+    order = jnp.argsort(-logits)
+    probs = jax.nn.softmax(logits[order])
+    # Keep a token if the tokens ranked above it hold less than top_p: the smallest nucleus.
+    keep_sorted = jnp.cumsum(probs) - probs < top_p
+    keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
 
 
 def gumbel_noise(keys: PRNGKeyArray, t: Int[Array, ""], n: int, vocab: int,
@@ -40,8 +46,11 @@ def gumbel_noise(keys: PRNGKeyArray, t: Int[Array, ""], n: int, vocab: int,
     however its draws are grouped into programs."""
     if temperature == 0:
         return None
+    return jax.vmap(lambda key: row_noise(key, t, n, vocab))(keys)
 
-    def row(key):
-        return jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(key, i), (vocab,)))(
-            t + jnp.arange(n))
-    return jax.vmap(row)(keys)
+
+def row_noise(key: PRNGKeyArray, t: Int[Array, ""], n: int, vocab: int
+              ) -> Float[Array, "n vocab"]:
+    """The Gumbel noise of draws `t .. t + n - 1` of the generation whose key is `key`."""
+    return jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(key, i), (vocab,)))(
+        t + jnp.arange(n))

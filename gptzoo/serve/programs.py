@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from gptzoo.nn import Stack, rowwise_layout, unstacked
 from gptzoo.nn.rowwise import MIN_ROWS
 from gptzoo.sample import CHUNK
+from gptzoo.sample.pick import nucleus, row_noise
 from gptzoo.stored_jit import stored_jit
 
 MAX_LOGPROBS = 5  # alternatives reported per token: OpenAI's most for completions
@@ -92,11 +93,7 @@ def pick_token(logits: Float[Array, " vocab"], noise: Float[Array, " vocab"],
     scaled = logits / jnp.where(temperature > 0, temperature, 1)
     kth = jnp.sort(scaled)[logits.shape[-1] - top_k]  # top_k(scaled, k)[0][-1]
     scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    order = jnp.argsort(-scaled)
-    probs = jax.nn.softmax(scaled[order])
-    keep_sorted = jnp.cumsum(probs) - probs < top_p
-    keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
-    scaled = jnp.where(keep | (top_p >= 1), scaled, -jnp.inf)
+    scaled = jnp.where(top_p >= 1, scaled, nucleus(scaled, top_p))
     return jnp.where(temperature > 0, jnp.argmax(scaled + noise), jnp.argmax(logits))
 
 
@@ -112,12 +109,6 @@ def _pick_rows(logits: Float[Array, "rows vocab"], noise: Float[Array, "rows voc
 
     filtering = jnp.any(slots.top_k < logits.shape[-1]) | jnp.any(slots.top_p < 1)
     return jax.lax.cond(filtering | jnp.any(slots.temperature > 0), sampled, greedy, None)
-
-
-def _noise(key: PRNGKeyArray, t: Int[Array, ""], n: int, vocab: int) -> Float[Array, "n vocab"]:
-    """The Gumbel noise of draws t..t+n-1 of one generation, as `gptzoo.sample` draws it."""
-    return jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(key, i), (vocab,)))(
-        t + jnp.arange(n))
 
 
 def token_info(logits: Float[Array, "*n vocab"], tokens: Int[Array, "*n"]) -> TokenInfo:
@@ -148,7 +139,7 @@ def prefill(model, slots: Slots, slot: Int[Array, ""], tokens: Int[Array, " buck
     cache, logits = jax.tree.map(lambda x: x[0], jax.vmap(one)(tokens[None]))
     last = logits[length - 1]
     temperature, top_k, top_p = settings
-    token = pick_token(last, _noise(key, t, 1, last.shape[-1])[0], temperature, top_k, top_p)
+    token = pick_token(last, row_noise(key, t, 1, last.shape[-1])[0], temperature, top_k, top_p)
     row = Slots(cache, token, length, key, t + 1, temperature, top_k, top_p)
     slots = jax.tree.map(lambda every, one: every.at[slot].set(one), slots, row)
     prompt = token_info(logits[:-1], tokens[1:]) if echo else None
@@ -165,7 +156,7 @@ def decode_chunk(model, slots: Slots, n_steps: Int[Array, " width"], vocab: int
     whole, slots = slots, jax.tree.map(lambda x: x[:width], slots)
 
     def draws(_):
-        return jax.vmap(lambda k, t: _noise(k, t, CHUNK, vocab))(slots.key, slots.t)
+        return jax.vmap(lambda k, t: row_noise(k, t, CHUNK, vocab))(slots.key, slots.t)
 
     shape = (width, CHUNK)
     noise = jax.lax.cond(jnp.any(slots.temperature > 0), draws,
