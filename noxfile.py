@@ -46,9 +46,11 @@ def slow(session):
 
 @nox.session
 def bench(session):
-    session.install("-e", *TEST)  # torch: bench/nanogpt.py, the sampling comparison
+    session.install("-e", *TEST)  # torch: nanoGPT's side of the training and sampling comparisons
     env = {"JAX_PLATFORMS": "cpu"}
     session.run("python", "bench/bench_train.py", *session.posargs, env=env)
+    session.run("python", "bench/bench_vs_nanogpt.py", *session.posargs, env=env)
+    session.run("python", "bench/bench_head_chunk.py", env=env)
     session.run("python", "bench/bench_sample.py", *session.posargs, env=env)
     session.run("python", "bench/bench_serve.py", *session.posargs, env=env)
     session.run("python", "bench/bench_loader.py", *session.posargs, env=env)

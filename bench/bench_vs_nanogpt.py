@@ -11,7 +11,8 @@ The rounds run each side once per shape in turn (gptzoo, nanoGPT eager, nanoGPT 
 so load from other work falls on all alike; a round's ratio is gptzoo's tokens/s over the faster
 nanoGPT variant's in that round, and the figure is the median of the rounds' ratios.
 
-    python bench/bench_vs_nanogpt.py [--rounds 5] [--shapes 4x128 6x384] [--set KEY=VALUE ...]
+    python bench/bench_vs_nanogpt.py [--rounds 5 | --quick] [--shapes 4x128 6x384]
+                                     [--set KEY=VALUE ...]
 """
 
 import argparse
@@ -155,12 +156,15 @@ def versions() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one round (a smoke test)")
     parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for gptzoo's side (repeatable)")
     parser.add_argument("--side", choices=[*SIDES, "nanoGPT profile"], help=argparse.SUPPRESS)
     parser.add_argument("--answer", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.rounds = 1
     if args.side:
         answer = one_side(args.side, args.shapes[0], args.set)
         return args.answer.write_text(json.dumps(answer))
