@@ -1,7 +1,8 @@
 """Fine-tuning an imported GPT-2-small-shaped model on CPU, every weight against LoRA (rank 8 on
 the attention and MLP projections): peak RSS and ms per training step.
 
-    python bench/bench_lora.py [--quick] [--steps N] [--batch B] [--remat full none] [--dir DIR]
+    python bench/bench_lora.py [--quick] [--steps N] [--batch B] [--remat full none]
+                               [--head-chunk C] [--dir DIR]
 
 A random GPT-2 small (transformers' `GPT2Config()`: 12 layers, 768 wide, 12 heads, 1,024
 positions, 50,257 tokens; 124M parameters) is made locally with CPU torch, saved with gptzoo's
@@ -14,7 +15,9 @@ step untimed, then `N`. The peak resident memory of each process comes from the 
 `--remat`: with `full` each block keeps only its input for the backward pass; with `none` the
 activations of a 1,024-token sequence through 12 layers, kept for the backward pass, outweigh
 the optimizer state that LoRA saves. `--quick` shrinks the model (2 layers, 128 wide) and the
-steps: a smoke test. Timings move with whatever else runs on the machine.
+steps: a smoke test. `--head-chunk C` sets `trainer.head_chunk` both ways (the head and loss
+`C` positions at a time, so the 1,024 x 50,257 logits and their gradient are never whole).
+Timings move with whatever else runs on the machine.
 """
 
 import argparse
@@ -52,7 +55,8 @@ def make_base(folder: Path, quick: bool) -> Path:
     return folder / "run"
 
 
-def train_steps(base: Path, rank: int, steps: int, batch: int, remat: str) -> dict:
+def train_steps(base: Path, rank: int, steps: int, batch: int, remat: str,
+                head_chunk: int) -> dict:
     """In the child process: set the fine-tuning up and time `steps` steps after the first."""
     import jax
     import numpy as np
@@ -64,7 +68,8 @@ def train_steps(base: Path, rank: int, steps: int, batch: int, remat: str) -> di
 
     recipe = load_recipe(base / "recipe.json", {
         "lora.rank": rank, "trainer.batch_size": batch, "trainer.max_steps": steps + 1,
-        "trainer.steps_per_call": 1, "optimizer.warmup_steps": 1, "trainer.remat": remat})
+        "trainer.steps_per_call": 1, "optimizer.warmup_steps": 1, "trainer.remat": remat,
+        "trainer.head_chunk": head_chunk})
     p = prepare(recipe, log=lambda *_: None, init_from=base)
     model, opt_state, times = p.model, p.opt_state, []
     for step in range(steps + 1):
@@ -80,10 +85,11 @@ def train_steps(base: Path, rank: int, steps: int, batch: int, remat: str) -> di
             "loss": float(stats.loss[-1])}
 
 
-def measure(base: Path, rank: int, steps: int, batch: int, remat: str) -> dict:
+def measure(base: Path, rank: int, steps: int, batch: int, remat: str, head_chunk: int) -> dict:
     """`train_steps` in a fresh process, with its peak RSS in MB."""
     command = [sys.executable, __file__, "--child", str(base), "--rank", str(rank), "--steps",
-               str(steps), "--batch", str(batch), "--remat", remat]
+               str(steps), "--batch", str(batch), "--remat", remat, "--head-chunk",
+               str(head_chunk)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT, text=True,
                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
     output = child.stdout.read()
@@ -101,12 +107,13 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA's rank")
     parser.add_argument("--remat", nargs="+", default=["full", "none"],
                         help="the trainer.remat settings to measure both ways with")
+    parser.add_argument("--head-chunk", type=int, default=0, help="trainer.head_chunk, both ways")
     parser.add_argument("--dir", type=Path, help="where the model and runs go [a temp dir]")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(train_steps(args.child, args.rank, args.steps, args.batch,
-                                     args.remat[0])))
+                                     args.remat[0], args.head_chunk)))
         return
     steps = 2 if args.quick else args.steps
     with tempfile.TemporaryDirectory(prefix="bench_lora_") as scratch:
@@ -115,11 +122,11 @@ def main() -> None:
         print(f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}; GPT-2"
               f"{' (quick)' if args.quick else ''}, {args.batch} x "
               f"{json.loads((base / 'recipe.json').read_text())['model']['block_size']} tokens "
-              f"per step, {steps} timed steps")
+              f"per step, {steps} timed steps, trainer.head_chunk={args.head_chunk}")
         for remat in args.remat:
-            report(remat, {"full": measure(base, 0, steps, args.batch, remat),
+            report(remat, {"full": measure(base, 0, steps, args.batch, remat, args.head_chunk),
                            f"LoRA r={args.rank}": measure(base, args.rank, steps, args.batch,
-                                                          remat)})
+                                                          remat, args.head_chunk)})
 
 
 def report(remat: str, results: dict) -> None:
