@@ -58,6 +58,7 @@ def head_cross_entropy(hidden: Float[Array, "batch seq d_model"],
     exist at once instead of the whole batch's; the backward recomputes each chunk's logits.
     Chunks run along the sequence, so a batch split over devices stays split."""
     seq = hidden.shape[1]
+    chunk = min(chunk, seq)  # a chunk past the sequence would only add padding
     pad = -seq % chunk
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
