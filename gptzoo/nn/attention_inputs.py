@@ -1,17 +1,22 @@
-"""What attention variants built around a `CausalSelfAttention` (memory key/values, talking heads)
-read from it: its queries, keys and values after its position hook, over a whole sequence or over
-one example's KV cache, and its output projection. The variants reuse the wrapped module's
-weights and hook, so they change how the scores are formed and nothing else. `positioned` splits
-q/k/v with `CausalSelfAttention._heads`, so whatever that module does to its heads there carries
-over to the variants; anything it does only inside its own `_attend` or `decode` does not."""
+"""`AttentionVariant`, the base of attention variants built around a `CausalSelfAttention`
+(memory key/values, talking heads), and what they read from it: its queries, keys and values
+after its position hook, over a whole sequence or over one example's KV cache, and its output
+projection. The variants reuse the wrapped module's weights and hook, so they change how the
+scores are formed and nothing else. `positioned` splits q/k/v with `CausalSelfAttention._heads`,
+so whatever that module does to its heads there carries over to the variants; anything it does
+only inside its own `_attend` or `decode` does not."""
 
+import abc
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.kv_cache import KVCache
+from gptzoo.nn.linear import projection_keys
 from gptzoo.nn.self_attention import CausalSelfAttention
 
 
@@ -95,3 +100,47 @@ def check_unwindowed(wrapper: str, attention) -> None:
     if attention.window is not None:
         raise ValueError(f"{wrapper} wraps attention with window={attention.window}, which it "
                          "does not support; wrap a CausalSelfAttention with window=None")
+
+
+class AttentionVariant(eqx.Module):
+    """A `CausalSelfAttention` (`attention`: its projections, heads, position hook, dropout and
+    KV cache) whose queries attend to keys in a way of the subclass's own: `_attend_sequence` over
+    a whole sequence, `_attend_cache` over one example's cache. Training and decoding around them
+    are the same for every variant, so they are written once here."""
+
+    attention: CausalSelfAttention
+
+    @abc.abstractmethod
+    def _attend_sequence(self, q, k, v, bias, key):
+        """Heads `(*batch, seq, heads, head_dim)` of `q` over `k`, `v` (causal), with `bias`;
+        attention dropout from `key` (None: off)."""
+
+    @abc.abstractmethod
+    def _attend_cache(self, read: CacheRead):
+        """Heads `(seq, heads, head_dim)` of `read.q` over what `read` says each query sees."""
+
+    @typecheck
+    def __call__(
+        self, x: Float[Array, "*batch seq d_model"], *,
+        positions: Int[Array, " seq"] | None = None, key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "*batch seq d_model"]:
+        positions = jnp.arange(x.shape[-2]) if positions is None else positions
+        qkv_key, out_key = projection_keys(key, 2)
+        q, k, v, bias = positioned(self.attention, x, positions, qkv_key)
+        attn_key, resid_key = split_key(key)
+        y = self._attend_sequence(q, k, v, bias, attn_key)
+        return project_out(self.attention, y, resid_key, out_key)
+
+    def init_cache(self, size: int) -> KVCache:
+        """The wrapped attention's cache: a variant keeps no decoding state of its own."""
+        return self.attention.init_cache(size)
+
+    @typecheck
+    def decode(
+        self, x: Float[Array, "seq d_model"], positions: Int[Array, " seq"], cache: KVCache
+    ) -> tuple[Float[Array, "seq d_model"], KVCache]:
+        """`__call__` for one example's new positions over its cache, which they are added to."""
+        read = read_cache(self.attention, x, positions, cache)
+        y = self._attend_cache(read)
+        return project_out(self.attention, y.astype(x.dtype), None), cache.update(
+            read.k, read.v, positions)

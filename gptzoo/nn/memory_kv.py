@@ -1,24 +1,18 @@
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
-from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.attention import attend, causal_attend
 from gptzoo.nn.attention_inputs import (
+    AttentionVariant,
+    CacheRead,
     check_unwindowed,
-    positioned,
-    project_out,
-    read_cache,
     shared_heads,
-    split_key,
 )
-from gptzoo.nn.kv_cache import KVCache
-from gptzoo.nn.linear import projection_keys
 from gptzoo.nn.self_attention import CausalSelfAttention
 
 
-class MemoryKVAttention(eqx.Module):
+class MemoryKVAttention(AttentionVariant):
     """Causal self-attention with learned memory key/values (persistent memory, Sukhbaatar et al.
     2019; x-transformers' `attn_num_mem_kv`): `num_mem_kv` learned keys and values per key/value
     head, prepended to every sequence's keys and values.
@@ -36,7 +30,6 @@ class MemoryKVAttention(eqx.Module):
     - `key`: a PRNG key for the memory's initialisation.
     """
 
-    attention: CausalSelfAttention
     memory_k: Float[Array, "kv_heads num_mem_kv head_dim"]
     memory_v: Float[Array, "kv_heads num_mem_kv head_dim"]
 
@@ -58,43 +51,22 @@ class MemoryKVAttention(eqx.Module):
     def num_mem_kv(self) -> int:
         return self.memory_k.shape[1]
 
-    @typecheck
-    def __call__(
-        self, x: Float[Array, "*batch seq d_model"], *,
-        positions: Int[Array, " seq"] | None = None, key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "*batch seq d_model"]:
-        *batch, seq, _ = x.shape
-        positions = jnp.arange(seq) if positions is None else positions
-        qkv_key, out_key = projection_keys(key, 2)
-        q, k, v, bias = positioned(self.attention, x, positions, qkv_key)
+    def _attend_sequence(self, q, k, v, bias, key):
         k = jnp.concatenate([self._memory(self.memory_k, k), k], axis=-3)
         v = jnp.concatenate([self._memory(self.memory_v, v), v], axis=-3)
-        attn_key, resid_key = split_key(key)
         # Keys [memory, 0 .. seq-1] for the last seq positions: on every path of causal_attend
         # (block-causal included) query i sees the memory and the keys up to its own.
-        y = causal_attend(q, k, v, self._memory_bias(bias), dropout=self.attention.attn_dropout,
-                          key=attn_key)
-        return project_out(self.attention, y, resid_key, out_key)
+        return causal_attend(q, k, v, self._memory_bias(bias),
+                             dropout=self.attention.attn_dropout, key=key)
 
-    def init_cache(self, size: int) -> KVCache:
-        """The wrapped attention's cache: the memory is a parameter, not cached."""
-        return self.attention.init_cache(size)
-
-    @typecheck
-    def decode(
-        self, x: Float[Array, "seq d_model"], positions: Int[Array, " seq"], cache: KVCache
-    ) -> tuple[Float[Array, "seq d_model"], KVCache]:
-        """`__call__` for one example's new positions over its cache, which they are added to."""
-        read = read_cache(self.attention, x, positions, cache)
+    def _attend_cache(self, read: CacheRead):
         keys = jnp.concatenate([self._memory(self.memory_k, read.keys), read.keys])
         values = jnp.concatenate([self._memory(self.memory_v, read.values), read.values])
-        always = jnp.ones((x.shape[0], self.num_mem_kv), bool)
+        always = jnp.ones((read.q.shape[0], self.num_mem_kv), bool)
         visible = jnp.concatenate([always, read.visible], axis=-1)
         n_heads = self.attention.n_heads
-        y = attend(read.q, shared_heads(keys, n_heads), shared_heads(values, n_heads), visible,
-                   self._memory_bias(read.bias))
-        return project_out(self.attention, y.astype(x.dtype), None), cache.update(
-            read.k, read.v, positions)
+        return attend(read.q, shared_heads(keys, n_heads), shared_heads(values, n_heads),
+                      visible, self._memory_bias(read.bias))
 
     def _memory(self, memory: Float[Array, "kv_heads num_mem_kv head_dim"],
                 like: Float[Array, "*batch k kv_heads head_dim"]

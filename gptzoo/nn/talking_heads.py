@@ -1,26 +1,20 @@
 import math
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.attention import causal_mask
 from gptzoo.nn.attention_inputs import (
+    AttentionVariant,
+    CacheRead,
     check_unwindowed,
-    positioned,
-    project_out,
-    read_cache,
     shared_heads,
-    split_key,
 )
-from gptzoo.nn.kv_cache import KVCache
-from gptzoo.nn.linear import projection_keys
 from gptzoo.nn.self_attention import CausalSelfAttention
 
 
-class TalkingHeadsAttention(eqx.Module):
+class TalkingHeadsAttention(AttentionVariant):
     """Talking-heads attention (Shazeer et al. 2020): causal self-attention whose heads exchange
     information through two learned `(heads, heads)` maps, one over the scaled scores before the
     softmax (`pre_softmax`) and one over the weights after it (`post_softmax`):
@@ -39,7 +33,6 @@ class TalkingHeadsAttention(eqx.Module):
     - `attention`: the `CausalSelfAttention` whose heads talk.
     """
 
-    attention: CausalSelfAttention
     pre_softmax: Float[Array, "heads heads"]
     post_softmax: Float[Array, "heads heads"]
 
@@ -51,32 +44,12 @@ class TalkingHeadsAttention(eqx.Module):
     def __check_init__(self):
         check_unwindowed("TalkingHeadsAttention", self.attention)
 
-    @typecheck
-    def __call__(
-        self, x: Float[Array, "*batch seq d_model"], *,
-        positions: Int[Array, " seq"] | None = None, key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "*batch seq d_model"]:
-        seq = x.shape[-2]
-        positions = jnp.arange(seq) if positions is None else positions
-        qkv_key, out_key = projection_keys(key, 2)
-        q, k, v, bias = positioned(self.attention, x, positions, qkv_key)
-        attn_key, resid_key = split_key(key)
-        y = self._attend(q, k, v, causal_mask(seq, seq), bias, attn_key)
-        return project_out(self.attention, y, resid_key, out_key)
+    def _attend_sequence(self, q, k, v, bias, key):
+        seq = q.shape[-3]
+        return self._attend(q, k, v, causal_mask(seq, seq), bias, key)
 
-    def init_cache(self, size: int) -> KVCache:
-        """The wrapped attention's cache: the mixing needs no state of its own."""
-        return self.attention.init_cache(size)
-
-    @typecheck
-    def decode(
-        self, x: Float[Array, "seq d_model"], positions: Int[Array, " seq"], cache: KVCache
-    ) -> tuple[Float[Array, "seq d_model"], KVCache]:
-        """`__call__` for one example's new positions over its cache, which they are added to."""
-        read = read_cache(self.attention, x, positions, cache)
-        y = self._attend(read.q, read.keys, read.values, read.visible, read.bias, None)
-        return project_out(self.attention, y.astype(x.dtype), None), cache.update(
-            read.k, read.v, positions)
+    def _attend_cache(self, read: CacheRead):
+        return self._attend(read.q, read.keys, read.values, read.visible, read.bias, None)
 
     def _attend(
         self, q: Float[Array, "*batch q heads head_dim"],
