@@ -86,13 +86,12 @@ class GPT(eqx.Module):
     def head_weight(self) -> Float[Array, "vocab d_model"]:
         """The head's `(vocab, d_model)` matrix: the token embedding's when tied."""
         if self.head_qk is not None:
-            raise ValueError("head-QK adds logits that are no linear map of the hidden states; "
-                             "set trainer.head_chunk=0")
+            raise ValueError("head-QK adds logits that are no linear map of the hidden states")
         if self.head is None:
             return self.token_embedding.weight
         if not isinstance(self.head, Linear) or self.head.bias is not None:
             raise ValueError(f"the head ({type(self.head).__name__}) is not one bias-free "
-                             "matrix; set trainer.head_chunk=0")
+                             "matrix")
         return self.head.weight.T
 
     @property

@@ -98,4 +98,4 @@ def check_head_chunk(model) -> None:
     try:
         model.head_weight()
     except ValueError as e:
-        raise GptzooError(f"trainer.head_chunk: {e}") from None
+        raise GptzooError(f"trainer.head_chunk: {e}; set trainer.head_chunk=0") from None
