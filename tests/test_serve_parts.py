@@ -5,6 +5,7 @@ engine outliving a failed decoding step, and its queue counting the jobs it is p
 import json
 import queue
 import threading
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from gptzoo.serve.chat import ChatTemplate
 from gptzoo.serve.engine import Engine, QueueFull
 from gptzoo.serve.errors import ApiError
 from gptzoo.serve.job import Job, Sampling, StopText
-from gptzoo.serve.programs import pick_token
+from gptzoo.serve.programs import pick_rows, pick_token
 
 # Loop controls, tojson on a field (not escaped), special tokens, raise_exception, the generation
 # marker and the generation prompt, laid out on indented lines as published templates are (which
@@ -117,6 +118,25 @@ def test_traced_settings_pick_the_tokens_of_the_static_ones(temperature, top_k, 
         logits, noise, jnp.float32(temperature), jnp.int32(top_k or vocab),
         jnp.float32(top_p or 1.0))
     np.testing.assert_array_equal(traced, expected)
+
+
+@pytest.mark.parametrize("settings", [SETTINGS[:1] * 3, [SETTINGS[0], SETTINGS[1], SETTINGS[6]],
+                                      SETTINGS], ids=["greedy", "plain", "filtered"])
+def test_rows_with_their_own_settings_pick_the_tokens_of_the_static_ones(settings):
+    """Each of the batch's rows as `gptzoo.sample` picks it, by whichever branch the batch's
+    settings take (all greedy; sampled without top-k or top-p; some filtered)."""
+    vocab, settings = 50, settings * (48 // len(settings))
+    rows = len(settings)
+    logits = jax.random.normal(jax.random.PRNGKey(2), (rows, vocab)) * 2
+    noise = jax.random.gumbel(jax.random.PRNGKey(3), (rows, vocab))
+    expected = [sample_pick_token(lg, z, *row) 
+                for lg, z, row in zip(logits, noise, settings, strict=True)]
+    temperature, top_k, top_p = zip(*settings, strict=True)
+    picked = jax.jit(lambda *settings: pick_rows(logits, noise, SimpleNamespace(
+        temperature=settings[0], top_k=settings[1], top_p=settings[2])))(
+        jnp.float32(temperature), jnp.int32([k or vocab for k in top_k]),
+        jnp.float32([p or 1.0 for p in top_p]))
+    np.testing.assert_array_equal(picked, expected)
 
 
 def test_stop_text_holds_back_what_may_begin_a_stop_and_cuts_before_it():

@@ -9,16 +9,17 @@ request waits on a compilation.
 """
 
 import logging
+import statistics
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass
 
 import jax
 import numpy as np
 
 from gptzoo.nn.rowwise import MIN_ROWS
 from gptzoo.sample import BUCKET, CHUNK
-from gptzoo.serve.job import Job, Sampling
+from gptzoo.serve.job import Job, Prefill, Row, Sampling
 from gptzoo.serve.programs import (
     decode_chunk,
     decoding_forms,
@@ -31,6 +32,7 @@ from gptzoo.serve.programs import (
 
 log = logging.getLogger(__name__)
 
+TIMING_ROUNDS = 5  # full chunks each form decodes per width when warm-up times them
 KEEP = 0.5  # the fraction of the window a context shift keeps (`gptzoo sample`'s default)
 
 
@@ -48,18 +50,6 @@ def prefill_buckets(block_size: int, n_keep: int) -> list[int]:
     return sorted(buckets)
 
 
-@dataclass
-class Row:
-    """A slot's generation as the host tracks it."""
-
-    job: Job
-    position: int  # where the token to feed goes
-    remaining: int  # tokens still to sample
-    t: int  # the next draw's index
-    key: np.ndarray
-    context: list[int]  # the generation's last block_size tokens, the one to feed last
-
-
 class Engine:
     """The device thread and its slots.
 
@@ -72,9 +62,10 @@ class Engine:
     """
 
     def __init__(self, model, n_slots: int, max_queue: int, metrics=None):
-        # Prefills (one row) and narrow decode chunks read `few`, wide ones `many`.
+        # Prefills read `few`; each decode width reads whichever form warm-up found faster.
         self.few, self.many = decoding_forms(model, n_slots)
         self.widths = widths(n_slots)
+        self.forms = {width: self.few for width in self.widths}
         self.block_size = model.block_size
         self.n_keep = max(1, int(KEEP * self.block_size))
         self.buckets = prefill_buckets(self.block_size, self.n_keep)
@@ -111,18 +102,39 @@ class Engine:
             self.wake.notify()
 
     def warm_up(self) -> None:
-        """Compile every program the engine runs: each prefill bucket, with and without the
-        prompt's scores, and the decode chunk of each width; each twice, the second time on the
-        outputs of the first, as requests will run them."""
+        """Compile every program the engine runs: the prefill of each bucket and number of rows
+        (one row with the prompt's scores), and the decode chunk of each width; each twice, the
+        second time on the outputs of the first, as requests will run them."""
         key = np.asarray(seed_key(np.int32(0)))
         for _ in range(2):
             for bucket in self.buckets:
-                for echo in (False, True):
-                    self._prefill(0, np.zeros(bucket, np.int32), key, 0, Sampling(), echo)
+                tokens = np.zeros(bucket, np.int32)
+                self._prefill([Prefill(0, tokens, key, 0, Sampling(), echo=True)])
+                for width in self.widths:
+                    self._prefill([Prefill(0, tokens, key, 0, Sampling())] * width)
             for width in self.widths:
-                n_steps = np.zeros(self.n_slots, np.int32)
-                n_steps[width - 1] = 1
-                self._decode_chunk(n_steps)
+                for form in self._forms_for(width):
+                    self._decode_chunk(np.ones(width, np.int32), form)
+        self._choose_forms()
+
+    def _forms_for(self, width: int) -> tuple:
+        """The forms a decode chunk of `width` rows may read (the plain one first)."""
+        return (self.few,) if width < MIN_ROWS or self.many is self.few else (self.few, self.many)
+
+    def _choose_forms(self) -> None:
+        """Decode each width of `MIN_ROWS` rows or more with the faster of the model's two
+        forms on this machine (`rowwise_layout` pays off for large weights only), timed over
+        interleaved full chunks."""
+        for width in (w for w in self.widths if len(self._forms_for(w)) > 1):
+            times: list[list[float]] = [[], []]
+            for _ in range(TIMING_ROUNDS):
+                for form, form_times in zip(self._forms_for(width), times, strict=True):
+                    start = time.perf_counter()
+                    self._decode_chunk(np.full(width, CHUNK, np.int32), form)
+                    form_times.append(time.perf_counter() - start)
+            faster = min((0, 1), key=lambda i: statistics.median(times[i]))
+            self.forms[width] = self._forms_for(width)[faster]
+            log.info("decoding %d rows with the %s form", width, ("plain", "row-wise")[faster])
 
     def _run(self) -> None:
         try:
@@ -157,39 +169,49 @@ class Engine:
         self.waiting = deque(job for job in self.waiting if not job.cancelled)
 
     def _step(self, starting: list[tuple[int, Job]]) -> None:
-        for slot, job in starting:
-            self._start(slot, job)
-        for slot, row in enumerate(self.rows):
-            if row is not None and row.position >= self.block_size:
-                self._shift(slot, row)
+        """Prefill the new jobs' prompts and the full windows' shifts, then decode a chunk."""
+        prefills = [p for slot, job in starting if (p := self._start(slot, job))]
+        prefills += [self._shift(slot, row) for slot, row in enumerate(self.rows)
+                     if row is not None and row.position >= self.block_size]
+        groups = [[p] for p in prefills if p.echo]  # scored one at a time: rarely batched
+        plain = [p for p in prefills if not p.echo]
+        for bucket in sorted({self._bucket(len(p.tokens)) for p in plain}):
+            groups.append([p for p in plain if self._bucket(len(p.tokens)) == bucket])
+        for group in groups:
+            for prefill_, result in zip(group, self._prefill(group), strict=True):
+                self._finish(prefill_, *result)
         if any(self.rows):
             self._decode()
 
-    def _start(self, slot: int, job: Job) -> None:
-        """Prefill a job's prompt into `slot` and deliver its first token."""
+    def _start(self, slot: int, job: Job) -> Prefill | None:
+        """A new job's prefill, None when it samples nothing and scores nothing."""
         if self.metrics is not None:
             self.metrics.prompt(len(job.prompt))
         if job.max_tokens == 0 and not job.echo:
             job.deliver([])
-            return
+            return None
         key = np.asarray(seed_key(np.int32(job.sampling.seed)))
-        token, info, prompt_infos = self._prefill(slot, job.prompt, key, 0, job.sampling,
-                                                  job.echo)
-        if job.max_tokens == 0:  # scored only
-            job.deliver([], None, prompt_infos)
-            return
-        row = Row(job, len(job.prompt), job.max_tokens - 1, 1, key, [*job.prompt, token])
-        self.rows[slot] = row
-        self._deliver(slot, row, [token], [info], prompt_infos)
+        return Prefill(slot, np.asarray(job.prompt, np.int32), key, 0, job.sampling, job.echo,
+                       job=job)
 
-    def _shift(self, slot: int, row: Row) -> None:
-        """Re-encode a full window's last `n_keep` tokens at positions 0.. and sample one."""
-        kept = row.context[-self.n_keep:]
-        token, info, _ = self._prefill(slot, np.asarray(kept, np.int32), row.key, row.t,
-                                       row.job.sampling, echo=False)
-        row.position, row.t, row.remaining = self.n_keep, row.t + 1, row.remaining - 1
-        row.context = [*kept, token]
-        self._deliver(slot, row, [token], [info])
+    def _shift(self, slot: int, row: Row) -> Prefill:
+        """Re-encoding a full window's last `n_keep` tokens at positions 0.. (then one sample)."""
+        kept = np.asarray(row.context[-self.n_keep:], np.int32)
+        return Prefill(slot, kept, row.key, row.t, row.job.sampling, row=row)
+
+    def _finish(self, prefill_: Prefill, token: int, info: tuple,
+                prompt_infos: list[tuple] | None) -> None:
+        """Put a prefill's generation in its slot and deliver its first token."""
+        slot, row, job = prefill_.slot, prefill_.row, prefill_.job
+        if row is None:  # a new job
+            if job.max_tokens == 0:  # scored only
+                job.deliver([], None, prompt_infos)
+                return
+            row = Row(job, len(prefill_.tokens), job.max_tokens, 0, prefill_.key, [])
+            self.rows[slot] = row
+        row.position, row.t, row.remaining = len(prefill_.tokens), row.t + 1, row.remaining - 1
+        row.context = [*prefill_.tokens.tolist(), token]
+        self._deliver(slot, row, [token], [info], prompt_infos)
 
     def _decode(self) -> None:
         n_steps = np.zeros(self.n_slots, np.int32)
@@ -212,26 +234,40 @@ class Engine:
         if row.job.deliver(tokens, infos if row.job.logprobs else None, prompt_infos):
             self.rows[slot] = None
 
-    def _prefill(self, slot: int, tokens: np.ndarray, key: np.ndarray, t: int,
-                 sampling: Sampling, echo: bool):
-        """(the sampled token, its info row, and with `echo` the prompt's info rows)."""
-        n = len(tokens)
-        padded = np.zeros(next(b for b in self.buckets if b >= n), np.int32)
-        padded[:n] = tokens
-        settings = (np.float32(sampling.temperature), np.int32(sampling.top_k or self.vocab),
-                    np.float32(sampling.top_p or 1.0))
-        self.slots, token, info, prompt = prefill(self.few, self.slots, np.int32(slot), padded,
-                                                  np.int32(n), key, np.int32(t), settings, echo)
-        token, info, prompt = jax.device_get((token, info, prompt))
-        prompt_infos = None if prompt is None else _info_rows(prompt, None, n - 1)
-        return int(token), (float(info[0]), info[1], info[2]), prompt_infos
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
 
-    def _decode_chunk(self, n_steps: np.ndarray):
+    def _prefill(self, prefills: list[Prefill]) -> list[tuple[int, tuple, list | None]]:
+        """Run prefills of one bucket in one program of `widths` rows (padding rows write no
+        slot; `echo` is the first one's): each one's sampled token, its info row, and with
+        echo the prompt's info rows."""
+        width = next(w for w in self.widths if w >= len(prefills))
+        nowhere = Prefill(self.n_slots, prefills[0].tokens[:1], prefills[0].key, 0,
+                          Sampling(temperature=0))
+        rows = prefills + [nowhere] * (width - len(prefills))
+        padded = np.zeros((width, self._bucket(max(len(p.tokens) for p in rows))), np.int32)
+        for i, p in enumerate(rows):
+            padded[i, :len(p.tokens)] = p.tokens
+        settings = (np.float32([p.sampling.temperature for p in rows]),
+                    np.int32([p.sampling.top_k or self.vocab for p in rows]),
+                    np.float32([p.sampling.top_p or 1.0 for p in rows]))
+        lengths = np.int32([len(p.tokens) for p in rows])
+        self.slots, token, info, prompt = prefill(
+            self.few, self.slots, np.int32([p.slot for p in rows]), padded, lengths,
+            np.stack([p.key for p in rows]), np.int32([p.t for p in rows]), settings,
+            prefills[0].echo)
+        token, info, prompt = jax.device_get((token, info, prompt))
+        return [(int(token[i]), (float(info[0][i]), info[1][i], info[2][i]),
+                 None if prompt is None else _info_rows(prompt, i, lengths[i] - 1))
+                for i in range(len(prefills))]
+
+    def _decode_chunk(self, n_steps: np.ndarray, form=None):
         """Decode the narrowest prefix of the slots that holds every slot with steps to take
-        (new jobs take the lowest free slot, so the busy ones stay near the front)."""
+        (new jobs take the lowest free slot, so the busy ones stay near the front), reading the
+        model in `form` (default: the width's chosen form)."""
         busy = np.flatnonzero(n_steps)
         width = next(w for w in self.widths if w > (busy[-1] if len(busy) else 0))
-        model = self.many if width >= MIN_ROWS else self.few
+        model = self.forms[width] if form is None else form
         self.slots, tokens, infos = decode_chunk(model, self.slots, n_steps[:width], self.vocab)
         return jax.device_get((tokens, infos))
 

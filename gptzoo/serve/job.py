@@ -1,5 +1,6 @@
-"""One choice of one request on the host: its settings, and its tokens turned into text pieces
-(cut at a stop string or the end-of-text token) posted to the request as they arrive."""
+"""One choice of one request on the host: its settings, its tokens turned into text pieces
+(cut at a stop string or the end-of-text token) posted to the request as they arrive, and what
+the engine tracks of its generation (`Row`) and of each prefill it needs (`Prefill`)."""
 
 import time
 from collections.abc import Callable
@@ -135,3 +136,30 @@ class Job:
     def fail(self, message: str) -> None:
         self.finished = True
         self.post(Event(self.index, text=message, finish_reason="error"))
+
+
+@dataclass
+class Row:
+    """A slot's generation as the host tracks it."""
+
+    job: Job
+    position: int  # where the token to feed goes
+    remaining: int  # tokens still to sample
+    t: int  # the next draw's index
+    key: np.ndarray
+    context: list[int]  # the generation's last block_size tokens, the one to feed last
+
+
+@dataclass
+class Prefill:
+    """A prompt (a new job's) or a kept context (a shifted generation's) to encode into `slot`
+    and sample one token after, with draw `t` of `key`."""
+
+    slot: int
+    tokens: np.ndarray
+    key: np.ndarray
+    t: int
+    sampling: Sampling
+    echo: bool = False  # also score the prompt's tokens
+    job: Job | None = None  # the new job, or
+    row: Row | None = None  # the generation a context shift continues

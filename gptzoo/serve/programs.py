@@ -97,18 +97,26 @@ def pick_token(logits: Float[Array, " vocab"], noise: Float[Array, " vocab"],
     return jnp.where(temperature > 0, jnp.argmax(scaled + noise), jnp.argmax(logits))
 
 
-def _pick_rows(logits: Float[Array, "rows vocab"], noise: Float[Array, "rows vocab"],
+def pick_rows(logits: Float[Array, "rows vocab"], noise: Float[Array, "rows vocab"],
                slots: Slots) -> Int[Array, " rows"]:
     """Each row's token; the sorts that top-k and top-p need run only when some row asks for
-    them (a vocabulary of 50,257 sorted at every token costs more than a small model's step)."""
+    them (a vocabulary of 50,257 sorted at every token costs more than a small model's step),
+    and plain sampling is `pick_token` without them (its filters then change nothing)."""
+    temperature = slots.temperature
+
     def greedy(_):
         return jnp.argmax(logits, axis=-1)
 
-    def sampled(_):
-        return jax.vmap(pick_token)(logits, noise, slots.temperature, slots.top_k, slots.top_p)
+    def plain(_):
+        scaled = logits / jnp.where(temperature > 0, temperature, 1)[:, None]
+        return jnp.where(temperature > 0, jnp.argmax(scaled + noise, axis=-1), greedy(None))
+
+    def filtered(_):
+        return jax.vmap(pick_token)(logits, noise, temperature, slots.top_k, slots.top_p)
 
     filtering = jnp.any(slots.top_k < logits.shape[-1]) | jnp.any(slots.top_p < 1)
-    return jax.lax.cond(filtering | jnp.any(slots.temperature > 0), sampled, greedy, None)
+    branch = jnp.where(filtering, 2, jnp.where(jnp.any(temperature > 0), 1, 0))
+    return jax.lax.switch(branch, (greedy, plain, filtered), None)
 
 
 def token_info(logits: Float[Array, "*n vocab"], tokens: Int[Array, "*n"]) -> TokenInfo:
@@ -125,25 +133,26 @@ def seed_key(seed: Int[Array, ""]) -> PRNGKeyArray:
 
 
 @stored_jit(donate="all-except-first")
-def prefill(model, slots: Slots, slot: Int[Array, ""], tokens: Int[Array, " bucket"],
-            length: Int[Array, ""], key: PRNGKeyArray, t: Int[Array, ""],
+def prefill(model, slots: Slots, slot: Int[Array, " rows"], tokens: Int[Array, "rows bucket"],
+            length: Int[Array, " rows"], key: PRNGKeyArray, t: Int[Array, " rows"],
             settings: tuple[Array, Array, Array], echo: bool
-            ) -> tuple[Slots, Int[Array, ""], TokenInfo, TokenInfo | None]:
-    """Encode `tokens[:length]` (right-padded to a bucket) at positions 0.. into a fresh cache
-    in `slot`, sample its next token (draw `t`), and with `echo` score every prompt token after
-    the first. Also a context shift's re-encoding of a generation's last tokens."""
-    def one(tokens):  # a batch of one, as gptzoo.sample prefills a single prompt
+            ) -> tuple[Slots, Int[Array, " rows"], TokenInfo, TokenInfo | None]:
+    """For each row, encode `tokens[:length]` (right-padded to a bucket) at positions 0.. into
+    a fresh cache in its `slot` (a slot out of range: a padding row, written nowhere), sample
+    its next token (draw `t`), and with `echo` score every prompt token after the first. Also
+    a context shift's re-encoding of a generation's last tokens."""
+    def one(tokens, length, key, t, temperature, top_k, top_p):
         logits, cache = model.decode(tokens, jnp.arange(tokens.shape[0]), model.init_cache())
-        return cache, logits
+        last = logits[length - 1]
+        token = pick_token(last, row_noise(key, t, 1, last.shape[-1])[0], temperature, top_k,
+                           top_p)
+        prompt = token_info(logits[:-1], tokens[1:]) if echo else None
+        row = Slots(cache, token, length, key, t + 1, temperature, top_k, top_p)
+        return row, token, token_info(last, token), prompt
 
-    cache, logits = jax.tree.map(lambda x: x[0], jax.vmap(one)(tokens[None]))
-    last = logits[length - 1]
-    temperature, top_k, top_p = settings
-    token = pick_token(last, row_noise(key, t, 1, last.shape[-1])[0], temperature, top_k, top_p)
-    row = Slots(cache, token, length, key, t + 1, temperature, top_k, top_p)
-    slots = jax.tree.map(lambda every, one: every.at[slot].set(one), slots, row)
-    prompt = token_info(logits[:-1], tokens[1:]) if echo else None
-    return slots, token, token_info(last, token), prompt
+    rows, token, info, prompt = jax.vmap(one)(tokens, length, key, t, *settings)
+    slots = jax.tree.map(lambda every, new: every.at[slot].set(new, mode="drop"), slots, rows)
+    return slots, token, info, prompt
 
 
 @stored_jit(donate="all-except-first")
@@ -167,7 +176,7 @@ def decode_chunk(model, slots: Slots, n_steps: Int[Array, " width"], vocab: int
         logits, cache = jax.vmap(model.decode)(slots.token[:, None], slots.position[:, None],
                                                slots.cache)
         logits = logits[:, 0]
-        token = _pick_rows(logits, noise[:, i], slots)
+        token = pick_rows(logits, noise[:, i], slots)
         live = (i < n_steps).astype(jnp.int32)
         slots = slots._replace(cache=cache, token=jnp.where(live, token, slots.token),
                                position=slots.position + live, t=slots.t + live)
