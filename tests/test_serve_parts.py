@@ -1,10 +1,12 @@
 """Parts of `gptzoo serve` without a server: chat templates rendered as transformers renders
 them, the traced token picker against `gptzoo.sample`'s, stop strings cut in a stream, the
-engine outliving a failed decoding step, and its queue counting the jobs it is prefilling."""
+engine outliving a failed decoding step, its queue counting the jobs it is prefilling, prompts
+that arrive together prefilled together, and the decode form warm-up times faster kept."""
 
 import json
 import queue
 import threading
+import time
 from types import SimpleNamespace
 
 import jax
@@ -216,3 +218,55 @@ def test_a_job_being_prefilled_still_counts_against_the_queue(trained_run, monke
     finally:
         release.set()
         engine.stop()
+
+
+def test_prompts_arriving_together_prefill_in_one_program_each_bucket(trained_run, monkeypatch):
+    """Four short prompts waiting at once take one 4-row prefill; a fifth of another bucket its
+    own; every answer still equals the same request alone."""
+    model, tokenizer = gptzoo.load(trained_run)
+    monkeypatch.setattr(Engine, "warm_up", lambda self: None)
+    rows_per_call, prefill = [], engine_module.prefill
+
+    def counted(model, slots, slot, *args):
+        rows_per_call.append(len(slot))
+        return prefill(model, slots, slot, *args)
+
+    monkeypatch.setattr(engine_module, "prefill", counted)
+    prompts = ["ROMEO:", "JULIET:", "Nay", "O", "First Citizen:\nBefore"]  # buckets 16, 32
+
+    def answers(batch: list[str]) -> list[list[int]]:
+        engine, events = Engine(model, n_slots=8, max_queue=0), queue.Queue()
+        jobs = [Job(i, tokenizer.encode(p), 12, Sampling(temperature=0), [], False, False,
+                    tokenizer, events.put) for i, p in enumerate(batch)]
+        engine.submit(jobs)  # all waiting before the engine's first step
+        engine.start()
+        received = []
+        try:
+            while sum(e.finish_reason is not None for e in received) < len(jobs):
+                received.append(events.get(timeout=60))
+        finally:
+            engine.stop()
+        return [sum((e.tokens for e in received if e.index == i), []) for i in range(len(jobs))]
+
+    together = answers(prompts)
+    assert sorted(rows_per_call) == [1, 4]  # the 4 short prompts, and the long one alone
+    assert together == [answers([p])[0] for p in prompts]
+
+
+@pytest.mark.parametrize("slow", ["plain", "row-wise"])
+def test_warm_up_keeps_the_faster_decode_form_for_each_width(trained_run, monkeypatch, slow):
+    model, _ = gptzoo.load(trained_run)
+    engine = Engine(model, n_slots=8, max_queue=0)
+    assert engine.many is not engine.few  # on CPU, from MIN_ROWS rows
+    slowed = engine.few if slow == "plain" else engine.many
+    decode_chunk = engine_module.decode_chunk
+
+    def timed(model, *args):
+        if model is slowed:
+            time.sleep(0.01)
+        return decode_chunk(model, *args)
+
+    monkeypatch.setattr(engine_module, "decode_chunk", timed)
+    engine._choose_forms()
+    kept = engine.many if slow == "plain" else engine.few
+    assert [engine.forms[w] for w in engine.widths] == [engine.few] * 2 + [kept] * 2

@@ -32,7 +32,8 @@ from gptzoo.serve.programs import (
 
 log = logging.getLogger(__name__)
 
-TIMING_ROUNDS = 5  # full chunks each form decodes per width when warm-up times them
+TIMING_ROUNDS, TIMING_STEPS = 5, 4  # warm-up times each form's chunks of 4 steps, 5 times
+PREFILL_TOKENS = 256  # most padded tokens a prefill of several rows holds
 KEEP = 0.5  # the fraction of the window a context shift keeps (`gptzoo sample`'s default)
 
 
@@ -110,7 +111,7 @@ class Engine:
             for bucket in self.buckets:
                 tokens = np.zeros(bucket, np.int32)
                 self._prefill([Prefill(0, tokens, key, 0, Sampling(), echo=True)])
-                for width in self.widths:
+                for width in self._prefill_widths(bucket):
                     self._prefill([Prefill(0, tokens, key, 0, Sampling())] * width)
             for width in self.widths:
                 for form in self._forms_for(width):
@@ -124,13 +125,13 @@ class Engine:
     def _choose_forms(self) -> None:
         """Decode each width of `MIN_ROWS` rows or more with the faster of the model's two
         forms on this machine (`rowwise_layout` pays off for large weights only), timed over
-        interleaved full chunks."""
+        interleaved short chunks."""
         for width in (w for w in self.widths if len(self._forms_for(w)) > 1):
             times: list[list[float]] = [[], []]
             for _ in range(TIMING_ROUNDS):
                 for form, form_times in zip(self._forms_for(width), times, strict=True):
                     start = time.perf_counter()
-                    self._decode_chunk(np.full(width, CHUNK, np.int32), form)
+                    self._decode_chunk(np.full(width, TIMING_STEPS, np.int32), form)
                     form_times.append(time.perf_counter() - start)
             faster = min((0, 1), key=lambda i: statistics.median(times[i]))
             self.forms[width] = self._forms_for(width)[faster]
@@ -176,7 +177,9 @@ class Engine:
         groups = [[p] for p in prefills if p.echo]  # scored one at a time: rarely batched
         plain = [p for p in prefills if not p.echo]
         for bucket in sorted({self._bucket(len(p.tokens)) for p in plain}):
-            groups.append([p for p in plain if self._bucket(len(p.tokens)) == bucket])
+            same = [p for p in plain if self._bucket(len(p.tokens)) == bucket]
+            most = self._prefill_widths(bucket)[-1]
+            groups += [same[i:i + most] for i in range(0, len(same), most)]
         for group in groups:
             for prefill_, result in zip(group, self._prefill(group), strict=True):
                 self._finish(prefill_, *result)
@@ -237,11 +240,17 @@ class Engine:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
+    def _prefill_widths(self, bucket: int) -> list[int]:
+        """How many rows a prefill program of `bucket` tokens may hold: up to `PREFILL_TOKENS`
+        in all (longer prompts gain little from sharing a program, and every program costs
+        warm-up time)."""
+        return [w for w in self.widths if w == 1 or w * bucket <= PREFILL_TOKENS]
+
     def _prefill(self, prefills: list[Prefill]) -> list[tuple[int, tuple, list | None]]:
         """Run prefills of one bucket in one program of `widths` rows (padding rows write no
         slot; `echo` is the first one's): each one's sampled token, its info row, and with
         echo the prompt's info rows."""
-        width = next(w for w in self.widths if w >= len(prefills))
+        width = next(w for w in self.widths if w >= len(prefills))  # within _prefill_widths
         nowhere = Prefill(self.n_slots, prefills[0].tokens[:1], prefills[0].key, 0,
                           Sampling(temperature=0))
         rows = prefills + [nowhere] * (width - len(prefills))
