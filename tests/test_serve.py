@@ -3,6 +3,7 @@ over the shared tiny run (block_size 32): answers equal `gptzoo sample`'s, alone
 streamed or whole; echo + logprobs equal the model's own forward and `gptzoo.evaluate`; chat is
 the completion of the documented plain template; nothing compiles after warm-up."""
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import equinox as eqx
@@ -181,6 +182,13 @@ def test_models_health_and_metrics(client, server):
                  "gptzoo_time_to_first_token_seconds_bucket",
                  "gptzoo_time_per_output_token_seconds_bucket"):
         assert f"\n{name}" in text, name
+
+
+def test_its_start_up_lines_say_where_it_listens_and_which_layout_it_decodes_with(server):
+    out = server.output()
+    assert f"as {MODEL!r} at {server.url}/v1 with 4 slots" in out
+    assert re.search(r"ready: programs compiled in [\d.]+ s; weight layout by rows decoded: "
+                     r"4 (plain|row-wise)\n", out), out
 
 
 def test_nothing_compiles_after_warm_up(client, server):

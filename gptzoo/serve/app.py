@@ -35,8 +35,10 @@ async def _announce(engine: Engine, log: Callable[[str], None] | None) -> None:
     while not (engine.ready.is_set() or engine.failure):
         await asyncio.sleep(0.05)
     if log is not None:
+        forms = ", ".join(f"{width} {form}" for width, form in engine.chosen.items())
+        forms = forms and f"; weight layout by rows decoded: {forms}"
         log(f"error: compiling failed ({engine.failure})" if engine.failure else
-            f"ready: programs compiled in {time.perf_counter() - started:.1f} s")
+            f"ready: programs compiled in {time.perf_counter() - started:.1f} s{forms}")
 
 
 class EventStream(StreamingResponse):

@@ -67,6 +67,7 @@ class Engine:
         self.few, self.many = decoding_forms(model, n_slots)
         self.widths = widths(n_slots)
         self.forms = {width: self.few for width in self.widths}
+        self.chosen: dict[int, str] = {}  # the form warm-up timed faster, by width
         self.block_size = model.block_size
         self.n_keep = max(1, int(KEEP * self.block_size))
         self.buckets = prefill_buckets(self.block_size, self.n_keep)
@@ -135,7 +136,7 @@ class Engine:
                     form_times.append(time.perf_counter() - start)
             faster = min((0, 1), key=lambda i: statistics.median(times[i]))
             self.forms[width] = self._forms_for(width)[faster]
-            log.info("decoding %d rows with the %s form", width, ("plain", "row-wise")[faster])
+            self.chosen[width] = ("plain", "row-wise")[faster]
 
     def _run(self) -> None:
         try:
