@@ -50,8 +50,9 @@ class TokenInfo(NamedTuple):
 def decoding_forms(model, n_slots: int) -> tuple[object, object]:
     """The model as the decode programs read it, as `gptzoo.sample` converts it: blocks written
     out (each updates its own cache in place); and for `MIN_ROWS` rows or more on CPU, also
-    with its weights in `rowwise_layout` (a second copy). Returns (the form for fewer rows,
-    the form for `MIN_ROWS` or more), the same model twice when they do not differ."""
+    with its weights in `rowwise_layout` (a second copy). Returns (the plain form, which
+    prefills and narrow chunks read, the row-wise form, which the engine times against it for
+    wider chunks), the same model twice when they do not differ."""
     if any(isinstance(x, Stack) for x in jax.tree.leaves(model, is_leaf=_is_stack)):
         model = unstacked(model)
     if n_slots >= MIN_ROWS and jax.default_backend() == "cpu":
@@ -90,33 +91,44 @@ def pick_token(logits: Float[Array, " vocab"], noise: Float[Array, " vocab"],
                top_p: Float[Array, ""]) -> Int[Array, ""]:
     """`gptzoo.sample.pick_token` with its settings traced rather than static, so that rows
     with different settings share a program; the same operations, so the same token."""
-    scaled = logits / jnp.where(temperature > 0, temperature, 1)
+    scaled = _scaled(logits, temperature)
     kth = jnp.sort(scaled)[logits.shape[-1] - top_k]  # top_k(scaled, k)[0][-1]
     scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
     scaled = jnp.where(top_p >= 1, scaled, nucleus(scaled, top_p))
+    return _draw(logits, scaled, noise, temperature)
+
+
+def _unfiltered_pick(logits: Float[Array, " vocab"], noise: Float[Array, " vocab"],
+                     temperature: Float[Array, ""]) -> Int[Array, ""]:
+    """`pick_token` with no top-k and no top-p, where its filters change nothing."""
+    return _draw(logits, _scaled(logits, temperature), noise, temperature)
+
+
+def _scaled(logits, temperature):
+    return logits / jnp.where(temperature > 0, temperature, 1)
+
+
+def _draw(logits, scaled, noise, temperature):
+    """The Gumbel-max draw from `scaled`, or greedy from `logits` at temperature 0."""
     return jnp.where(temperature > 0, jnp.argmax(scaled + noise), jnp.argmax(logits))
 
 
 def pick_rows(logits: Float[Array, "rows vocab"], noise: Float[Array, "rows vocab"],
-               slots: Slots) -> Int[Array, " rows"]:
+              slots: Slots) -> Int[Array, " rows"]:
     """Each row's token; the sorts that top-k and top-p need run only when some row asks for
-    them (a vocabulary of 50,257 sorted at every token costs more than a small model's step),
-    and plain sampling is `pick_token` without them (its filters then change nothing)."""
-    temperature = slots.temperature
-
+    them (a vocabulary of 50,257 sorted at every token costs more than a small model's step)."""
     def greedy(_):
         return jnp.argmax(logits, axis=-1)
 
-    def plain(_):
-        scaled = logits / jnp.where(temperature > 0, temperature, 1)[:, None]
-        return jnp.where(temperature > 0, jnp.argmax(scaled + noise, axis=-1), greedy(None))
+    def unfiltered(_):
+        return jax.vmap(_unfiltered_pick)(logits, noise, slots.temperature)
 
     def filtered(_):
-        return jax.vmap(pick_token)(logits, noise, temperature, slots.top_k, slots.top_p)
+        return jax.vmap(pick_token)(logits, noise, slots.temperature, slots.top_k, slots.top_p)
 
     filtering = jnp.any(slots.top_k < logits.shape[-1]) | jnp.any(slots.top_p < 1)
-    branch = jnp.where(filtering, 2, jnp.where(jnp.any(temperature > 0), 1, 0))
-    return jax.lax.switch(branch, (greedy, plain, filtered), None)
+    branch = jnp.where(filtering, 2, jnp.where(jnp.any(slots.temperature > 0), 1, 0))
+    return jax.lax.switch(branch, (greedy, unfiltered, filtered), None)
 
 
 def token_info(logits: Float[Array, "*n vocab"], tokens: Int[Array, "*n"]) -> TokenInfo:
