@@ -29,8 +29,16 @@ def complete_steps(run_dir) -> list[int]:
 
 
 def partial_saves(run_dir) -> set[tuple[str, int]]:
-    """The temporary folders of saves cut short, with their modification times."""
-    return {(p.name, p.stat().st_mtime_ns) for p in (run_dir / "checkpoints").glob("*.orbax-*")}
+    """The temporary folders of saves cut short (or under way), with their modification times.
+    A save under way renames its folder at any moment: one gone between listing and reading its
+    time is not a partial save."""
+    found = set()
+    for path in (run_dir / "checkpoints").glob("*.orbax-*"):
+        try:
+            found.add((path.name, path.stat().st_mtime_ns))
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def metrics(run_dir) -> list[tuple]:
