@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from conftest import gptzoo_in_process
-from test_hf import CONFIGS, TOLERANCE, VOCAB, import_once, max_diff, random_tokens
+from hf_models import CONFIGS, TOLERANCE, VOCAB, import_once, max_diff, random_tokens
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from gptzoo.errors import GptzooError

@@ -18,9 +18,9 @@ import pytest
 import torch
 import transformers
 from conftest import EIGHT_DEVICES, ROOT, TINY_ONE_EVAL, gptzoo_cli, gptzoo_in_process, set_args
+from hf_models import TOLERANCE, VOCAB, hf_logits, make_tokenizer, max_diff, perturb, random_tokens
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_hf import TOLERANCE, VOCAB, hf_logits, make_tokenizer, max_diff, perturb, random_tokens
 
 import gptzoo
 from gptzoo.errors import GptzooError
