@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 
 from gptzoo.stored_jit import store_programs_in
+from gptzoo.workarounds import whole_compilation_cache_entries
 
 MAX_BYTES = 4 * 2**30  # the default recipe's programs take under 1 MB on a CPU
 
@@ -28,6 +29,7 @@ def enable_compilation_cache() -> None:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptzoo"
     path = Path(os.environ.get("GPTZOO_COMPILE_CACHE") or base)
     store_programs_in(path / "programs")
+    whole_compilation_cache_entries()  # a kill mid-write must not spoil the cache for later runs
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(path / "jax"))
         if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: no limit

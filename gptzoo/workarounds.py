@@ -108,6 +108,61 @@ def compile_past_persistent_cache(lowered):
         reset_cache()
 
 
+def whole_compilation_cache_entries() -> None:
+    """Make JAX's persistent compilation cache survive a process killed while it writes. JAX
+    writes an entry in place, then (with a size limit, which gptzoo sets) its access-time file:
+    a kill in between leaves an entry cut short, which every later start reads, warns about and
+    compiles again without ever replacing, or an entry without its access time, after which every
+    write fails and the cache stops growing. Patched, `LRUCache.put` writes both files under
+    temporary names and renames them into place (the access time first), gives an entry an earlier
+    kill left without its access time one, and replaces an entry it is asked to write again (it
+    is only asked after the entry could not be read). Once per process; remote cache folders
+    keep JAX's own writes.
+
+    Upstream: jax-ml/jax#39880 (an entry without its access time stops every write); no issue
+    found for entries cut short. Needed while
+    `test_jax_cache_still_stops_writing_once_an_entry_lost_its_access_time` passes.
+    """
+    import functools
+    import pathlib
+    import time
+
+    from jax._src import lru_cache
+
+    from gptzoo.atomic import write_bytes_atomic
+
+    cache, suffix = lru_cache.LRUCache, lru_cache._CACHE_SUFFIX
+    if hasattr(cache.put, "__wrapped__"):
+        return
+
+    def access_time(entry: pathlib.Path) -> pathlib.Path:
+        return entry.with_name(entry.name.removesuffix(suffix) + lru_cache._ATIME_SUFFIX)
+
+    @functools.wraps(cache.put)
+    def put(self, key: str, value: bytes) -> None:
+        folder = str(self.path)
+        too_big = self.eviction_enabled and len(value) > self.max_size
+        if not key or too_big or not lru_cache._is_local_filesystem(folder):
+            return put.__wrapped__(self, key, value)  # raises, warns or writes remotely
+        folder = pathlib.Path(folder.removeprefix("file://"))
+        entry = folder / f"{key}{suffix}"
+        if not self.eviction_enabled:
+            return write_bytes_atomic(entry, value)
+        self.lock.acquire(timeout=self.lock_timeout_secs)
+        try:
+            for kept in folder.glob(f"*{suffix}"):
+                if not access_time(kept).exists():  # its modification time stands in
+                    modified = kept.stat().st_mtime_ns
+                    write_bytes_atomic(access_time(kept), modified.to_bytes(8, "little"))
+            self._evict_if_needed(additional_size=len(value))
+            write_bytes_atomic(access_time(entry), time.time_ns().to_bytes(8, "little"))
+            write_bytes_atomic(entry, value)
+        finally:
+            self.lock.release()
+
+    cache.put = put
+
+
 def read_before_write(dependency, *values) -> tuple:
     """`values` unchanged, but computed from `dependency` (plus zero), so that XLA runs whatever
     reads their inputs (the KV cache, read for `dependency`) before it writes them in place.

@@ -2,6 +2,7 @@
 behaviour it works around, and fails once the dependency changes, naming the workaround that can
 then go. Each also checks that the workaround itself does what it says."""
 
+import os
 import subprocess
 import sys
 import time
@@ -186,3 +187,81 @@ def test_one_non_finite_token_stays_in_its_own_cache_slot():
     np.testing.assert_array_equal(cache.positions, [0, 1, 2, -1, -1, -1, -1, -1])
     finite_k = np.isfinite(np.asarray(cache.k)).all(axis=(0, 2))  # per slot
     np.testing.assert_array_equal(finite_k, [True, False, True] + [True] * 5)
+
+
+# JAX's persistent compilation cache after a process killed while writing it
+
+_COMPILE = """
+import sys, jax, jax.numpy as jnp
+from gptzoo.compile_cache import enable_compilation_cache
+enable_compilation_cache()
+jax.jit(lambda a: a * float(sys.argv[1]))(jnp.ones(3)).block_until_ready()
+"""
+
+
+def test_jax_cache_still_stops_writing_once_an_entry_lost_its_access_time(tmp_path):
+    """JAX's own writes: with a size limit, an entry without its access time (a kill between
+    the two files) makes every later write raise; and an entry that exists is never written
+    again, so one cut short stays cut short. Once both are gone,
+    `workarounds.whole_compilation_cache_entries` can go."""
+    from jax._src.lru_cache import LRUCache
+
+    put = getattr(LRUCache.put, "__wrapped__", LRUCache.put)  # JAX's, patched or not
+    limited = LRUCache(str(tmp_path / "limited"), max_size=2**20)
+    put(limited, "a", b"whole")
+    (tmp_path / "limited" / "a-atime").unlink()
+    with pytest.raises(FileNotFoundError):
+        put(limited, "b", b"whole")
+    unlimited = LRUCache(str(tmp_path / "unlimited"), max_size=-1)
+    put(unlimited, "c", b"cut sh")
+    put(unlimited, "c", b"cut short")  # as after the entry cut short could not be read
+    assert unlimited.get("c") == b"cut sh"
+
+
+def test_the_compile_cache_mends_what_a_killed_command_left(tmp_path):
+    """Commands after one killed mid-write, each a process with gptzoo's compile cache: an entry
+    left without its access time does not stop the next command's writes, and an entry cut short
+    is read (with JAX's warning) and compiled again once, then written whole for the next."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["GPTZOO_COMPILE_CACHE"] = str(tmp_path)  # gptzoo's own folder, with its size limit
+
+    def stderr_of_a_command(factor: int) -> str:
+        return subprocess.run([sys.executable, "-c", _COMPILE, str(factor)], env=env, text=True,
+                              capture_output=True, check=True).stderr
+
+    def entries() -> set:
+        return set((tmp_path / "jax").glob("jit__lambda-*-cache"))
+
+    stderr_of_a_command(2)
+    (first,) = entries()
+    first.with_name(first.name.replace("-cache", "-atime")).unlink()  # killed between its files
+    assert "persistent compilation cache" not in stderr_of_a_command(3)
+    (second,) = entries() - {first}
+    second.write_bytes(second.read_bytes()[:100])  # killed while writing it
+    assert "Error reading persistent compilation cache" in stderr_of_a_command(3)
+    assert "persistent compilation cache" not in stderr_of_a_command(3)
+    assert len(second.read_bytes()) > 100
+
+
+def test_a_cache_entry_cut_short_while_written_is_never_read(tmp_path, monkeypatch):
+    """Killed while its bytes are written, an entry is not there for the next read (JAX's own
+    write would leave what it wrote, under the entry's name)."""
+    from jax._src.lru_cache import LRUCache
+
+    workarounds.whole_compilation_cache_entries()
+    cache = LRUCache(str(tmp_path), max_size=2**20)
+    synced, flushed = [], os.fsync
+
+    def killed_at_the_entry(descriptor):  # its access time is written first, then the entry
+        synced.append(descriptor)
+        if len(synced) == 2:
+            raise KeyboardInterrupt
+        flushed(descriptor)
+
+    monkeypatch.setattr(os, "fsync", killed_at_the_entry)
+    with pytest.raises(KeyboardInterrupt):
+        cache.put("program", b"compiled program")
+    monkeypatch.undo()
+    assert cache.get("program") is None
+    cache.put("program", b"compiled program")
+    assert cache.get("program") == b"compiled program"
