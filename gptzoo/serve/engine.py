@@ -4,9 +4,8 @@ Requests wait in a bounded queue; between decode chunks the thread takes the wai
 free slots and re-encodes the generations whose window is full (the sampler's default context
 shift: keep the last half, at positions 0..), prefilling the prompts and shifts of one length
 bucket together; then it decodes one chunk of every slot at once, and hands each job its new
-tokens. A job that finishes, or whose
-client has gone, leaves its slot at that boundary. Every program compiles in `warm_up`, so no
-request waits on a compilation.
+tokens. A job that finishes, or whose client has gone, leaves its slot at that boundary. Every
+program compiles in `warm_up`, so no request waits on a compilation.
 """
 
 import logging
