@@ -125,7 +125,8 @@ def test_a_full_queue_is_a_429_and_the_server_goes_on(server, client):
 
 
 @pytest.mark.parametrize("option, fragment", [(("--slots", "0"), "--slots=0"),
-                                              (("--max-queue", "-1"), "--max-queue=-1")])
+                                              (("--max-queue", "-1"), "--max-queue=-1"),
+                                              (("--port", "99999"), "--port=99999")])
 def test_bad_options_are_one_line_errors(trained_run, option, fragment):
     assert_one_line_error(gptzoo_in_process("serve", "--ckpt", trained_run, *option), fragment)
 

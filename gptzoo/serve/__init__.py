@@ -29,6 +29,8 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, slo
         raise GptzooError(f"--slots={slots} must be at least 1")
     if max_queue < 0:
         raise GptzooError(f"--max-queue={max_queue} is negative; pass 0 or more")
+    if not 1 <= port <= 65535:
+        raise GptzooError(f"--port={port} is not a TCP port; pass one from 1 to 65535")
     _check_port_free(host, port)
     template = ChatTemplate.for_run(run_dir, chat_template)
     model, tokenizer = load(run_dir)

@@ -164,6 +164,13 @@ def create_app(server: Server, log: Callable[[str], None] | None = None) -> Fast
                                       code="invalid_api_key")
         return await call_next(request)
 
+    _add_info_routes(app, server)
+    _add_generation_routes(app, server)
+    return app
+
+
+def _add_info_routes(app: FastAPI, server: Server) -> None:
+    """Health, metrics, the model list and vLLM's tokenizer endpoints."""
     @app.get("/health")
     async def health():
         if server.engine.ready.is_set():
@@ -203,6 +210,9 @@ def create_app(server: Server, log: Callable[[str], None] | None = None) -> Fast
         server.check_model(body.model)
         return {"prompt": server.tokenizer.decode(server.check_ids(body.tokens, "tokens"))}
 
+
+def _add_generation_routes(app: FastAPI, server: Server) -> None:
+    """The completion and chat completion endpoints."""
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         server.check(body)
@@ -225,5 +235,3 @@ def create_app(server: Server, log: Callable[[str], None] | None = None) -> Fast
         answer.jobs = server.jobs(answer, body, [prompt],
                                   body.token_limit(server.engine.block_size))
         return await server.respond(answer, body, request)
-
-    return app

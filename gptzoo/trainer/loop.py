@@ -84,17 +84,8 @@ def _run_steps(recipe: Recipe, p: Prepared, run: OpenedRun, reporter: Reporter):
             interrupted = agreed_stop(sigint.caught, due(cfg.log_interval)
                                       or due(cfg.checkpoint_interval))
             if due(cfg.log_interval) or interrupted:
-                # Waits for the chunk, whose call returned at once on a GPU: part of tokens/s.
-                losses, grad_norms, aux_losses = jax.device_get(
-                    (stats.loss, stats.grad_norm, stats.aux_loss))
-                record = {"step": step, "train_loss": float(losses[-1]),
-                          "grad_norm": float(grad_norms[-1]), "bad_steps": bad_steps.take(),
-                          "lr": float(learning_rate(step - 1)),
-                          "batch_size": p.train_batches.schedule.size(step - 1),
-                          "tokens_per_sec": throughput.tokens_per_sec(),
-                          "wall_time": run.status.wall_time()}
-                if isinstance(model, AuxLossModel):  # e.g. a mixture of experts' load balancing
-                    record["aux_loss"] = float(aux_losses[-1])
+                record = _record(step, stats, model, p, run, bad_steps, learning_rate,
+                                 throughput)
                 if due(cfg.eval_interval):
                     record.update(p.validation_estimate(model, step, cfg.eval_steps))
                 run.sinks.write(record)
@@ -113,6 +104,22 @@ def _run_steps(recipe: Recipe, p: Prepared, run: OpenedRun, reporter: Reporter):
             if interrupted:
                 break
     return model, step, interrupted
+
+
+def _record(step: int, stats, model, p: Prepared, run: OpenedRun, bad_steps: BadSteps,
+            learning_rate, throughput: Throughput) -> dict:
+    """A log step's record of the chunk that ended at `step`, its last step's figures; waits
+    for the chunk, whose call returned at once on a GPU, so the wait is part of tokens/s."""
+    losses, grad_norms, aux_losses = jax.device_get((stats.loss, stats.grad_norm, stats.aux_loss))
+    record = {"step": step, "train_loss": float(losses[-1]),
+              "grad_norm": float(grad_norms[-1]), "bad_steps": bad_steps.take(),
+              "lr": float(learning_rate(step - 1)),
+              "batch_size": p.train_batches.schedule.size(step - 1),
+              "tokens_per_sec": throughput.tokens_per_sec(),
+              "wall_time": run.status.wall_time()}
+    if isinstance(model, AuxLossModel):  # e.g. a mixture of experts' load balancing
+        record["aux_loss"] = float(aux_losses[-1])
+    return record
 
 
 def _finish(run: OpenedRun, p: Prepared, model, step: int, interrupted: bool, reporter: Reporter,
