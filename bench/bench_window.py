@@ -4,6 +4,8 @@
 
 1. Training: one layer's attention forward + backward (`nn.causal_attend`, queries, keys and
    values in; and the whole `CausalSelfAttention` with its projections) at `--seq` positions,
+   the loss's value computed with its gradients, as a training step does (with the gradients
+   alone the forward's output is unused and compiled away: only the backward would be timed),
    banded to `--window` against full causal, in interleaved rounds (banded, full, banded, ...);
    prints each one's median ms and the median of the rounds' ratios (load that comes and goes
    cancels within a round). The issue's bar: at least 3x at T = 1,024, W = 128.
@@ -56,7 +58,7 @@ def attention_runs(seq: int, window: int) -> dict[str, Callable[[], object]]:
 
     def step(w):
         loss = lambda q, k, v: jnp.sum(nn.causal_attend(q, k, v, window=w) * cotangent)  # noqa: E731
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
         return lambda: grad(q, k, v)
 
     return {f"window {window}": step(window), "full causal": step(None)}
@@ -68,7 +70,7 @@ def layer_runs(seq: int, window: int) -> dict[str, Callable[[], object]]:
 
     def step(w):
         layer = nn.CausalSelfAttention(d_model, HEADS, window=w, key=jax.random.PRNGKey(2))
-        grad = eqx.filter_jit(eqx.filter_grad(lambda m: jnp.sum(m(x) * cotangent)))
+        grad = eqx.filter_jit(eqx.filter_value_and_grad(lambda m: jnp.sum(m(x) * cotangent)))
         return lambda: grad(layer)
 
     return {f"window {window}": step(window), "full causal": step(None)}
