@@ -58,8 +58,8 @@ def attention_runs(seq: int, window: int) -> dict[str, Callable[[], object]]:
 
     def step(w):
         loss = lambda q, k, v: jnp.sum(nn.causal_attend(q, k, v, window=w) * cotangent)  # noqa: E731
-        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-        return lambda: grad(q, k, v)
+        forward_backward = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        return lambda: forward_backward(q, k, v)
 
     return {f"window {window}": step(window), "full causal": step(None)}
 
@@ -70,8 +70,9 @@ def layer_runs(seq: int, window: int) -> dict[str, Callable[[], object]]:
 
     def step(w):
         layer = nn.CausalSelfAttention(d_model, HEADS, window=w, key=jax.random.PRNGKey(2))
-        grad = eqx.filter_jit(eqx.filter_value_and_grad(lambda m: jnp.sum(m(x) * cotangent)))
-        return lambda: grad(layer)
+        forward_backward = eqx.filter_jit(
+            eqx.filter_value_and_grad(lambda m: jnp.sum(m(x) * cotangent)))
+        return lambda: forward_backward(layer)
 
     return {f"window {window}": step(window), "full causal": step(None)}
 
