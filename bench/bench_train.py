@@ -24,6 +24,7 @@ import numpy as np
 from gptzoo.errors import GptzooError
 from gptzoo.recipe import Recipe, load_recipe, parse_overrides
 from gptzoo.sample import stream
+from gptzoo.trainer.distributed import split_cpu
 from gptzoo.trainer.flops import count_parameters
 from gptzoo.trainer.prepared import prepare
 from gptzoo.trainer.sharding import chunk_sharded, replicated
@@ -203,6 +204,7 @@ def main() -> None:
     warmup, chunks, samples = (1, 3, 1) if args.quick else (3, 30, 5)
     rounds = 3 if args.quick else 15
 
+    split_cpu(recipes["default recipe"])  # as `gptzoo train` does (batches 32, 12 and 8 split)
     devices = jax.devices()
     print(f"jax {jax.__version__}, {len(devices)} x {devices[0].platform} "
           f"({devices[0].device_kind}), {os.cpu_count()} CPU cores, "

@@ -102,6 +102,7 @@ def time_gptzoo(shape: dict, steps: int, overrides: list[str]) -> list[float]:
     from bench_train import chunk_timer
 
     from gptzoo.recipe import load_recipe, parse_overrides
+    from gptzoo.trainer.distributed import split_cpu
     from gptzoo.trainer.prepared import prepare
 
     settings = {"model.n_layers": shape["n_layer"], "model.n_heads": shape["n_head"],
@@ -110,6 +111,7 @@ def time_gptzoo(shape: dict, steps: int, overrides: list[str]) -> list[float]:
                 "model.dropout": 0}
     recipe = load_recipe(RECIPE, {**{k: str(v) for k, v in settings.items()},
                                   **parse_overrides(overrides)})
+    split_cpu(recipe)  # as `gptzoo train` does: the recipe's CPU devices
     p = prepare(recipe, log=lambda *_: None)
     n = recipe.trainer.steps_per_call
     run_chunk = chunk_timer(p, n)

@@ -162,6 +162,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="where to write the table [docs/recipes_table.md]")
     args = parser.parse_args()
+    # JAX starts here, so every recipe trains on the devices found (one CPU device on a CPU): a
+    # recipe's `mesh.cpu_devices` would split the CPU only for the first recipe this process ran.
+    jax.devices()
     command = ["python", "docs/compare_recipes.py"]
     if args.seconds is not None:
         command += ["--seconds", f"{args.seconds:g}"]

@@ -5,7 +5,7 @@
 """
 
 from gptzoo.models import GPT2Config
-from gptzoo.recipe import DataConfig, OptimizerConfig, TrainerConfig
+from gptzoo.recipe import DataConfig, MeshConfig, OptimizerConfig, TrainerConfig
 
 # Built in: the model is gptzoo.models.gpt2(vocab_size, **model fields), and the run directory
 # reloads from its recipe.json without executing Python.
@@ -17,3 +17,6 @@ optimizer = OptimizerConfig(lr=3e-3, min_lr_ratio=0.05, warmup_steps=100, weight
 # loop over them; scanning pays where compile time grows with depth (docs/scan-and-remat.md).
 trainer = TrainerConfig(max_steps=2400, batch_size=32, eval_interval=250, eval_steps=20,
                         checkpoint_interval=500, seed=1337, unroll_layers=True)
+# On a CPU, two devices each running half of every batch: XLA:CPU keeps two cores busier that way
+# than by splitting each of this small model's operations over both (docs/scaling.md).
+mesh = MeshConfig(cpu_devices=2)

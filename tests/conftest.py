@@ -44,10 +44,14 @@ EIGHT_DEVICES = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}
 
 def pytest_configure(config):
     """Fast compilation for this process and its children (XLA reads the flags when JAX first
-    starts a backend, after this), except in `nox -s slow`: full-length trainings, all run time."""
+    starts a backend, just below), except in `nox -s slow`: full-length trainings, all run
+    time."""
     flags = os.environ.get("XLA_FLAGS", "")
     if config.getoption("markexpr") != "slow" and FAST_COMPILE not in flags:  # xdist: inherited
         os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE}"
+    # JAX starts now, so that a `gptzoo train` run in this process (click's runner) keeps its
+    # devices whichever test comes first: a recipe's `mesh.cpu_devices` applies only before.
+    jax.devices()
 
 
 # pytest-xdist's workers ignore SIGINT; the Ctrl-C tests need a Python process's own handler.
@@ -62,7 +66,10 @@ TINY = {"model.n_layers": "1", "model.d_model": "32", "model.n_heads": "2",
         "model.block_size": "32", "trainer.batch_size": "8", "trainer.max_steps": "30",
         "trainer.eval_interval": "10", "trainer.eval_steps": "2",
         "trainer.checkpoint_interval": "10", "trainer.log_interval": "5",
-        "trainer.steps_per_call": "5"}
+        "trainer.steps_per_call": "5",
+        # One CPU device, as the test process has: runs of the CLI and of this process compare
+        # bit for bit (tests/test_cpu_devices.py trains on two).
+        "mesh.cpu_devices": "1"}
 # The same, evaluated and saved once at the end, warming up for 5 steps: for tests that look at
 # the loss curve rather than at intermediate checkpoints.
 TINY_ONE_EVAL = {**TINY, "trainer.eval_interval": "30", "trainer.checkpoint_interval": "30",

@@ -136,6 +136,7 @@ def test_recipe_errors(tmp_path):
     assert_one_line_error(train(overrides={"model.n_heads": "3"}),
                           "d_model=32 is not divisible by n_heads=3")
     assert_one_line_error(train(overrides={"model.dropout": "1.5"}), "model.dropout")
+    assert_one_line_error(train(overrides={"mesh.cpu_devices": "0"}), "mesh.cpu_devices")
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -59,12 +59,18 @@ class TrainerConfig:
 class MeshConfig:
     """How the devices are arranged: the batch is split over data x fsdp x expert, parameters and
     optimizer state over fsdp, attention heads and MLP width over tensor, a mixture's experts over
-    expert. -1 takes the devices left."""
+    expert. -1 takes the devices left.
+
+    `cpu_devices` splits a CPU into that many JAX devices when `gptzoo train` starts (the batch
+    is then split over them like over GPUs): XLA:CPU runs the devices' shares of a step side by
+    side, which keeps two cores busier on a small model than splitting each operation over both
+    (`gptzoo.trainer.distributed.split_cpu`). It leaves GPUs and TPUs alone."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    cpu_devices: int = 1
 
 
 SECTIONS = ("model", "data", "optimizer", "trainer", "mesh", "lora")
@@ -85,6 +91,7 @@ CHECKS = [
     ("trainer.precision", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
     ("trainer.head_chunk", lambda v: v >= 0, "0 (off) or a positive number of positions"),
     ("trainer.remat", lambda v: v in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}"),
+    ("mesh.cpu_devices", lambda v: v > 0, "a positive number of devices"),
     ("optimizer.lr", lambda v: v > 0, "positive"),
     ("model.n_layers", lambda v: v > 0, "a positive integer"),
     ("model.n_heads", lambda v: v > 0, "a positive integer"),

@@ -10,6 +10,8 @@ On CPU the processes exchange data through gloo, JAX's default CPU collectives
 (`jax_cpu_collectives_implementation`), which needs nothing beyond the coordinator's address.
 """
 
+import math
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -17,7 +19,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from gptzoo.data.batch_schedule import checked_schedule
 from gptzoo.errors import GptzooError
+from gptzoo.recipe import Recipe
 from gptzoo.workarounds import detected_cluster
 
 T = TypeVar("T")
@@ -50,6 +54,35 @@ def join_cluster(coordinator: str | None = None, num_processes: int | None = Non
         raise GptzooError(f"--process-id {process_id} is not in 0..{num_processes - 1} "
                           f"(--num-processes {num_processes}); number the processes 0 to N-1")
     jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def split_cpu(recipe: Recipe, log: Callable[[str], object] = print) -> None:
+    """Give this process the recipe's `mesh.cpu_devices` CPU devices (JAX's
+    `jax_num_cpu_devices`), or as many of them as every micro-batch splits over evenly (`log`
+    says so when that is fewer). Must come before any other JAX call.
+
+    It does nothing where the devices are already chosen: `JAX_NUM_CPU_DEVICES` or XLA's
+    `--xla_force_host_platform_device_count` set them, this is one of several processes (each
+    keeps one CPU device), or JAX has started (`log` says so when it started with other CPU
+    devices)."""
+    wanted = recipe.mesh.cpu_devices
+    if (wanted == 1 or jax.distributed.is_initialized() or jax.config.jax_num_cpu_devices != -1
+            or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
+        return
+    cfg = recipe.trainer
+    schedule = checked_schedule(cfg.batch_size, cfg.batch_schedule, cfg.grad_accum_steps)
+    n = math.gcd(wanted, *(size // cfg.grad_accum_steps for size in schedule.sizes))
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # JAX has started: its devices are chosen
+        if jax.default_backend() == "cpu" and jax.local_device_count() != n:
+            log(f"mesh.cpu_devices={wanted}: JAX had already started with "
+                f"{jax.local_device_count()} CPU device(s), which this run trains on (its losses "
+                "match a run on other devices to rounding, not bit for bit)")
+        return
+    if n < wanted:
+        log(f"mesh.cpu_devices={wanted} does not divide every micro-batch; the CPU is split "
+            f"into {n} device(s)")
 
 
 def is_main() -> bool:

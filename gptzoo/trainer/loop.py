@@ -12,7 +12,7 @@ from gptzoo.data import BatchSchedule, Prefetcher, Tokenizer
 from gptzoo.lora.run import recorded_base
 from gptzoo.models.protocol import AuxLossModel, LanguageModel
 from gptzoo.recipe import Recipe
-from gptzoo.trainer.distributed import agreed_stop, is_main
+from gptzoo.trainer.distributed import agreed_stop, is_main, split_cpu
 from gptzoo.trainer.evaluate import evaluate
 from gptzoo.trainer.flops import count_parameters
 from gptzoo.trainer.guard import BadSteps
@@ -39,7 +39,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
           reporter: Reporter | None = None, init_from: str | Path | None = None) -> TrainResult:
     """Train `recipe` into `run_dir` (default `runs/<recipe name>`); `resume` continues it;
     `init_from` (a run directory) starts from its weights and tokenizer. Checkpoint managers,
-    metrics sinks, the loader's thread and the progress bar are released however it ends."""
+    metrics sinks, the loader's thread and the progress bar are released however it ends.
+    Called before any other JAX operation, it splits a CPU into `mesh.cpu_devices` devices."""
+    split_cpu(recipe)
     run_dir = Path(run_dir or Path("runs") / recipe.name)
     ensure_writable(run_dir)
     if resume and init_from is None and recipe.lora.rank:  # the base its checkpoints name
