@@ -3,12 +3,17 @@ the batch split over them, and trains as one device does; where the devices are 
 or a micro-batch would not split, it keeps what divides."""
 
 import os
+import shutil
 import subprocess
 import sys
 
+import equinox as eqx
+import jax
+import numpy as np
 import pytest
 from conftest import RECIPE, ROOT, TINY, gptzoo_cli, set_args
 
+import gptzoo
 from gptzoo.trainer.metrics_file import read_records
 
 # The devices a fresh process ends with after `split_cpu` of the recipe with these overrides.
@@ -77,3 +82,23 @@ def test_two_cpu_devices_train_as_one(tmp_path, small_text):
         runs[n] = [r["train_loss"] for r in read_records(run_dir) if "train_loss" in r]
     assert len(runs[1]) == 10
     assert runs[2] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_a_run_on_two_cpu_devices_resumes_bit_for_bit(tmp_path, small_text):
+    """Resumed from its step-5 checkpoint (the newer one deleted), the run logs the losses and
+    ends with the weights of the uninterrupted run: the resumed process splits the CPU alike."""
+    args = set_args({**TINY, "data.path": str(small_text), "trainer.max_steps": "10",
+                     "trainer.checkpoint_interval": "5", "trainer.log_interval": "1",
+                     "mesh.cpu_devices": "2"})
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    gptzoo_cli("train", RECIPE, *args, "--run-dir", whole, check=True)
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "10")
+    result = gptzoo_cli("train", RECIPE, *args, "--run-dir", resumed, "--resume", check=True)
+    assert "2 cpu device(s)" in result.stdout
+    losses = [[(r["step"], r["train_loss"]) for r in read_records(run) if "train_loss" in r]
+              for run in (resumed, whole)]
+    assert losses[0] == losses[1] and len(losses[0]) == 10
+    for a, b in zip(*(jax.tree.leaves(eqx.filter(gptzoo.load(run)[0], eqx.is_array))
+                      for run in (resumed, whole)), strict=True):
+        np.testing.assert_array_equal(a, b)

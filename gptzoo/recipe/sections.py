@@ -61,10 +61,10 @@ class MeshConfig:
     optimizer state over fsdp, attention heads and MLP width over tensor, a mixture's experts over
     expert. -1 takes the devices left.
 
-    `cpu_devices` splits a CPU into that many JAX devices when `gptzoo train` starts (the batch
-    is then split over them like over GPUs): XLA:CPU runs the devices' shares of a step side by
-    side, which keeps two cores busier on a small model than splitting each operation over both
-    (`gptzoo.trainer.distributed.split_cpu`). It leaves GPUs and TPUs alone."""
+    `cpu_devices` splits a CPU into that many JAX devices when training starts before any other
+    JAX call (the batch is then split over them like over GPUs): XLA:CPU runs the devices' shares
+    of a step side by side, which keeps two cores busier on a small model than splitting each
+    operation over both (`gptzoo.trainer.distributed.split_cpu`). GPUs and TPUs ignore it."""
 
     data: int = -1
     fsdp: int = 1
