@@ -1,6 +1,6 @@
-"""`mesh.cpu_devices`: `gptzoo train` splits a CPU into that many JAX devices before JAX starts,
-the batch split over them, and trains as one device does; where the devices are already chosen,
-or a micro-batch would not split, it keeps what divides."""
+"""`mesh.cpu_devices`: training splits a CPU into that many JAX devices before JAX starts, the
+batch split over them, and trains as one device does and resumes bit for bit; where the devices
+are already chosen it keeps them, and where a micro-batch would not split, as many as divide."""
 
 import os
 import shutil
@@ -41,17 +41,16 @@ def devices_after_split(*overrides: str, started: bool = False, env: dict | None
     return int(count), "\n".join(said)
 
 
-@pytest.mark.parametrize(("overrides", "env", "started", "expected"), [
-    (("mesh.cpu_devices=2", "trainer.batch_size=8"), None, False, 2),
-    (("mesh.cpu_devices=4", "trainer.batch_size=8", "trainer.grad_accum_steps=2"), None, False, 4),
-    (("mesh.cpu_devices=1",), None, False, 1),
-    # chosen already: by JAX's own setting, by XLA's flag, by a JAX that has started
-    (("mesh.cpu_devices=2",), {"JAX_NUM_CPU_DEVICES": "3"}, False, 3),
-    (("mesh.cpu_devices=2",), {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, False,
-     3),
+@pytest.mark.parametrize(("overrides", "env", "expected"), [
+    (("mesh.cpu_devices=2", "trainer.batch_size=8"), None, 2),
+    (("mesh.cpu_devices=4", "trainer.batch_size=8", "trainer.grad_accum_steps=2"), None, 4),
+    (("mesh.cpu_devices=1",), None, 1),
+    # chosen already: by JAX's own setting, by XLA's flag
+    (("mesh.cpu_devices=2",), {"JAX_NUM_CPU_DEVICES": "3"}, 3),
+    (("mesh.cpu_devices=2",), {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 3),
 ])
-def test_the_cpu_splits_where_nothing_chose_its_devices(overrides, env, started, expected):
-    assert devices_after_split(*overrides, started=started, env=env) == (expected, "")
+def test_the_cpu_splits_where_nothing_chose_its_devices(overrides, env, expected):
+    assert devices_after_split(*overrides, env=env) == (expected, "")
 
 
 def test_a_started_jax_keeps_its_device_and_says_so():
