@@ -8,7 +8,7 @@ vocabulary size"): larger ones cover more text per step but overfit a text this 
 """
 
 from gptzoo.models import gpt2
-from gptzoo.recipe import DataConfig, ModelConfig, OptimizerConfig, TrainerConfig
+from gptzoo.recipe import DataConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainerConfig
 
 model = ModelConfig(n_layers=4, n_heads=4, d_model=128, block_size=128, dropout=0.0)
 data = DataConfig(tokenizer="bpe", vocab_size=2048)
@@ -17,6 +17,7 @@ optimizer = OptimizerConfig(lr=3e-3, min_lr_ratio=0.05, warmup_steps=100, weight
 # compiles (docs/benchmarks.md, "Training speed").
 trainer = TrainerConfig(max_steps=2400, batch_size=32, eval_interval=250, eval_steps=20,
                         checkpoint_interval=500, seed=1337, unroll_layers=True)
+mesh = MeshConfig(cpu_devices=2)  # two CPU devices, as char_shakespeare.py (docs/scaling.md)
 
 
 def build_model(model: ModelConfig, vocab_size: int, *, key):

@@ -15,7 +15,7 @@ import jax
 
 from gptzoo import nn
 from gptzoo.models import decoder
-from gptzoo.recipe import DataConfig, ModelConfig, OptimizerConfig, TrainerConfig
+from gptzoo.recipe import DataConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainerConfig
 
 
 @dataclasses.dataclass
@@ -31,6 +31,7 @@ optimizer = OptimizerConfig(lr=3e-3, min_lr_ratio=0.05, warmup_steps=100, weight
 # compiles (docs/benchmarks.md, "Training speed").
 trainer = TrainerConfig(max_steps=2200, batch_size=32, eval_interval=250, eval_steps=20,
                         checkpoint_interval=500, seed=1337, unroll_layers=True)
+mesh = MeshConfig(cpu_devices=2)  # two CPU devices, as char_shakespeare.py (docs/scaling.md)
 
 
 def build_model(model: GPTJConfig, vocab_size: int, *, key):

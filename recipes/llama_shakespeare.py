@@ -8,7 +8,7 @@ char_shakespeare.py; its 2000 steps and evaluations took 12 minutes on a 2-core 
 """
 
 from gptzoo.models import LlamaConfig
-from gptzoo.recipe import DataConfig, OptimizerConfig, TrainerConfig
+from gptzoo.recipe import DataConfig, MeshConfig, OptimizerConfig, TrainerConfig
 
 # Built in: the model is gptzoo.models.llama(vocab_size, **model fields), and the run directory
 # reloads from its recipe.json without executing Python.
@@ -23,3 +23,4 @@ optimizer = OptimizerConfig(lr=3e-3, min_lr_ratio=0.05, warmup_steps=100, weight
 # compiles (docs/benchmarks.md, "Training speed").
 trainer = TrainerConfig(max_steps=2000, batch_size=32, eval_interval=250, eval_steps=20,
                         checkpoint_interval=500, seed=1337, unroll_layers=True)
+mesh = MeshConfig(cpu_devices=2)  # two CPU devices, as char_shakespeare.py (docs/scaling.md)

@@ -10,7 +10,7 @@ make each step slower.
 """
 
 from gptzoo.models import LlamaConfig
-from gptzoo.recipe import DataConfig, OptimizerConfig, TrainerConfig
+from gptzoo.recipe import DataConfig, MeshConfig, OptimizerConfig, TrainerConfig
 
 # Built in: the model is gptzoo.models.llama(vocab_size, **model fields), and the run directory
 # reloads from its recipe.json without executing Python. With a Hugging Face tokenizer
@@ -27,3 +27,4 @@ optimizer = OptimizerConfig(lr=3e-3, min_lr_ratio=0.05, warmup_steps=100, weight
 # compiles (docs/benchmarks.md, "Training speed").
 trainer = TrainerConfig(max_steps=1000, batch_size=32, eval_interval=250, eval_steps=20,
                         checkpoint_interval=500, seed=1337, unroll_layers=True)
+mesh = MeshConfig(cpu_devices=2)  # two CPU devices, as char_shakespeare.py (docs/scaling.md)
