@@ -44,7 +44,6 @@ def devices_after_split(*overrides: str, started: bool = False, env: dict | None
 @pytest.mark.parametrize(("overrides", "env", "expected"), [
     (("mesh.cpu_devices=2", "trainer.batch_size=8"), None, 2),
     (("mesh.cpu_devices=4", "trainer.batch_size=8", "trainer.grad_accum_steps=2"), None, 4),
-    (("mesh.cpu_devices=1",), None, 1),
     # chosen already: by JAX's own setting, by XLA's flag
     (("mesh.cpu_devices=2",), {"JAX_NUM_CPU_DEVICES": "3"}, 3),
     (("mesh.cpu_devices=2",), {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 3),
