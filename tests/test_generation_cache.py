@@ -139,11 +139,32 @@ def test_a_character_split_across_chunks_is_streamed_whole():
     from gptzoo.sample import TextStream
 
     tokenizer = ByteTokenizer()
-    text = "héllo, 世界"
+    text = "héllo, 世界, 語のテキストです。"
     data = list(text.encode("utf-8"))
-    stream = TextStream(tokenizer)
-    pieces = [stream.push(data[i:i + 2]) for i in range(0, len(data), 2)] + [stream.flush()]
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
+    for size in (1, 2, 16):  # 16: the decode chunk, longer than what a stream holds back
+        stream = TextStream(tokenizer)
+        pieces = [stream.push(data[i:i + size]) for i in range(0, len(data), size)]
+        assert "".join(pieces + [stream.flush()]) == text
+        assert all("\ufffd" not in p for p in pieces)
     cut_short = TextStream(tokenizer)
-    assert cut_short.push(data[-3:-1]) == "" and cut_short.flush() == "\ufffd"  # 界 cut short
+    assert cut_short.push(data[-3:-1]) == "" and cut_short.flush() == "\ufffd"  # 。cut short
+    broken = TextStream(tokenizer)  # bytes that never make a character are shown once each
+    pieces = [broken.push([0x80]) for _ in range(11)] + [broken.flush()]
+    assert "".join(pieces) == "\ufffd" * 11
+
+
+def test_pieces_keep_the_spaces_a_sentencepiece_decoder_drops_at_the_start():
+    """LLaMA's decoder drops the space that starts the decoded text: each piece is decoded after
+    the tokens before it, the first after the prompt's, so the spaces between pieces stay."""
+    from test_tokenizers import MIXED, llama_style_tokenizer
+
+    from gptzoo.sample import TextStream
+
+    tokenizer = llama_style_tokenizer()
+    prompt, tokens = tokenizer.encode("ROMEO:"), list(tokenizer.encode(MIXED))
+    expected = tokenizer.decode([*prompt, *tokens])[len("ROMEO:"):]
+    assert expected.startswith(" ROMEO: the café")
+    for size in (1, 2, 3, 16):
+        stream = TextStream(tokenizer, context=prompt)
+        pieces = [stream.push(tokens[i:i + size]) for i in range(0, len(tokens), size)]
+        assert "".join(pieces + [stream.flush()]) == expected, size

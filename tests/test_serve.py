@@ -111,10 +111,22 @@ def test_stop_ends_the_text_before_the_stop_string(client):
     full = client.completions.create(**request).choices[0].text
     stop = full[40:42]
     expected = full[:full.index(stop)]
-    out = client.completions.create(**request, stop=[stop, "@@"]).choices[0]
+    answer = client.completions.create(**request, stop=[stop, "@@"], logprobs=0)
+    out = answer.choices[0]
     assert (out.text, out.finish_reason) == (expected, "stop")
+    # Tokens (one per character here) end with the one that completes the stop string.
+    assert "".join(out.logprobs.tokens) == expected + stop
+    assert answer.usage.completion_tokens == len(expected + stop)
     streamed = client.completions.create(**request, stop=[stop, "@@"], stream=True)
     assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_an_empty_prompt_echoes_nothing_and_offsets_start_at_zero(client):
+    request = dict(model=MODEL, prompt="", max_tokens=5, seed=4, logprobs=0)
+    alone = client.completions.create(**request).choices[0]
+    echoed = client.completions.create(**request, echo=True).choices[0]
+    assert echoed.text == alone.text and len(alone.text) == 5
+    assert echoed.logprobs.text_offset == alone.logprobs.text_offset == list(range(5))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

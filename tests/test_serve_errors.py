@@ -51,6 +51,7 @@ BAD_REQUESTS = {
     "usage without a stream": ("/v1/completions", {"prompt": "a", "stream_options": {
         "include_usage": True}}, "stream_options"),
     "no messages": ("/v1/chat/completions", {"messages": []}, "messages"),
+    "missing prompt": ("/v1/completions", {"prompt": None}, "prompt"),
     "chat message without a role": ("/v1/chat/completions", {"messages": [{"content": "a"}]},
                                     "messages"),
 }
@@ -65,6 +66,38 @@ def test_a_bad_request_is_a_400_naming_the_field(server, client, path, body, fie
     assert error["type"] == "invalid_request_error" and error["param"] == field
     assert error["message"]
     assert_still_answers(client)
+
+
+def test_null_fields_take_their_defaults_as_openais_api_reads_them(server):
+    body = {"prompt": "ROMEO:", "seed": 5, "max_tokens": 7}
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "echo": None,
+             "logprobs": None, "stop": None, "presence_penalty": None, "user": None}
+    plain, with_nulls = post(server, "/v1/completions", body), post(
+        server, "/v1/completions", {**body, **nulls})
+    assert with_nulls.status_code == 200, with_nulls.text
+    assert with_nulls.json()["choices"] == plain.json()["choices"]
+    chat = {"messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "temperature": 0}
+    response = post(server, "/v1/chat/completions", {**chat, "logprobs": None, "n": None})
+    assert response.json()["choices"] == post(server, "/v1/chat/completions", chat).json()[
+        "choices"]
+
+
+@pytest.mark.parametrize("body, forms", [({"prompt": []}, "a string, a list of strings"),
+                                         ({"prompt": "a", "stop": ["x"] * 5},
+                                          "a list of at most 4 strings")])
+def test_a_field_of_several_forms_says_which_it_takes(server, body, forms):
+    error = post(server, "/v1/completions", body).json()["error"]
+    assert forms in error["message"], error
+
+
+def test_the_model_is_retrievable_and_a_wrong_method_is_a_request_error(server, client):
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    response = httpx.get(f"{server.url}/v1/completions", headers={
+        "Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 405
+    assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_the_openai_client_raises_its_bad_request_error(client):
@@ -91,8 +124,8 @@ def open_streams(client, n: int) -> list:
                                       stream=True) for i in range(n)]
 
 
-def wait_until_idle(server) -> None:
-    deadline = time.monotonic() + DEADLINE_S
+def wait_until_idle(server, deadline_s: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + deadline_s
     while metric(server, "gptzoo_requests_running") or metric(server, "gptzoo_requests_waiting"):
         assert time.monotonic() < deadline, "the slots were not freed"
         time.sleep(0.1)
@@ -111,6 +144,14 @@ def test_a_disconnected_stream_frees_its_slot(server, client):
     for stream in streams[1:]:
         stream.close()
     wait_until_idle(server)
+
+
+def test_a_client_that_leaves_a_whole_answer_frees_its_slot(server, client):
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/completions", timeout=1, json={
+            "prompt": "a", "max_tokens": LONG}, headers={"Authorization": f"Bearer {KEY}"})
+    wait_until_idle(server, deadline_s=10)  # not the minutes LONG tokens would take
+    assert_still_answers(client)
 
 
 def test_a_full_queue_is_a_429_and_the_server_goes_on(server, client):

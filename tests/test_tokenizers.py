@@ -88,3 +88,51 @@ def test_unreadable_tokenizer_json_is_one_clear_error(tmp_path):
         load_tokenizer_file(bad)
     with pytest.raises(GptzooError, match="does not exist"):
         load_tokenizer_file(tmp_path / "missing.json")
+
+
+def llama_style_tokenizer() -> HFTokenizer:
+    """A tokenizer laid out as LLaMA 2's and Mistral's `tokenizer.json`: a BPE over words marked
+    with `▁`, `<0xNN>` tokens for bytes outside its vocabulary, and a decoder that turns `▁` into
+    a space and drops the space that starts the decoded text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                                 normalizers.Replace(" ", "\u2581")])
+    tokenizer.train_from_iterator([SHAKESPEARE.read_text()[:20_000]], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    trained = json.loads(tokenizer.to_str())["model"]
+    vocab = trained["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tokenizer.model = models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return HFTokenizer(tokenizer)
+
+
+MIXED = "ROMEO: the café, 😀 and 語!"
+
+
+def test_token_bytes_join_into_the_texts_bytes(bpe):
+    llama = llama_style_tokenizer()
+    assert llama.decode(llama.encode(MIXED)) == MIXED
+    for tokenizer, text in ((ByteTokenizer(), MIXED), (bpe, MIXED), (llama, MIXED),
+                            (CharTokenizer.from_text(MIXED), MIXED)):
+        tokens = tokenizer.encode(text)
+        pieces = [tokenizer.token_bytes(t) for t in tokens]
+        # SentencePiece marks the first word as spaced too; its decoder drops that space.
+        expected = (" " + text if tokenizer is llama else text).encode("utf-8")
+        assert b"".join(pieces) == expected, tokenizer
+        if not isinstance(tokenizer, CharTokenizer):  # some token holds part of a character
+            assert any(p.decode("utf-8", errors="replace") != p.decode("utf-8", errors="ignore")
+                       for p in pieces)
+    assert bpe.token_bytes(bpe.end_of_text) == b"<|endoftext|>"
+
+
+def test_a_token_inside_a_character_is_named_by_its_bytes():
+    from gptzoo.data.token_bytes import token_string
+
+    assert token_string(b" caf\xc3\xa9") == " café"
+    assert token_string(b"\xe8\xaa") == "bytes:\\xe8\\xaa"

@@ -5,9 +5,10 @@
 - `HFTokenizer`: any Hugging Face `tokenizers` tokenizer, from a `tokenizer.json` (GPT-2's, a
   LLaMA's) or a byte-level BPE trained on the training split (`train_bpe`).
 
-Every kind has `encode(text) -> int32 array`, `decode(tokens) -> str`, `vocab_size`,
-`end_of_text` (an id or None), `start_tokens()` (what an empty prompt starts from), `to_dict()`,
-`save(run_dir)` and `to_hf()` (the same ids as a Hugging Face tokenizer, for `export-hf`);
+Every kind has `encode(text) -> int32 array`, `decode(tokens) -> str`, `token_bytes(token)`
+(the bytes one token stands for, a whole character or not), `vocab_size`, `end_of_text` (an id
+or None), `start_tokens()` (what an empty prompt starts from), `to_dict()`, `save(run_dir)` and
+`to_hf()` (the same ids as a Hugging Face tokenizer, for `export-hf`);
 `tokenizer_from_dict` rebuilds whichever kind a checkpoint holds.
 """
 
@@ -20,6 +21,7 @@ from typing import Protocol
 import numpy as np
 from jaxtyping import Int
 
+from gptzoo.data.token_bytes import byte_symbols, hf_token_bytes
 from gptzoo.errors import GptzooError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -34,6 +36,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> Int[np.ndarray, " n"]: ...
     def decode(self, tokens: Iterable[int]) -> str: ...
+    def token_bytes(self, token: int) -> bytes: ...
     def start_tokens(self) -> Int[np.ndarray, " n"]: ...
     def to_dict(self) -> dict: ...
     def save(self, run_dir: Path) -> Path: ...
@@ -89,6 +92,9 @@ class CharTokenizer(_Saved):
     def decode(self, tokens: Iterable[int]) -> str:
         return "".join(self.chars[int(t)] for t in tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.chars[int(token)].encode("utf-8")
+
     def start_tokens(self) -> Int[np.ndarray, " n"]:
         # An empty prompt starts from a newline, as nanoGPT's sample.py does, or the first token.
         return self.encode("\n" if "\n" in self.index else self.chars[0])
@@ -124,6 +130,9 @@ class ByteTokenizer(_Saved):
         # A sample may stop inside a multi-byte character: show U+FFFD there rather than fail.
         return bytes(np.asarray(list(tokens), dtype=np.uint8)).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([int(token)])
+
     def start_tokens(self) -> Int[np.ndarray, " n"]:
         return self.encode("\n")
 
@@ -137,21 +146,12 @@ class ByteTokenizer(_Saved):
         from tokenizers import Tokenizer as HF
         from tokenizers import decoders, models, pre_tokenizers
 
-        vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
+        vocab = {symbol: byte for byte, symbol in enumerate(byte_symbols())}
         tokenizer = HF(models.BPE(vocab=vocab, merges=[]))
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                            use_regex=False)
         tokenizer.decoder = decoders.ByteLevel()
         return tokenizer
-
-
-def _byte_symbols() -> list[str]:
-    """GPT-2's symbol for each byte value: printable Latin-1 bytes stand for themselves, the
-    others for the code points from 256 on, in order."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)}
-    others = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
 
 
 class HFTokenizer(_Saved):
@@ -163,6 +163,7 @@ class HFTokenizer(_Saved):
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         ids = (tokenizer.token_to_id(name) for name in _END_OF_TEXT_NAMES)
         self.end_of_text = next((i for i in ids if i is not None), None)
+        self._token_bytes = None  # made on first use
 
     @classmethod
     def from_file(cls, path: str | Path) -> "HFTokenizer":
@@ -195,6 +196,11 @@ class HFTokenizer(_Saved):
 
     def decode(self, tokens: Iterable[int]) -> str:
         return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        if self._token_bytes is None:
+            self._token_bytes = hf_token_bytes(self.tokenizer)
+        return self._token_bytes(int(token))
 
     def start_tokens(self) -> Int[np.ndarray, " n"]:
         if self.end_of_text is not None:

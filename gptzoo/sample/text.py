@@ -8,34 +8,61 @@ from gptzoo.data import Tokenizer
 from gptzoo.models.protocol import LanguageModel
 from gptzoo.sample.loop import generate_tokens
 
+CONTEXT_TOKENS = 5  # prompt tokens a row's first piece is decoded after, as vLLM's
+
 
 class TextStream:
-    """Decodes one row's tokens as they arrive. A byte-level tokenizer may split a UTF-8
-    character across tokens, and so across chunks: a piece that ends inside a character
-    (decoded as U+FFFD) is held back until the rest arrives, for at most `hold` tokens.
+    """Decodes one row's tokens as they arrive, as vLLM's incremental detokenizer does. Each
+    piece is the text the new tokens add to the few before them, decoded together: a tokenizer
+    may drop a word's leading space when it starts the decoded text (SentencePiece's does), and
+    a byte-level one may split a UTF-8 character across tokens. A piece that would end inside a
+    character (decoded as U+FFFD) stops before it; the rest waits for the next tokens, for at
+    most `hold` tokens.
 
     **Arguments:**
 
     - `tokenizer`: decodes the tokens.
+    - `context`: the tokens before the first pushed (the prompt); their text is not shown.
     - `hold`: the most tokens held back waiting for the rest of a character.
     """
 
-    def __init__(self, tokenizer: Tokenizer, hold: int = 8):
-        self.tokenizer, self.hold, self.pending = tokenizer, hold, []
+    def __init__(self, tokenizer: Tokenizer, context=(), hold: int = 8):
+        self.tokenizer, self.hold = tokenizer, hold
+        self.tokens = [int(t) for t in context][-CONTEXT_TOKENS:]
+        self.shown = len(self.tokens)  # tokens[:shown] are context (shown last), the rest new
+        self.in_prompt = True  # the context is the prompt's, which may end inside a character
 
     def push(self, tokens) -> str:
-        """The text of `tokens` and of those held back, or '' while a character is cut short."""
-        self.pending += [int(t) for t in tokens]
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < self.hold:
-            return ""
-        self.pending = []
-        return text
+        """The text that `tokens` and those held back add, or '' while a character is cut
+        short."""
+        self.tokens += [int(t) for t in tokens]
+        return self._advance(whole=False)
 
     def flush(self) -> str:
         """The text of the tokens held back, whole or not."""
-        text, self.pending = self.tokenizer.decode(self.pending) if self.pending else "", []
-        return text
+        return self._advance(whole=True)
+
+    def _advance(self, whole: bool) -> str:
+        n_new = len(self.tokens) - self.shown
+        if n_new == 0:
+            return ""
+        decode = self.tokenizer.decode
+        # The last end (at most `hold` back) that does not cut a character, else all tokens.
+        ends = [len(self.tokens)] if whole else range(len(self.tokens), self.shown, -1)[:self.hold]
+        for end in ends:
+            text = decode(self.tokens[:end])
+            if not text.endswith("\ufffd"):
+                break
+        else:
+            if not whole and n_new < self.hold:
+                return ""
+            end, text = len(self.tokens), decode(self.tokens)
+        before = decode(self.tokens[:self.shown])
+        piece = text[len(before.rstrip("\ufffd") if self.in_prompt else before):]
+        self.in_prompt = False
+        self.tokens = self.tokens[self.shown:]  # the tokens shown now are the next context
+        self.shown = end - self.shown
+        return piece
 
 
 def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> np.ndarray:
@@ -57,8 +84,9 @@ def stream_batch(model: LanguageModel, tokenizer: Tokenizer, prompts: list[str],
                  keep: float = 0.5) -> Iterator[list[str]]:
     """Yield, for each prompt, the next piece of its continuation; after `stop` a row yields ''."""
     texts = ["" for _ in prompts]
-    decoders = [TextStream(tokenizer) for _ in prompts]
-    for tokens in generate_tokens(model, [_encode_prompt(tokenizer, p) for p in prompts],
+    encoded = [_encode_prompt(tokenizer, p) for p in prompts]
+    decoders = [TextStream(tokenizer, context=p) for p in encoded]
+    for tokens in generate_tokens(model, encoded,
                                   max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seeds=seeds, use_cache=use_cache,
                                   context=context, keep=keep):

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 
 from gptzoo.data import Tokenizer
+from gptzoo.data.token_bytes import token_string
+from gptzoo.sample import TextStream
 from gptzoo.serve.errors import ApiError
 from gptzoo.serve.job import Event, Job
 
@@ -71,14 +73,19 @@ class Answer:
 
     async def events(self, request: Request | None = None) -> AsyncIterator[Event]:
         """Every job's events until each has finished; with `request`, none more once its
-        client has disconnected (checked every `DISCONNECT_POLL_S` without an event)."""
-        unfinished = len(self.generated)
+        client has disconnected (checked every `DISCONNECT_POLL_S`, events arriving or not)."""
+        unfinished, loop = len(self.generated), asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
         while unfinished:
             try:
                 await asyncio.wait_for(self.arrived.wait(), DISCONNECT_POLL_S)
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
+                pass
+            if request is not None and loop.time() >= next_check:
+                next_check = loop.time() + DISCONNECT_POLL_S
+                if await request.is_disconnected():
                     return
+            if not self.arrived.is_set():
                 continue
             self.arrived.clear()
             events, self.pending = self.pending, {}
@@ -96,7 +103,7 @@ class Answer:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        return token_string(self.tokenizer.token_bytes(token))
 
     async def stream(self, include_usage: bool) -> AsyncIterator[str]:
         """The answer's chunks as server-sent events; always ends with `[DONE]`."""
@@ -141,7 +148,8 @@ class Answer:
 
 class CompletionAnswer(Answer):
     """`text_completion`s; with `echo`, each choice's text and log-probabilities start with
-    its prompt's (`prompts[i]`: the token ids of choice i's prompt)."""
+    its prompt's (`prompts[i]`: the token ids of choice i's prompt as the client gave it, none
+    for an empty prompt, which decoding starts from the tokenizer's start tokens)."""
 
     kind = chunk_kind = "text_completion"  # OpenAI's streamed completions say so too
     id_prefix = "cmpl"
@@ -153,33 +161,33 @@ class CompletionAnswer(Answer):
         self.texts = [""] * len(prompts)
         self.finish: list[str | None] = [None] * len(prompts)
         self.logprobs = [_empty_logprobs() for _ in prompts]
-        # Offsets count from the start of the prompt, echoed or not (as OpenAI's do).
-        self.offsets = [0 if echo else len(text) for text in self.prompt_texts]
         self.started = [False] * len(prompts)
 
     def _piece(self, event: Event) -> tuple[str, dict | None]:
-        """An event's text and log-probabilities, the echoed prompt before a choice's first."""
+        """An event's text and log-probabilities, the echoed prompt before a choice's first.
+        Offsets count from the start of the prompt, echoed or not (as OpenAI's do)."""
         i = event.index
         text, tokens, infos = event.text, event.tokens, event.logprobs
-        if self.echo and not self.started[i]:
+        offsets = [len(self.prompt_texts[i]) + offset for offset in event.offsets]
+        if self.echo and not self.started[i] and self.prompts[i]:
             prompt = self.prompts[i]
             text, tokens = self.prompt_texts[i] + text, prompt + tokens
+            offsets = _offsets(self.tokenizer, prompt) + offsets
             infos = [(None, None, None)] + (event.prompt_logprobs
                                             or [(None, None, None)] * (len(prompt) - 1)) + infos
         self.started[i] = True
         if self.n_top is None:
             return text, None
         logprobs = _empty_logprobs()
-        for token, (logprob, top_ids, top_logprobs) in zip(tokens, infos, strict=True):
-            piece = self.token_text(token)
-            logprobs["tokens"].append(piece)
+        for token, (logprob, top_ids, top_logprobs), offset in zip(tokens, infos, offsets,
+                                                                   strict=True):
+            logprobs["tokens"].append(self.token_text(token))
             logprobs["token_logprobs"].append(logprob)
             logprobs["top_logprobs"].append(None if top_ids is None else {
                 self.token_text(t): lp for t, lp in zip(
                     top_ids[:self.n_top].tolist(), top_logprobs[:self.n_top].tolist(),
                     strict=True)})
-            logprobs["text_offset"].append(self.offsets[i])
-            self.offsets[i] += len(piece)
+            logprobs["text_offset"].append(offset)
         return text, logprobs
 
     def chunks(self, event: Event) -> list[dict]:
@@ -201,6 +209,15 @@ class CompletionAnswer(Answer):
                                                                  self.logprobs, strict=True))]
 
 
+def _offsets(tokenizer: Tokenizer, tokens: list[int]) -> list[int]:
+    """Where each token's text starts in the tokens' decoded text."""
+    stream, offsets, n = TextStream(tokenizer), [], 0
+    for token in tokens:
+        offsets.append(n)
+        n += len(stream.push([token]))
+    return offsets
+
+
 def _empty_logprobs() -> dict:
     return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
@@ -220,8 +237,8 @@ class ChatAnswer(Answer):
 
     def _entry(self, token: int, logprob: float, top_ids, top_logprobs) -> dict:
         def one(token: int, logprob: float) -> dict:
-            text = self.token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": self.token_text(token), "logprob": logprob,
+                    "bytes": list(self.tokenizer.token_bytes(token))}
         return {**one(token, logprob), "top_logprobs": [
             one(t, lp) for t, lp in zip(top_ids[:self.n_top].tolist(),
                                         top_logprobs[:self.n_top].tolist(), strict=True)]}

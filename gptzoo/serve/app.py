@@ -139,6 +139,35 @@ class Server:
         return JSONResponse(await answer.whole(request))
 
 
+class RequireKey:
+    """Refuses with a 401 every request but `/health` and `/metrics` that does not send
+    `Authorization: Bearer KEY`. A plain ASGI middleware: through `@app.middleware`'s
+    `BaseHTTPMiddleware` a handler never sees its client disconnect (starlette discussion
+    #2094), and a whole answer's jobs would run on for nobody.
+
+    **Arguments:**
+
+    - `app`: the application it guards.
+    - `key`: the key.
+    """
+
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                refusal = error_response(401, "missing or wrong API key; send the server's "
+                                              "--api-key as 'Authorization: Bearer KEY'",
+                                         code="invalid_api_key")
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(server: Server, log: Callable[[str], None] | None = None) -> FastAPI:
     """The FastAPI application; it starts the engine (warm-up first) and stops it with the
     app, and `log`s when the engine is ready."""
@@ -153,17 +182,8 @@ def create_app(server: Server, log: Callable[[str], None] | None = None) -> Fast
     app = FastAPI(title="gptzoo", lifespan=lifespan)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        key = server.api_key
-        if key is not None and request.url.path not in ("/health", "/metrics"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return error_response(401, "missing or wrong API key; send the server's "
-                                           "--api-key as 'Authorization: Bearer KEY'",
-                                      code="invalid_api_key")
-        return await call_next(request)
-
+    if server.api_key is not None:
+        app.add_middleware(RequireKey, key=server.api_key)
     _add_info_routes(app, server)
     _add_generation_routes(app, server)
     return app
@@ -183,11 +203,18 @@ def _add_info_routes(app: FastAPI, server: Server) -> None:
     async def metrics():
         return Response(server.metrics.text(), media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict:
+        return {"id": server.model_name, "object": "model", "created": 0, "owned_by": "gptzoo",
+                "max_model_len": server.engine.block_size}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": server.model_name, "object": "model", "created": 0, "owned_by": "gptzoo",
-             "max_model_len": server.engine.block_size}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model}")
+    async def model(model: str):
+        server.check_model(model)
+        return model_card()
 
     # vLLM's tokenizer endpoints, through which lm-eval's local-completions tokenizes
     # (its "remote" tokenizer backend).
@@ -216,10 +243,12 @@ def _add_generation_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         server.check(body)
-        prompts = [server.encode(p, "prompt") for p in body.prompts()]
+        given = body.prompts()
+        prompts = [server.encode(p, "prompt") for p in given]
+        echoed = [[] if text == "" else p for text, p in zip(given, prompts, strict=True)]
         answer = CompletionAnswer(server.model_name, server.tokenizer, len(prompts) * body.n,
                                   sum(map(len, prompts)), body.logprobs,
-                                  prompts=[p for p in prompts for _ in range(body.n)],
+                                  prompts=[p for p in echoed for _ in range(body.n)],
                                   echo=body.echo)
         answer.jobs = server.jobs(answer, body, prompts, body.max_tokens,
                                   echo=body.echo and body.logprobs is not None)

@@ -6,8 +6,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-          404: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+# What a field of several accepted forms must be, where no single form's complaint says it.
+_FORMS = {"prompt": "a string, a list of strings, a list of token ids or a list of such lists",
+          "stop": "a string or a list of at most 4 strings"}
 
 
 class ApiError(Exception):
@@ -32,8 +33,9 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, param: str | None = None,
                    code: str | None = None) -> JSONResponse:
-    body = {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
-            "code": code}
+    kind = ("rate_limit_error" if status == 429 else
+            "invalid_request_error" if 400 <= status < 500 else "server_error")
+    body = {"message": message, "type": kind, "param": param, "code": code}
     return JSONResponse({"error": body}, status_code=status)
 
 
@@ -52,6 +54,9 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
         return error_response(400, "the body must be a JSON object with the request's fields "
                                    "(Content-Type: application/json)")
     message = error["msg"].removeprefix("Value error, ")
+    forms = _FORMS.get(field)
+    if forms and sum(_field(tuple(e["loc"])) == field for e in exc.errors()) > 1:
+        message = f"must be {forms}"  # every form refused it: pydantic names only the first
     return error_response(400, f"{field}: {message}", field)
 
 

@@ -26,14 +26,17 @@ class Sampling:
 class Event:
     """What one choice produced since its last event.
 
-    `logprobs` holds `(logprob, top_ids, top_logprobs)` per token in `tokens`; `prompt_logprobs`
-    (first event, with echo) the same for the prompt's tokens after the first.
+    `logprobs` holds `(logprob, top_ids, top_logprobs)` per token in `tokens`, and `offsets`
+    where each token's text starts in the choice's generated text (a token inside a character,
+    where the character starts); `prompt_logprobs` (first event, with echo) the log-probabilities
+    of the prompt's tokens after the first.
     """
 
     index: int
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     logprobs: list[tuple] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", or "error" (then `text` says why)
     prompt_logprobs: list[tuple] | None = None
     n_generated: int = 0  # tokens sampled so far, an end-of-text token included
@@ -41,11 +44,12 @@ class Event:
     def absorb(self, later: "Event") -> None:
         """Take in the choice's next event (an error replaces what it ends)."""
         if later.finish_reason == "error":
-            self.text, self.tokens, self.logprobs = later.text, [], []
+            self.text, self.tokens, self.logprobs, self.offsets = later.text, [], [], []
         else:
             self.text += later.text
             self.tokens += later.tokens
             self.logprobs += later.logprobs
+            self.offsets += later.offsets
         self.finish_reason, self.n_generated = later.finish_reason, later.n_generated
 
 
@@ -97,8 +101,9 @@ class Job:
         self.index, self.prompt, self.max_tokens = index, prompt, max_tokens
         self.sampling, self.echo, self.logprobs, self.post = sampling, echo, logprobs, post
         self.end_of_text = tokenizer.end_of_text
-        self.decoder, self.stop_text = TextStream(tokenizer), StopText(stops)
+        self.decoder, self.stop_text = TextStream(tokenizer, context=prompt), StopText(stops)
         self.n_generated = 0
+        self.n_decoded = 0  # characters of generated text decoded so far, held back or not
         self.finished = False  # its last event is posted
         self.cancelled = False  # set by the request's handler; the engine drops the job
         self.created = time.perf_counter()
@@ -107,17 +112,24 @@ class Job:
     def deliver(self, tokens: list[int], infos: list[tuple] | None = None,
                 prompt_infos: list[tuple] | None = None) -> bool:
         """Take newly sampled tokens (with their `TokenInfo` rows when the job wants
-        log-probabilities) and post what they add; True once the choice is finished."""
-        event = Event(self.index, prompt_logprobs=prompt_infos)
+        log-probabilities) and post what they add, up to the token that ends the choice (the
+        end-of-text token, or the one that completes a stop string); True once it is finished."""
+        event, text, stopped = Event(self.index, prompt_logprobs=prompt_infos), "", False
         for i, token in enumerate(tokens):
             self.n_generated += 1
             if token == self.end_of_text:
                 event.finish_reason = "stop"
                 break
             event.tokens.append(int(token))
+            event.offsets.append(self.n_decoded)
             if infos is not None:
                 event.logprobs.append(infos[i])
-        text, stopped = self.stop_text.push(self.decoder.push(event.tokens))
+            piece = self.decoder.push([token])
+            self.n_decoded += len(piece)
+            shown, stopped = self.stop_text.push(piece)
+            text += shown
+            if stopped or self.n_generated >= self.max_tokens:
+                break
         ended = event.finish_reason is not None or self.n_generated >= self.max_tokens
         if ended and not stopped:  # the text held back, and a character cut short
             rest, stopped = self.stop_text.push(self.decoder.flush())

@@ -1,13 +1,14 @@
 """The request bodies of the OpenAI endpoints, validated as OpenAI's API does.
 
-Types are strict (a string where a number belongs is an error, not converted) and unknown fields
-are refused, so a setting the server would not apply is never silently ignored. Fields OpenAI has
-but gptzoo does not implement are accepted only at their neutral values.
+Types are strict (a string where a number belongs is an error, not converted), `null` stands for
+a field's default, and unknown fields are refused, so a setting the server would not apply is
+never silently ignored. Fields OpenAI has but gptzoo does not implement are accepted only at their
+neutral values.
 """
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gptzoo.serve.errors import ApiError
 from gptzoo.serve.programs import MAX_LOGPROBS
@@ -20,6 +21,14 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data):
+        """A field sent as `null` takes its default, as OpenAI's API reads it."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
 
 class StreamOptions(Strict):
