@@ -161,3 +161,45 @@ def test_a_recipes_window_and_qk_norm_export_as_their_classes():
         (None, None): ["LlamaForCausalLM"], (8, None): ["MistralForCausalLM"],
         (None, "head"): ["Qwen3ForCausalLM"], (8, "head"): ["Qwen3ForCausalLM"]}
     assert written[8, None]["sliding_window"] == 8
+
+
+TRIMMED = ("rope_theta", "rope_parameters", "rope_scaling", "rms_norm_eps", "sliding_window",
+           "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
+           "router_aux_loss_coef")
+CLASSES = {"llama": {}, "mistral": {}, "qwen2": {"use_sliding_window": True,
+                                                  "max_window_layers": 0},
+           "qwen3": {"use_sliding_window": True, "max_window_layers": 0}, "mixtral": {}}
+
+
+@pytest.mark.parametrize("model_type", CLASSES)
+def test_keys_a_config_leaves_out_take_the_defaults_of_transformers_class(tmp_path, model_type):
+    """A hand-written config.json without the keys that have class defaults: the import reads
+    what transformers' class takes for each (Mixtral's rope_theta is 1e6, Mistral's window
+    4096, Qwen3's head_dim 128), not LLaMA's."""
+    config_class = transformers.AutoConfig.for_model(model_type).__class__
+    cfg = {"architectures": [config_class.__name__.replace("Config", "ForCausalLM")],
+           "model_type": model_type, "hidden_size": 64, "num_attention_heads": 4,
+           "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": VOCAB,
+           **CLASSES[model_type]}
+    assert not set(cfg) & set(TRIMMED)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    theirs, ours = transformers.AutoConfig.from_pretrained(tmp_path), read_config(tmp_path).config
+    layer_types = getattr(theirs, "layer_types", None) or ["sliding_attention"]  # Qwen's only
+    window = (getattr(theirs, "sliding_window", None)
+              if layer_types[0] == "sliding_attention" else None)
+    assert (ours.rotary_base, ours.norm_eps, ours.sliding_window, ours.n_kv_heads) == (
+        theirs.rope_parameters["rope_theta"], theirs.rms_norm_eps, window,
+        theirs.num_key_value_heads)
+    assert ours.resolved().head_dim == (getattr(theirs, "head_dim", None) or 64 // 4)
+    if model_type == "mixtral":
+        assert (ours.n_experts, ours.experts_per_token, ours.router_aux_loss_coef) == (
+            theirs.num_local_experts, theirs.num_experts_per_tok, theirs.router_aux_loss_coef)
+
+
+def test_a_config_missing_a_key_without_default_names_it(tmp_path):
+    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+           "num_hidden_layers": 2, "vocab_size": VOCAB}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GptzooError, match=r"config.json lacks 'intermediate_size', which "
+                                          r"LlamaForCausalLM needs"):
+        read_config(tmp_path)

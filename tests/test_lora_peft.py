@@ -3,6 +3,7 @@ logits (small random transformers models made here); sampling and eval of a LoRA
 fine-tuning walkthrough; one-line errors."""
 
 import json
+import re
 import warnings
 
 import jax
@@ -219,3 +220,24 @@ def test_a_moved_or_changed_base_is_one_line(tmp_path):
     import_hf(tmp_path / "other", tmp_path / "run" / "base")
     one_line_error(gptzoo_in_process("eval", "--ckpt", tmp_path / "run"),
                    "the base run changed")
+
+
+@pytest.mark.parametrize("setting, fragment", [
+    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' has PEFT change the base"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights='olora' has PEFT change the base"),
+    ({"alora_invocation_tokens": [5, 6]}, "(activated LoRA) is not supported"),
+    ({"task_type": "CAUSAL_LM", "future_variant": True}, "future_variant (a LoRA variant gptzoo "
+                                                         "does not know) is not supported"),
+])
+def test_adapters_peft_computes_otherwise_are_refused_in_one_line(tmp_path, setting, fragment):
+    """Each of these imported as plain LoRA would be silently off PEFT's logits."""
+    save_hf_model("llama", tmp_path / "hf")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    known = {k: v for k, v in setting.items() if k != "future_variant"}
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"], **known)
+                        ).save_pretrained(tmp_path / "adapter")
+    saved = tmp_path / "adapter" / "adapter_config.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), **setting}))
+    with pytest.raises(GptzooError, match=re.escape(fragment)):
+        import_peft(tmp_path / "hf", tmp_path / "adapter", tmp_path / "run")
+    assert not (tmp_path / "run").exists()

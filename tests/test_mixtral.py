@@ -191,6 +191,9 @@ def test_unsupported_settings_fail_with_one_line(tmp_path):
         read_config(tmp_path)
     with pytest.raises(ValueError, match="MixtralForCausalLM has no biases"):
         write_config("mixtral", MixtralConfig(n_layers=1, d_model=32, use_bias=True), VOCAB)
+    for field in ({"sliding_window": 8}, {"qk_norm": "head"}):  # which transformers would drop
+        with pytest.raises(ValueError, match="holds neither a sliding window nor QK-norm"):
+            write_config("mixtral", MixtralConfig(n_layers=1, d_model=32, **field), VOCAB)
 
 
 # --- eight CPU devices against one (nox -s dist) ---

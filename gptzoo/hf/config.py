@@ -41,7 +41,13 @@ def read_config(hf_dir: Path, block_size: int | None = None) -> HFModel:
     if family is None:
         raise GptzooError(f"{path}: architectures={classes} is not supported; gptzoo imports "
                           f"{supported}")
-    return HFModel(family.name, family.hf.read_config(cfg, path, block_size), classes[0])
+    try:
+        config = family.hf.read_config(cfg, path, block_size)
+    except KeyError as e:
+        raise GptzooError(f"{path} lacks {e.args[0]!r}, which {classes[0]} needs and has no "
+                          "default for; re-save the model with transformers' save_pretrained"
+                          ) from e
+    return HFModel(family.name, config, classes[0])
 
 
 def write_config(architecture: str, config: ArchitectureConfig, vocab_size: int) -> dict:

@@ -109,7 +109,20 @@ _UNSUPPORTED = {
     "rank_pattern": ({}, "per-module ranks"), "alpha_pattern": ({}, "per-module alphas"),
     "layer_replication": (None, "layer replication"),
     "target_parameters": (None, "target_parameters"),
+    "alora_invocation_tokens": (None, "activated LoRA"),
+    "trainable_token_indices": (None, "trainable tokens"),
 }
+# PEFT's initialisations that leave the base weights as they are (PiSSA, OLoRA, CorDA, LoftQ
+# and LoRA-GA replace them with the residual of the adapter's starting point).
+_BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# Keys that leave the adapter's forward LoRA's: settings of training, initialisation or
+# placement. Any other key set (a variant newer than this list) is refused, not ignored.
+_KNOWN = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+          "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
+          "lora_dropout", "fan_in_fan_out", "use_rslora", "init_lora_weights",
+          "layers_to_transform", "layers_pattern", "megatron_config", "megatron_core",
+          "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+          "ensure_weight_tying", "qalora_group_size", *_UNSUPPORTED}
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
@@ -129,6 +142,16 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         if config.get(key) and config[key] != wanted:
             raise GptzooError(f"{path}: {key}={config[key]!r} ({what}) is not supported; gptzoo "
                               f"reads adapters with {key}={json.dumps(wanted)}")
+    init = config.get("init_lora_weights", True)
+    if init not in _BASE_KEEPING_INITS:
+        raise GptzooError(f"{path}: init_lora_weights={init!r} has PEFT change the base model's "
+                          "weights as it loads the adapter, which gptzoo does not; save it with "
+                          "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...), "
+                          "which turns it into a plain LoRA adapter")
+    unknown = sorted(key for key, value in config.items() if value and key not in _KNOWN)
+    if unknown:
+        raise GptzooError(f"{path}: {', '.join(unknown)} (a LoRA variant gptzoo does not know) "
+                          "is not supported; gptzoo reads plain LoRA adapters with those unset")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise GptzooError(f"{adapter_dir} has no adapter_model.safetensors; save the adapter "
                           "with PEFT's save_pretrained (safe_serialization=True)")

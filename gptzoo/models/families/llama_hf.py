@@ -12,6 +12,12 @@ MODEL_TYPES = dict(zip(CLASSES, ("llama", "mistral", "qwen2", "qwen3"), strict=T
 # The biases each class other than LLaMA can hold, for the error that refuses the others.
 CLASS_BIASES = {"Qwen3ForCausalLM": "on q/k/v and the output together, none in the MLP",
                 "Qwen2ForCausalLM": "on q/k/v alone", "MistralForCausalLM": "none"}
+# What each class takes for a key its config.json leaves out, where that is not LLaMA's
+# default (transformers 5's config classes; Qwen's window applies only with use_sliding_window).
+CLASS_DEFAULTS = {"MistralForCausalLM": {"sliding_window": 4096, "num_key_value_heads": 8},
+                  "Qwen2ForCausalLM": {"sliding_window": 4096, "num_key_value_heads": 32},
+                  "Qwen3ForCausalLM": {"sliding_window": 4096, "num_key_value_heads": 32,
+                                       "head_dim": 128}}
 ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                 "original_max_position_embeddings")
@@ -26,6 +32,7 @@ def config_fields(cfg: dict, path: Path, block_size: int | None) -> dict:
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
         unsupported(path, "partial_rotary_factor", cfg["partial_rotary_factor"], "1.0")
     hf_class = cfg["architectures"][0]
+    cfg = {**CLASS_DEFAULTS.get(hf_class, {}), **cfg}
     d_model, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     rotary_base, rope_scaling = _rope(cfg, path)
     context = cfg.get("max_position_embeddings", 2048)
@@ -77,7 +84,8 @@ def _rope(cfg: dict, path: Path) -> tuple[float, dict | None]:
     (`rope_theta`, `rope_scaling`) and 5.x (`rope_parameters` holding both)."""
     params = cfg.get("rope_parameters")  # transformers 5.x
     if params is None:  # transformers 4.x
-        params = {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta", 1e4)}
+        params = cfg.get("rope_scaling") or {}
+    params = {"rope_theta": cfg.get("rope_theta", 1e4), **params}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         unsupported(path, "rope type", rope_type, ", ".join(ROPE_TYPES))

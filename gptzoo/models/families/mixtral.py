@@ -54,9 +54,16 @@ def build(c: MixtralConfig, vocab_size: int, *, key: PRNGKeyArray) -> MoEGPT:
                          aux_loss_coef=c.router_aux_loss_coef, key=key)
 
 
+# What MixtralConfig takes for a key its config.json leaves out, where that is not LLaMA's.
+CLASS_DEFAULTS = {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "num_key_value_heads": 8,
+                  "num_local_experts": 8, "num_experts_per_tok": 2,
+                  "router_aux_loss_coef": 0.001}
+
+
 def read_hf_config(cfg: dict, path: Path, block_size: int | None) -> MixtralConfig:
     """`MixtralConfig` of a `MixtralForCausalLM` `config.json`: LLaMA's fields as
     `llama.read_hf_config` reads them, and the experts'."""
+    cfg = {**CLASS_DEFAULTS, **cfg}
     if cfg.get("sliding_window") is not None:
         unsupported(path, "sliding_window", cfg["sliding_window"],
                     "null (attention over the whole context)")
@@ -65,8 +72,7 @@ def read_hf_config(cfg: dict, path: Path, block_size: int | None) -> MixtralConf
     base = llama.read_hf_config(cfg, path, block_size)
     return MixtralConfig(**vars(base), n_experts=cfg["num_local_experts"],
                          experts_per_token=cfg["num_experts_per_tok"],
-                         # transformers' default when the file has none
-                         router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001))
+                         router_aux_loss_coef=cfg["router_aux_loss_coef"])
 
 
 def write_hf_config(c: MixtralConfig, vocab_size: int) -> dict:
@@ -74,6 +80,10 @@ def write_hf_config(c: MixtralConfig, vocab_size: int) -> dict:
     if c.use_bias or c.qkv_bias:
         raise ValueError("transformers' MixtralForCausalLM has no biases; export a run with "
                          "model.use_bias=false and model.qkv_bias=false")
+    if c.sliding_window is not None or c.qk_norm is not None:
+        raise ValueError("gptzoo's export of MixtralForCausalLM holds neither a sliding window "
+                         "nor QK-norm (as its import reads none); export a run with "
+                         "model.sliding_window=null and model.qk_norm=null")
     common = {k: v for k, v in llama_hf.write_config(c, vocab_size).items()
               if k not in ("attention_bias", "mlp_bias")}
     return {**common, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
