@@ -47,8 +47,9 @@ def with_peft(hf_dir, adapter_dir):
         warnings.simplefilter("error")
         warnings.simplefilter("ignore", FutureWarning)
         model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
-    held = peft.get_peft_model_state_dict(model)
-    assert held.keys() == load_file(adapter_dir / "adapter_model.safetensors").keys()
+    # PEFT's own state also holds a copy of an adapted lm_head's weights, not the adapter's.
+    held = {k for k in peft.get_peft_model_state_dict(model) if ".base_layer." not in k}
+    assert held == load_file(adapter_dir / "adapter_model.safetensors").keys()
     return model
 
 
@@ -76,6 +77,7 @@ def test_peft_loads_the_trained_adapter_and_the_merged_export_is_the_same(llama,
 @pytest.mark.parametrize("architecture, targets, rslora", [
     ("gpt2", ["c_attn", "c_proj", "c_fc"], False),  # Conv1D, fan_in_fan_out
     ("llama", ["q_proj", "v_proj", "o_proj", "down_proj"], True),  # k_proj and gate/up not
+    ("llama", ["q_proj", "lm_head"], False),  # the head, with a dropout for attention only
 ])
 def test_a_peft_adapter_imports_with_pefts_logits_and_exports_back_exactly(
         tmp_path, architecture, targets, rslora):
@@ -84,8 +86,8 @@ def test_a_peft_adapter_imports_with_pefts_logits_and_exports_back_exactly(
     torch.manual_seed(1)
     made = peft.get_peft_model(base, peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora, init_lora_weights=False,
-        fan_in_fan_out=architecture == "gpt2")).eval()
-    made.save_pretrained(tmp_path / "adapter")
+        fan_in_fan_out=architecture == "gpt2", lora_dropout=0.05)).eval()
+    made.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
     theirs = torch_logits(made, TOKENS)
     with made.disable_adapter():
         assert np.abs(torch_logits(made, TOKENS) - theirs).max() > 1e-3  # the adapter acts
@@ -241,3 +243,32 @@ def test_adapters_peft_computes_otherwise_are_refused_in_one_line(tmp_path, sett
     with pytest.raises(GptzooError, match=re.escape(fragment)):
         import_peft(tmp_path / "hf", tmp_path / "adapter", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_damaged_or_unimportable_adapters_and_resuming_an_import_are_one_line(tmp_path):
+    save_hf_model("llama", tmp_path / "hf")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"])
+                        ).save_pretrained(tmp_path / "head")  # with PEFT's copy of lm_head
+    damaged = {"no rank": ({"peft_type": "LORA"}, "a JSON object with its rank r"),
+               "a list": ([1], "a JSON object with its rank r")}
+    for name, (config, fragment) in damaged.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+        one_line_error(gptzoo_in_process("import-hf", tmp_path / "hf", "--adapter",
+                                         tmp_path / name, "--out", tmp_path / "run"), fragment)
+    (tmp_path / "head" / "adapter_model.safetensors").rename(tmp_path / "copy.safetensors")
+    (tmp_path / "head" / "adapter_model.safetensors").write_bytes(b"\x00" * 4)
+    one_line_error(gptzoo_in_process("import-hf", tmp_path / "hf", "--adapter", tmp_path / "head",
+                                     "--out", tmp_path / "run"), "adapter_model.safetensors is "
+                   "not a readable safetensors file")
+    (tmp_path / "copy.safetensors").replace(tmp_path / "head" / "adapter_model.safetensors")
+    one_line_error(gptzoo_in_process("import-hf", tmp_path / "hf", "--adapter", tmp_path / "head",
+                                     "--out", tmp_path / "run"),
+                   "lm_head.base_layer.weight is an embedding layer's adapter, or the copy",
+                   "save_embedding_layers=False")
+    assert not (tmp_path / "run").exists()
+    import_hf(tmp_path / "hf", tmp_path / "imported")
+    one_line_error(gptzoo_in_process("train", tmp_path / "imported" / "recipe.json", "--resume",
+                                     "--run-dir", tmp_path / "imported"),
+                   "holds a model imported from", "--init-from")

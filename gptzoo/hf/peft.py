@@ -135,6 +135,9 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GptzooError(f"{path} is not valid JSON ({e}); re-save the adapter") from e
+    if not isinstance(config, dict) or not isinstance(config.get("r"), int):
+        raise GptzooError(f"{path} is not a LoRA adapter's config (a JSON object with its rank "
+                          "r); re-save the adapter with PEFT's save_pretrained")
     if config.get("peft_type") != "LORA":
         raise GptzooError(f"{path}: peft_type={config.get('peft_type')!r}; gptzoo reads LoRA "
                           "adapters (peft_type LORA)")
@@ -159,6 +162,8 @@ def read_adapter_config(adapter_dir: Path) -> dict:
 
 
 _KEY = re.compile(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight$")
+_EMBEDDING_LAYERS = ("an embedding layer's adapter, or the copy of an adapted embedding or "
+                     "lm_head's own weights PEFT saves for a resized vocabulary")
 
 
 def adapter_arrays(architecture: str, config, base_shapes: Mapping[str, tuple[int, ...]],
@@ -172,6 +177,10 @@ def adapter_arrays(architecture: str, config, base_shapes: Mapping[str, tuple[in
     found: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
+        if key.endswith(".base_layer.weight") or ".lora_embedding_" in key:
+            raise GptzooError(f"{where}: tensor {key} is {_EMBEDDING_LAYERS}, which gptzoo does "
+                              "not import; adapt other modules, or save the adapter with "
+                              "save_pretrained(save_embedding_layers=False) if it adapts lm_head")
         if match is None or match.group(1) not in owner:
             raise GptzooError(f"{where}: tensor {key} names no module of the base model that "
                               "gptzoo can adapt; the adapter was made for another model")

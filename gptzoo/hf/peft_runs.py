@@ -2,13 +2,13 @@
 adapters as PEFT's files, and PEFT's files as a LoRA run over the imported base."""
 
 import re
+import shutil
 from pathlib import Path
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
 from gptzoo.errors import GptzooError
 from gptzoo.hf.config import read_config
@@ -28,8 +28,9 @@ from gptzoo.hf.peft import (
     target_modules,
     write_adapter,
 )
+from gptzoo.hf.weights import open_safetensors
 from gptzoo.lora.adapters import adapter_of, projection_paths
-from gptzoo.lora.config import LoRAConfig
+from gptzoo.lora.config import PROJECTIONS, LoRAConfig
 from gptzoo.lora.run import BASE_KEY, adapted, content_hash, recorded_base
 from gptzoo.models import build_architecture
 from gptzoo.models.names import (
@@ -80,7 +81,10 @@ def import_peft(hf_dir: str | Path, adapter_dir: str | Path, out: str | Path,
                 block_size: int | None = None) -> Path:
     """Import the Hugging Face model `hf_dir` into `out/base` and PEFT's LoRA adapter
     `adapter_dir` over it into the LoRA run `out`. The adapter is checked against the model
-    before anything is written."""
+    before anything is written, and `out/base` is removed again if what follows fails.
+    `lora_dropout` becomes the run's `lora.dropout` where it adapts only attention and MLP
+    projections (gptzoo's dropout acts on those alone), else 0; it does not change the
+    adapter's outputs."""
     hf_dir, adapter_dir, out = Path(hf_dir), Path(adapter_dir), Path(out)
     config = read_adapter_config(adapter_dir)
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
@@ -88,20 +92,37 @@ def import_peft(hf_dir: str | Path, adapter_dir: str | Path, out: str | Path,
     hf = read_config(hf_dir, block_size)
     plain = eqx.filter_eval_shape(build_architecture, hf.architecture, hf.config,
                                   hf.config.vocab_size, key=jax.random.PRNGKey(0))
-    with safe_open(adapter_dir / "adapter_model.safetensors", framework="numpy") as f:
+    with open_safetensors(adapter_dir / "adapter_model.safetensors") as f:
         tensors = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
     arrays = adapter_arrays(hf.architecture, hf.config, shapes(per_layer_leaves(plain, is_shape)),
                             tensors, config["r"], adapter_dir)
-    targets, scanned = _targets(plain, {n[:-len(".lora_a")] for n in arrays
-                                        if n.endswith(".lora_a")})
+    adapted_paths = {n[:-len(".lora_a")] for n in arrays if n.endswith(".lora_a")}
+    targets, scanned = _targets(plain, adapted_paths)
+    dropout = config.get("lora_dropout") or 0.0
+    if not all(re.search(PROJECTIONS, path) for path in adapted_paths):
+        dropout = 0.0
+    settings = LoRAConfig(rank=config["r"], alpha=config.get("lora_alpha", 8),
+                          rslora=bool(config.get("use_rslora")), dropout=dropout, targets=targets)
+    made_base = not (out / BASE_FOLDER).exists()
     import_hf(hf_dir, out / BASE_FOLDER, block_size)
+    try:
+        _save_adapter_run(out, adapter_dir, settings, scanned, arrays)
+    except BaseException:
+        if made_base:
+            shutil.rmtree(out / BASE_FOLDER, ignore_errors=True)
+        raise
+    return out
+
+
+def _save_adapter_run(out: Path, adapter_dir: Path, settings: LoRAConfig, scanned: bool,
+                      arrays: dict[str, np.ndarray]) -> None:
+    """The LoRA run `out` over its imported base `out/base`: the base's recipe with `settings`,
+    and the adapter `arrays` as its step 0, checked against what that recipe builds."""
     base, tokenizer = load(out / BASE_FOLDER)
     recipe = load_run_recipe(out / BASE_FOLDER)
     recipe.name = adapter_dir.name
     recipe.model.scan_layers &= scanned
-    recipe.lora = LoRAConfig(rank=config["r"], alpha=config.get("lora_alpha", 8),
-                             rslora=bool(config.get("use_rslora")),
-                             dropout=config.get("lora_dropout") or 0.0, targets=targets)
+    recipe.lora = settings
     template = adapter_of(eqx.filter_eval_shape(
         lambda: adapted(recipe.build(tokenizer.vocab_size, key=jax.random.PRNGKey(0)), recipe,
                         key=jax.random.PRNGKey(0))))
@@ -119,7 +140,6 @@ def import_peft(hf_dir: str | Path, adapter_dir: str | Path, out: str | Path,
     checkpoints = Checkpoints(out)
     checkpoints.save(0, adapters, {"none": jnp.int32(0)}, meta)
     checkpoints.close()
-    return out
 
 
 def _targets(model, adapted: set[str]) -> tuple[str, bool]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, so bf16 checkpoints read
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from gptzoo.errors import GptzooError
 from gptzoo.models.hf_format import Param
@@ -46,7 +46,7 @@ class TensorFiles(Mapping):
         for file in files:
             if not file.is_file():
                 raise GptzooError(f"{index.name} names shard {file.name}, missing from {hf_dir}")
-            self._add(stack.enter_context(safe_open(file, framework="numpy")))
+            self._add(stack.enter_context(open_safetensors(file)))
 
     def _add(self, source) -> None:
         for name in source.keys():
@@ -133,3 +133,12 @@ def write_params(params: list[Param], arrays: Mapping[str, np.ndarray]) -> dict[
 def _transposed(matrix: np.ndarray) -> np.ndarray:
     """`(out, in)` <-> `(in, out)` in the last two axes, any leading ones (experts) kept."""
     return np.swapaxes(matrix, -1, -2)
+
+
+def open_safetensors(file: Path):
+    """`safe_open(file)` for NumPy, which reads the file's header; a damaged file is one line."""
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as e:
+        raise GptzooError(f"{file} is not a readable safetensors file ({e}); download or save "
+                          "it again") from e

@@ -138,6 +138,10 @@ def _resume(checkpoints: Checkpoints, meta: dict, model, opt_state, run_dir: Pat
 
 
 def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
+    if "imported_from" in saved:
+        raise GptzooError(f"{run_dir} holds a model imported from {saved['imported_from']}, with "
+                          "no training to resume; train on from it with --init-from "
+                          f"{run_dir} and a new --run-dir")
     check_resumable_base(saved, current, run_dir)
     if saved["tokenizer"] != current["tokenizer"]:
         raise GptzooError(f"the tokenizer of this data (data.tokenizer, data.path) differs from "
