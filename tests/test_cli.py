@@ -10,6 +10,7 @@ import pytest
 from conftest import (
     EIGHT_DEVICES,
     RECIPE,
+    ROOT,
     TINY,
     gptzoo_cli,
     gptzoo_in_process,
@@ -18,6 +19,7 @@ from conftest import (
 )
 
 import gptzoo
+from gptzoo.trainer.run_dir import training_lock
 
 
 def imported_modules(stderr: str) -> set[str]:
@@ -137,6 +139,24 @@ def test_recipe_errors(tmp_path):
                           "d_model=32 is not divisible by n_heads=3")
     assert_one_line_error(train(overrides={"model.dropout": "1.5"}), "model.dropout")
     assert_one_line_error(train(overrides={"mesh.cpu_devices": "0"}), "mesh.cpu_devices")
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    assert_one_line_error(gptzoo_in_process("train", folder), "is a folder")
+    named_otherwise = tmp_path / "recipe.txt"  # Python whatever its name ends with
+    named_otherwise.write_text(RECIPE.read_text())
+    assert gptzoo_in_process("keys", named_otherwise).returncode == 0
+
+
+@pytest.mark.parametrize("key, value", [
+    ("optimizer.lr", "inf"), ("optimizer.grad_clip", "-1"), ("optimizer.beta1", "1.5"),
+    ("optimizer.beta2", "-0.5"), ("optimizer.min_lr_ratio", "2"),
+    ("optimizer.weight_decay", "-1"), ("optimizer.warmup_steps", "-1"), ("trainer.seed", "-1")])
+def test_out_of_range_values_fail_before_anything_is_written(tmp_path, key, value):
+    """Each of these trained to completion (gradient ascent for a negative clip) or failed deep
+    in NumPy after making the run directory."""
+    assert_one_line_error(train("--run-dir", tmp_path / "run", overrides={key: value}),
+                          f"{key}=", f"--set {key}=")
+    assert not (tmp_path / "run").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -158,6 +178,12 @@ def test_data_errors(tmp_path):
 def test_checkpoint_errors(tmp_path, trained_run):
     assert_one_line_error(gptzoo_in_process("sample", "--ckpt", tmp_path / "nope"),
                           "does not exist")
+    (tmp_path / "a_file").write_text("")
+    assert_one_line_error(gptzoo_in_process("sample", "--ckpt", tmp_path / "a_file"),
+                          "is a file, not a run directory")
+    step = next((trained_run / "checkpoints").iterdir())
+    assert_one_line_error(gptzoo_in_process("eval", "--ckpt", step),
+                          "is one checkpoint of a run", f"pass the run directory, {trained_run}")
     (tmp_path / "empty_run").mkdir()
     assert_one_line_error(gptzoo_in_process("eval", "--ckpt", tmp_path / "empty_run"),
                           "no checkpoints")
@@ -183,6 +209,25 @@ def test_existing_work_is_never_lost(tmp_path, small_text):
     assert gptzoo_in_process("sample", "--ckpt", run_dir, "--max-new-tokens", "5").returncode == 0
     assert_one_line_error(train("--run-dir", tmp_path / "fresh", "--resume", overrides=data),
                           "no checkpoint")
+
+
+def test_a_second_training_into_a_run_directory_is_refused_while_the_first_runs(
+        tmp_path, small_text):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "gptzoo", "train", RECIPE, *set_args(
+        {**TINY, "data.path": str(small_text), "trainer.max_steps": "100000"}),
+        "--run-dir", run_dir], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        lines = iter(first.stdout.readline, "")
+        assert any(line.startswith("training") for line in lines)  # it holds the folder
+        assert_one_line_error(train("--run-dir", run_dir, overrides={
+            "data.path": str(small_text)}), f"{run_dir} is being trained by gptzoo train (pid "
+                                            f"{first.pid}", "another --run-dir")
+    finally:
+        first.kill()
+        first.wait()
+    with training_lock(run_dir):  # the lock went with its process
+        pass
 
 
 def test_sampling_errors(trained_run):

@@ -96,6 +96,18 @@ def test_a_diverging_run_skips_its_bad_steps_then_stops(tmp_path, small_text):
     assert max(np.abs(a).max() for a in jax.tree.leaves(after_one)) > 1e28
 
 
+def test_a_run_that_ends_among_skipped_steps_fails_as_a_diverged_one(tmp_path, small_text):
+    """Fewer bad steps than trainer.max_bad_steps, but the last: it ended with no checkpoint of
+    its last step and a nan final loss, and reported itself finished."""
+    overrides = {**TINY, "data.path": str(small_text), "optimizer.lr": "1e30",
+                 "optimizer.warmup_steps": "0", "trainer.max_bad_steps": "100",
+                 "trainer.max_steps": "10"}
+    with pytest.raises(GptzooError, match=r"its last 9 step\(s\), up to step 10, had a "
+                                          r"non-finite loss"):
+        gptzoo.train(gptzoo.load_recipe(RECIPE, overrides), run_dir=tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
+
+
 def test_a_resumed_run_that_diverges_falls_back_to_its_last_good_checkpoint(tmp_path,
                                                                             small_text):
     """The issue's case: 40 good steps, then `--resume` with lr 1e30. Step 41 is finite and

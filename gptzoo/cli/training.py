@@ -35,9 +35,9 @@ def train(recipe_path, overrides, run_dir, resume, init_from, coordinator, num_p
     recipe = load_recipe(recipe_path, parse_overrides(list(overrides)))
     try:
         result = run_training(recipe, run_dir=run_dir, resume=resume, init_from=init_from)
-    except KeyboardInterrupt:  # a second Ctrl-C: no save, but the newest checkpoint is complete
-        click.echo("error: stopped at once by a second Ctrl-C; continue from the newest "
-                   "checkpoint with --resume", err=True)
+    except KeyboardInterrupt:  # before training began, or a second Ctrl-C: nothing more saved
+        click.echo("error: stopped by Ctrl-C, nothing more saved; the checkpoints already saved "
+                   "are whole (--resume continues from the newest, if any)", err=True)
         sys.exit(130)
     if result.interrupted:
         sys.exit(130)
@@ -113,7 +113,7 @@ def plot(run_dirs, out):
 
 
 @main.command()
-@click.argument("root", metavar="DIR", default="runs", type=click.Path())
+@click.argument("root", metavar="[DIR]", default="runs", type=click.Path())
 @friendly_errors
 def runs(root):
     """A table of the runs under DIR: progress, losses, speed and status."""

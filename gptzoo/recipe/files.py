@@ -21,6 +21,10 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     """Load a recipe file (a `.py` file is executed; a run's `recipe.json` of a built-in
     architecture is only read), apply `overrides` (`{"trainer.max_steps": "100"}`), validate."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "recipe.json"
+        raise GptzooError(f"recipe {path} is a folder; pass a recipe file, such as "
+                          f"{inside if inside.is_file() else 'recipes/char_shakespeare.py'}")
     if not path.is_file():
         raise GptzooError(f"recipe {path} does not exist; "
                           "pass a recipe file such as recipes/char_shakespeare.py")
@@ -100,7 +104,9 @@ def _check_architecture(architecture: Any, path: Path) -> None:
 
 def _exec_recipe(path: Path) -> types.ModuleType:
     name = f"gptzoo_recipe_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
+    # Python source whatever the file's name ends with (recipe.txt, an extensionless file).
+    spec = importlib.util.spec_from_loader(name, importlib.machinery.SourceFileLoader(
+        name, str(path)))
     module = importlib.util.module_from_spec(spec)
     # Registered so dataclasses and pickling inside the recipe can find their module.
     sys.modules[name] = module

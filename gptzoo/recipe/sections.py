@@ -2,6 +2,7 @@
 values must pass (the model section is the family's config, `gptzoo.models.config`)."""
 
 import dataclasses
+import math
 
 from gptzoo.data.text import SHAKESPEARE
 from gptzoo.lora.config import LORA_CHECKS, LoRAConfig
@@ -27,7 +28,7 @@ class OptimizerConfig:
     weight_decay: float = 0.1  # applied to matrices only
     beta1: float = 0.9
     beta2: float = 0.99
-    grad_clip: float = 1.0  # global-norm clipping
+    grad_clip: float = 1.0  # global-norm clipping; 0: none (nanoGPT's meaning)
 
 
 @dataclasses.dataclass
@@ -92,7 +93,14 @@ CHECKS = [
     ("trainer.head_chunk", lambda v: v >= 0, "0 (off) or a positive number of positions"),
     ("trainer.remat", lambda v: v in REMAT_POLICIES, f"one of {', '.join(REMAT_POLICIES)}"),
     ("mesh.cpu_devices", lambda v: v > 0, "a positive number of devices"),
-    ("optimizer.lr", lambda v: v > 0, "positive"),
+    ("trainer.seed", lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
+    ("optimizer.lr", lambda v: 0 < v < math.inf, "positive and finite"),
+    ("optimizer.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optimizer.warmup_steps", lambda v: v >= 0, "0 or more"),
+    ("optimizer.weight_decay", lambda v: 0 <= v < math.inf, "0 or more, finite"),
+    ("optimizer.beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.grad_clip", lambda v: 0 <= v < math.inf, "0 (off) or a positive, finite norm"),
     ("model.n_layers", lambda v: v > 0, "a positive integer"),
     ("model.n_heads", lambda v: v > 0, "a positive integer"),
     ("model.d_model", lambda v: v > 0, "a positive integer"),

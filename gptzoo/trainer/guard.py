@@ -47,12 +47,14 @@ class BadSteps:
         self._settle()
         return self.diverged_at is not None
 
-    def error(self, fall_back: FallBack) -> GptzooError:
-        """The error that stops a diverged run, naming the checkpoint it falls back to."""
+    def error(self, fall_back: FallBack, ended_at: int | None = None) -> GptzooError:
+        """The error that stops a diverged run, naming the checkpoint it falls back to; with
+        `ended_at`, of a run whose last steps up to that one were skipped."""
         lower = f"a lower optimizer.lr than {self.lr:g}, e.g. --set optimizer.lr={self.lr / 3:.2g}"
         then = (f"--resume it with {lower}" if fall_back.kept is not None else
                 f"start again (without --resume) with {lower}")
+        streak = (f"{self.limit} steps in a row up to step {self.diverged_at}" if ended_at is None
+                  else f"its last {self.streak} step(s), up to step {ended_at},")
         return GptzooError(
-            f"training diverged: {self.limit} steps in a row up to step {self.diverged_at} had "
-            f"a non-finite loss or gradient and were skipped (trainer.max_bad_steps); "
-            f"{fall_back.describe()}; {then}")
+            f"training diverged: {streak} had a non-finite loss or gradient and were skipped "
+            f"(trainer.max_bad_steps); {fall_back.describe()}; {then}")

@@ -20,7 +20,7 @@ from gptzoo.trainer.opened_run import OpenedRun, open_run
 from gptzoo.trainer.optimizer import make_schedule
 from gptzoo.trainer.prepared import Prepared, prepare
 from gptzoo.trainer.progress import Reporter, Throughput
-from gptzoo.trainer.run_dir import ensure_writable
+from gptzoo.trainer.run_dir import ensure_writable, training_lock
 from gptzoo.trainer.sharding import chunk_sharded
 
 
@@ -44,10 +44,12 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     split_cpu(recipe)
     run_dir = Path(run_dir or Path("runs") / recipe.name)
     ensure_writable(run_dir)
-    if resume and init_from is None and recipe.lora.rank:  # the base its checkpoints name
-        init_from = recorded_base(run_dir)
-    p = prepare(recipe, init_from=init_from)
     with ExitStack() as opened:
+        if is_main():  # the process that writes the run's files
+            opened.enter_context(training_lock(run_dir))
+        if resume and init_from is None and recipe.lora.rank:  # the base its checkpoints name
+            init_from = recorded_base(run_dir)
+        p = prepare(recipe, init_from=init_from)
         run = opened.enter_context(open_run(recipe, run_dir, p, resume))
         reporter = reporter or Reporter(recipe.trainer.max_steps, run.start, quiet=not is_main())
         opened.callback(reporter.close)
@@ -105,6 +107,8 @@ def _run_steps(recipe: Recipe, p: Prepared, run: OpenedRun, reporter: Reporter):
                 throughput.restart()
             if interrupted:
                 break
+        if not interrupted and bad_steps.skipping():  # it would end with no last checkpoint
+            raise bad_steps.error(run.fall_back(p, model, cfg.eval_steps), ended_at=step)
     return model, step, interrupted
 
 

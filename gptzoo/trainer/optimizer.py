@@ -14,9 +14,10 @@ def make_schedule(cfg: OptimizerConfig, max_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimizerConfig, max_steps: int) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay on matrices only (not biases, norm scales)."""
+    """AdamW with global-norm clipping (none at `grad_clip` 0, as in nanoGPT); weight decay on
+    matrices only (not biases, norm scales)."""
     return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(
             make_schedule(cfg, max_steps), b1=cfg.beta1, b2=cfg.beta2,
             weight_decay=cfg.weight_decay,

@@ -1,6 +1,8 @@
 """A run directory from outside the training loop: its model and tokenizer loaded for sampling,
 evaluation and export, and the check that a new run can write it."""
 
+import contextlib
+import fcntl
 import os
 import socket
 from contextlib import closing
@@ -22,9 +24,15 @@ def load(run_dir: str | Path, merge: bool = True):
     from gptzoo.recipe import load_run_recipe
 
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise GptzooError(f"{run_dir} is a file, not a run directory; pass the --run-dir of a "
+                          "`gptzoo train` run, e.g. runs/char_shakespeare")
     if not run_dir.is_dir():
         raise GptzooError(f"run directory {run_dir} does not exist; pass the --run-dir of a "
                           "`gptzoo train` run, e.g. runs/char_shakespeare")
+    if run_dir.parent.name == "checkpoints" and run_dir.name.isdigit():
+        raise GptzooError(f"{run_dir} is one checkpoint of a run; pass the run directory, "
+                          f"{run_dir.parent.parent} (its newest readable checkpoint is read)")
     if not (run_dir / "checkpoints").is_dir():
         raise GptzooError(f"{run_dir} holds no checkpoints; train it first with gptzoo train")
     recipe = load_run_recipe(run_dir)
@@ -57,3 +65,25 @@ def ensure_writable(run_dir: Path) -> None:
     except OSError as e:
         raise GptzooError(f"cannot write the run directory {run_dir} ({e.strerror}: "
                           f"{e.filename}); pass --run-dir a writable folder with free space") from e
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: Path):
+    """Hold `run_dir/.lock` while a training writes the folder: a second `gptzoo train` into it
+    (whose checkpoints and metrics would interleave with the first's) is refused in one line."""
+    with open(run_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise GptzooError(f"{run_dir} is being trained by {holder}; wait for it to end, or "
+                              "pass another --run-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"gptzoo train (pid {os.getpid()} on {socket.gethostname()})")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
