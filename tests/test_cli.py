@@ -173,6 +173,20 @@ def test_data_errors(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be.")
     assert_one_line_error(train(overrides={"data.path": str(short)}), "block_size + 1")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert_one_line_error(train(overrides={"data.tokenizer": str(folder)}),
+                          "is a folder without a tokenizer.json")
+
+
+def test_another_runs_tokenizer_names_the_data_it_cannot_encode(tmp_path, trained_run):
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("Ünïcödé " * 200)
+    assert_one_line_error(train(overrides={"data.path": str(foreign),
+                                           "data.tokenizer": str(trained_run)}),
+                          f"data.path={foreign}", "'Üéïö'", f"data.tokenizer (now {trained_run})")
+    assert_one_line_error(gptzoo_in_process("eval", "--ckpt", trained_run, "--data",
+                                            tmp_path / "missing.txt"), "pass --data")
 
 
 def test_checkpoint_errors(tmp_path, trained_run):
@@ -209,6 +223,7 @@ def test_existing_work_is_never_lost(tmp_path, small_text):
     assert gptzoo_in_process("sample", "--ckpt", run_dir, "--max-new-tokens", "5").returncode == 0
     assert_one_line_error(train("--run-dir", tmp_path / "fresh", "--resume", overrides=data),
                           "no checkpoint")
+    assert not (tmp_path / "fresh").exists()  # a run that failed before writing leaves nothing
 
 
 def test_a_second_training_into_a_run_directory_is_refused_while_the_first_runs(

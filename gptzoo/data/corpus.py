@@ -31,6 +31,7 @@ from gptzoo.data.sources import Piece, find_sources, read_pieces
 from gptzoo.data.tokenizer import (
     ByteTokenizer,
     CharTokenizer,
+    OutOfVocabulary,
     Tokenizer,
     load_tokenizer_file,
     tokenizer_hash,
@@ -133,7 +134,11 @@ def _build(folder: Path, cfg, sources: list[dict], tokenizer: Tokenizer | None, 
                 return read_pieces(sources, split_at, cfg.text_field, advance(label))
 
             tokenizer = tokenizer or _fit_tokenizer(cfg, pieces, split_at)
-            splits = write_shards(partial, tokenizer, pieces("tokenising"))
+            try:
+                splits = write_shards(partial, tokenizer, pieces("tokenising"))
+            except OutOfVocabulary as e:
+                raise GptzooError(f"data.path={cfg.path}: {e}, or set data.tokenizer (now "
+                                  f"{cfg.tokenizer}) to one that has them") from e
         seconds = time.perf_counter() - started
         tokenizer.save(partial)
         manifest = {"format": FORMAT, "data_path": cfg.path, "sources": sources,

@@ -30,6 +30,10 @@ _END_OF_TEXT_NAMES = (END_OF_TEXT, "<|end_of_text|>", "</s>", "<eos>")
 FILE_NAME = "tokenizer.json"
 
 
+class OutOfVocabulary(GptzooError):
+    """Text a character tokenizer has no token for."""
+
+
 class Tokenizer(Protocol):
     vocab_size: int
     end_of_text: int | None
@@ -83,7 +87,7 @@ class CharTokenizer(_Saved):
         if len(codepoints) and (not self.vocab_size
                                 or not np.array_equal(self._codepoints[ids], codepoints)):
             unknown = sorted(set(text) - self.index.keys())
-            raise GptzooError(
+            raise OutOfVocabulary(
                 f"text has characters outside the model's vocabulary: {''.join(unknown)!r}; "
                 "use only characters that occur in the training text"
             )
@@ -170,6 +174,9 @@ class HFTokenizer(_Saved):
         from tokenizers import Tokenizer as HF
 
         path = Path(path)
+        if path.is_dir():
+            raise GptzooError(f"tokenizer {path} is a folder without a {FILE_NAME}; set "
+                              "data.tokenizer to char, bytes, bpe or the path of a tokenizer.json")
         if not path.is_file():
             raise GptzooError(f"tokenizer file {path} does not exist; set data.tokenizer to char, "
                               "bytes, bpe or the path of a tokenizer.json")
@@ -238,8 +245,11 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> HFTokenizer:
 
 
 def load_tokenizer_file(path: str | Path) -> Tokenizer:
-    """A `tokenizer.json`: a Hugging Face file, or the one a char/bytes run saved."""
+    """A `tokenizer.json`: a Hugging Face file, or the one a char/bytes run saved; or the one in
+    the folder `path` (a run's, a Hugging Face model's)."""
     path = Path(path)
+    if path.is_dir() and (path / FILE_NAME).is_file():
+        path = path / FILE_NAME
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

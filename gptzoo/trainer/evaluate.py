@@ -6,6 +6,7 @@ import jax
 from jax.sharding import Mesh
 
 from gptzoo.data import eval_windows, n_windows, prepare_corpus
+from gptzoo.errors import GptzooError
 from gptzoo.models.protocol import LanguageModel, require
 from gptzoo.recipe import load_run_recipe
 from gptzoo.trainer.run_dir import load
@@ -66,7 +67,14 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path | None = None) -> Ev
     model = shard(model, mesh)
     if data_path is not None:
         recipe.set("data.path", str(data_path))
-    val = prepare_corpus(recipe.data, tokenizer).val
+    try:
+        val = prepare_corpus(recipe.data, tokenizer).val
+    except GptzooError as e:
+        if data_path is None:
+            raise
+        # The data came from --data, not the recipe's data.path: the message says so.
+        raise GptzooError(str(e).replace("set data.path to", "pass --data").replace(
+            "data.path=", "--data=")) from e
     val.require(recipe.model.block_size + 1, "one window (model.block_size + 1)")
     return evaluate(model, val, recipe.model.block_size, bytes_per_token=val.bytes_per_token,
                     mesh=mesh)

@@ -20,7 +20,7 @@ from gptzoo.trainer.opened_run import OpenedRun, open_run
 from gptzoo.trainer.optimizer import make_schedule
 from gptzoo.trainer.prepared import Prepared, prepare
 from gptzoo.trainer.progress import Reporter, Throughput
-from gptzoo.trainer.run_dir import ensure_writable, training_lock
+from gptzoo.trainer.run_dir import ensure_writable, remove_if_unused, training_lock
 from gptzoo.trainer.sharding import chunk_sharded
 
 
@@ -43,9 +43,12 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
     Called before any other JAX operation, it splits a CPU into `mesh.cpu_devices` devices."""
     split_cpu(recipe)
     run_dir = Path(run_dir or Path("runs") / recipe.name)
+    created = not run_dir.exists()
     ensure_writable(run_dir)
     with ExitStack() as opened:
         if is_main():  # the process that writes the run's files
+            if created:  # a run that fails before writing anything leaves no folder behind
+                opened.callback(remove_if_unused, run_dir)
             opened.enter_context(training_lock(run_dir))
         if resume and init_from is None and recipe.lora.rank:  # the base its checkpoints name
             init_from = recorded_base(run_dir)

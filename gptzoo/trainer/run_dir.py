@@ -4,6 +4,7 @@ evaluation and export, and the check that a new run can write it."""
 import contextlib
 import fcntl
 import os
+import shutil
 import socket
 from contextlib import closing
 from pathlib import Path
@@ -87,3 +88,11 @@ def training_lock(run_dir: Path):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove `run_dir` if it holds nothing but the training lock and empty folders: a run that
+    failed before it wrote anything."""
+    if run_dir.is_dir() and all(p.name == ".lock" or (p.is_dir() and not any(p.iterdir()))
+                                for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir)
