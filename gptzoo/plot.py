@@ -68,6 +68,7 @@ def _series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list
 
 def save_plot(run_dirs: list[str | Path], out: str | Path) -> Figure:
     fig = plot_runs(run_dirs)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return fig

@@ -56,6 +56,11 @@ def test_a_file_splits_by_bytes_into_shards_that_round_trip(tmp_path, monkeypatc
     shard = np.fromfile(corpus.folder / corpus.manifest["splits"]["train"]["shards"][0]["file"],
                         dtype=np.uint16)
     assert len(shard) == 97  # two bytes a token on disk
+    # A line longer than a piece is cut between characters, not inside one.
+    long_line = "a" + "é" * 200 + "\n"
+    path.write_text(long_line)
+    corpus = prepare_corpus(cfg, log=lambda _: None)
+    assert decode_split(corpus, corpus.train) + decode_split(corpus, corpus.val) == long_line
 
 
 def test_char_split_is_the_old_token_split_and_documents_join_with_end_of_text(tmp_path):
@@ -240,10 +245,28 @@ def test_bad_corpora_are_one_line_naming_the_culprit(tmp_path):
                           str(unreadable), "not a readable")
 
 
-def test_resuming_with_another_tokenizer_is_refused(tmp_path, small_text):
-    run_dir = tmp_path / "run"
+def test_resuming_with_another_tokenizer_or_changed_text_is_refused(tmp_path, small_text):
+    run_dir, data = tmp_path / "run", tmp_path / "data.txt"
+    data.write_text(small_text.read_text())
     args = ["train", RECIPE, *set_args({**TINY, "trainer.max_steps": "5",
-                                        "data.path": str(small_text)}), "--run-dir", run_dir]
+                                        "data.path": str(data)}), "--run-dir", run_dir]
     gptzoo_cli(*args, check=True)
     assert_one_line_error(gptzoo_in_process(*args, "--resume", "--set", "data.tokenizer=bytes"),
                           "tokenizer", "differs from the checkpoint's", "data.tokenizer")
+    with data.open("a") as f:  # the same characters: the tokenizer alone would not tell
+        f.write(small_text.read_text()[:3000])
+    assert_one_line_error(gptzoo_in_process(*args, "--resume"),
+                          "the corpus (data.path) changed", f"--init-from {run_dir}")
+
+
+def test_a_corpus_tokenized_for_another_run_does_not_replace_the_fitted_one(tmp_path,
+                                                                          small_text):
+    """`--init-from` tokenizes the corpus with the run's tokenizer; a later run that fits its
+    own still gets the BPE fitted to this text."""
+    cfg = DataConfig(path=str(small_text), tokenizer="bpe", vocab_size=300,
+                     cache_dir=str(tmp_path / "cache"))
+    fitted = prepare_corpus(cfg, log=lambda _: None).tokenizer
+    other = train_bpe(iter(["a different text, " * 500]), 280)
+    assert prepare_corpus(cfg, other, log=lambda _: None).tokenizer.to_dict() == other.to_dict()
+    again = prepare_corpus(cfg, log=lambda _: None).tokenizer
+    assert again.to_dict() == fitted.to_dict()

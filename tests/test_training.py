@@ -108,6 +108,23 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, small_text):
     assert_same_run(interrupted, whole)
 
 
+def test_ctrl_c_between_log_steps_then_resume_logs_what_an_uninterrupted_run_logs(
+        tmp_path, small_text):
+    """Chunks of 3 steps, records every 10: Ctrl-C after the step-10 record stops at the end of
+    the chunk, step 12, which logs a record of its own; the resumed run drops it."""
+    recipe = gptzoo.load_recipe(RECIPE, {**TINY, "trainer.max_steps": "30",
+                                         "trainer.steps_per_call": "3",
+                                         "trainer.log_interval": "10",
+                                         "trainer.checkpoint_interval": "25",
+                                         "data.path": str(small_text)})
+    interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
+    stopped = gptzoo.train(recipe, run_dir=interrupted, reporter=SigintAt(10, 1, 30, 0))
+    assert stopped.step == 12 and read_metrics(interrupted)[-1]["step"] == 12
+    gptzoo.train(recipe, run_dir=interrupted, resume=True)
+    gptzoo.train(recipe, run_dir=whole)
+    assert_same_run(interrupted, whole)
+
+
 def assert_same_run(resumed_dir, whole_dir) -> None:
     """The same records (steps, train and validation losses) and bit-identical parameters."""
     resumed, reference = read_metrics(resumed_dir), read_metrics(whole_dir)

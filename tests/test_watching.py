@@ -184,7 +184,7 @@ def test_plot_draws_each_run(tmp_path, trained_run, resumed_run):
     assert list(time_ax.lines[0].get_xdata()) == [r["wall_time"] for r in logged]
     assert list(lr_ax.lines[0].get_ydata()) == [r["lr"] for r in logged]
     assert len(speed_ax.lines) == 2 and "wall-clock" in time_ax.get_xlabel()
-    out = tmp_path / "curves.png"
+    out = tmp_path / "new_folder" / "curves.png"  # made if missing
     assert gptzoo_in_process("plot", *runs, "--out", out).returncode == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

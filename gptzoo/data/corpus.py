@@ -71,7 +71,7 @@ def prepare_corpus(cfg, tokenizer: Tokenizer | None = None,
     while its sources and tokenizer are unchanged, else built. `tokenizer` (a checkpoint's)
     forces that tokenizer rather than fitting one."""
     sources = find_sources(cfg)
-    folder = cache_folder(cfg)
+    folder = cache_folder(cfg, tokenizer)
     wanted = tokenizer or _given_tokenizer(cfg)
     corpus = _open_cached(folder, cfg, sources, wanted)
     if corpus is not None:
@@ -80,9 +80,10 @@ def prepare_corpus(cfg, tokenizer: Tokenizer | None = None,
     return _open_cached(folder, cfg, sources, wanted)
 
 
-def cache_folder(cfg) -> Path:
+def cache_folder(cfg, forced: Tokenizer | None = None) -> Path:
     """Where the corpus `cfg` describes is cached: named after `data.path`, keyed by every
-    setting that changes its shards."""
+    setting that changes its shards, and by the tokenizer `forced` on it (a checkpoint's), so
+    that a corpus tokenized for another run never stands in for one fitted to its own text."""
     root = Path(cfg.cache_dir or os.environ.get("GPTZOO_CACHE") or "~/.cache/gptzoo").expanduser()
     tokenizer = cfg.tokenizer
     if tokenizer not in ("char", "bytes", "bpe"):
@@ -90,6 +91,8 @@ def cache_folder(cfg) -> Path:
     key = {"path": str(Path(cfg.path).expanduser().absolute()), "text_field": cfg.text_field,
            "tokenizer": tokenizer, "val_fraction": cfg.val_fraction,
            "vocab_size": cfg.vocab_size if tokenizer == "bpe" else None}
+    if forced is not None:
+        key["forced"] = tokenizer_hash(forced)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = re.sub(r"[^\w.-]+", "_", Path(cfg.path).stem or "corpus").strip("_") or "corpus"
     return root / f"{name}-{digest}"

@@ -75,7 +75,9 @@ def _text_pieces(path: Path, cut: int, _field, advance) -> Iterator[Piece]:
             data = carry + block
             if not data:
                 return
-            end = (data.rfind(b"\n") + 1 or len(data)) if block else len(data)
+            # After the last newline; in a block without one (a line over PIECE_BYTES), before
+            # its last byte, which the loop below moves back to the start of its character.
+            end = (data.rfind(b"\n") + 1 or len(data) - 1) if block else len(data)
             step = -1  # a cut must not fall inside a character: move it back to the last start
             if position < cut < position + end:
                 end, step = cut - position, 1  # the split; a character across it trains

@@ -2,6 +2,7 @@
 keys), written by `MetricsLog` and read by `read_records`, the one reader of the run's records."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,17 @@ class MetricsLog:
 
     - `path`: the file, `RUN_DIR/metrics.jsonl`.
     - `resume_step`: the step a resumed run continues from; None starts the file afresh.
+    - `logged`: whether a step is one the run logs at; a resumed run drops the record an
+        interruption wrote at another step, which an uninterrupted run does not have.
     """
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None,
+                 logged: Callable[[int], bool] = lambda step: True):
         self.path = path
         if resume_step is None:
             write_text_atomic(path, "")
         elif path.exists():
-            kept = [r for r in _read(path) if r["step"] <= resume_step]
+            kept = [r for r in _read(path) if r["step"] <= resume_step and logged(r["step"])]
             write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:

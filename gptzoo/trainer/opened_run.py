@@ -78,7 +78,10 @@ def open_run(recipe: Recipe, run_dir: Path, p: Prepared, resume: bool) -> Iterat
     write the recipe and tokenizer; open the metrics sinks and the run's status. Whatever it
     opened is closed on the way out, by an exception too."""
     meta = {"tokenizer": p.tokenizer.to_dict(),
-            "recipe": {"name": recipe.name, **recipe.to_dict()}, **p.trained.meta()}
+            "recipe": {"name": recipe.name, **recipe.to_dict()}, **p.trained.meta(),
+            "corpus": {"split_byte": p.corpus.manifest["split_byte"],
+                       **{f"{name}_tokens": len(split) for name, split in
+                          (("train", p.corpus.train), ("val", p.corpus.val))}}}
     if not resume and any(steps.is_dir() and any(steps.iterdir())
                           for steps in (run_dir / "checkpoints", run_dir / BEST / "checkpoints")):
         raise GptzooError(f"{run_dir} already holds checkpoints; pass --resume to continue that "
@@ -117,7 +120,10 @@ def _open_sinks(recipe: Recipe, run_dir: Path, p: Prepared, best: BestCheckpoint
     if best is not None:
         save_recipe(recipe, best.run_dir)
         p.tokenizer.save(best.run_dir)
-    metrics = MetricsLog(run_dir / METRICS_FILE, resume_step=resume_step)
+    cfg = recipe.trainer
+    metrics = MetricsLog(run_dir / METRICS_FILE, resume_step=resume_step,
+                         logged=lambda step: step % cfg.log_interval == 0
+                         or step == cfg.max_steps)
     return open_sinks(recipe, run_dir, metrics, resume_step=resume_step)
 
 
@@ -143,6 +149,12 @@ def _check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
                           "no training to resume; train on from it with --init-from "
                           f"{run_dir} and a new --run-dir")
     check_resumable_base(saved, current, run_dir)
+    if saved.get("corpus", current["corpus"]) != current["corpus"]:  # older checkpoints: none
+        raise GptzooError(f"the corpus (data.path) changed since {run_dir}'s checkpoint (its "
+                          f"splits were {saved['corpus']}, now {current['corpus']}): resumed, "
+                          "the run would not continue as it was, and text it validated on could "
+                          f"train; restore the data, or train on with --init-from {run_dir} and "
+                          "a new --run-dir")
     if saved["tokenizer"] != current["tokenizer"]:
         raise GptzooError(f"the tokenizer of this data (data.tokenizer, data.path) differs from "
                           f"the checkpoint's in {run_dir}; resume with the data.path and "
