@@ -10,7 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from generation_models import ARCHS, BLOCK_SIZE, PROMPT, UNTIED, V, build, forward, generate
+from generation_models import (
+    ARCHS,
+    BLOCK_SIZE,
+    PROMPT,
+    UNTIED,
+    V,
+    build,
+    forward,
+    generate,
+    randomize,
+)
 
 from gptzoo import nn
 from gptzoo.nn.rowwise import MIN_ROWS
@@ -68,6 +78,22 @@ def test_batches_of_min_rows_or_more_decode_in_the_rowwise_layout_on_cpu(convers
     generate(model, [PROMPT] * (MIN_ROWS - 1), n=3)  # padded to MIN_ROWS rows
     # One row keeps XLA:CPU's matrix product, the faster there.
     assert conversions == [(True, False), (True, True)]
+
+
+def test_a_batch_of_more_than_128_rows_samples_each_row_as_alone(conversions):
+    """256 rows of one prompt, seed i for row i, sampled through the KV cache: every row draws
+    what the full forward (no cache) draws with its seed. XLA:CPU computes the rowwise layout
+    wrongly from row 128 of such a batch (gptzoo.workarounds.rowwise_batch_computes_right), and
+    rows 128 to 255 took other rows' logits when that layout was used here."""
+    from gptzoo.models import gpt2
+
+    model = randomize(gpt2(256, n_layers=1, n_heads=2, d_model=32, block_size=16,
+                           key=jax.random.PRNGKey(0)), seed=3)
+    prompts, seeds = [np.array([1, 2, 3], np.int32)] * 256, list(range(256))
+    cached = generate(model, prompts, seeds=seeds, n=6, temperature=1.0)
+    full = generate(model, prompts, seeds=seeds, n=6, temperature=1.0, use_cache=False)
+    np.testing.assert_array_equal(cached, full)
+    assert not conversions[-1][1]  # the matrix product, not the rowwise layout
 
 
 def test_a_model_is_converted_for_decoding_once_while_it_lives(conversions):

@@ -265,3 +265,33 @@ def test_a_cache_entry_cut_short_while_written_is_never_read(tmp_path, monkeypat
     assert cache.get("program") is None
     cache.put("program", b"compiled program")
     assert cache.get("program") == b"compiled program"
+
+
+def _rows_sampled_wrongly(n_rows: int) -> int:
+    """Rows of a two-step decode loop whose token differs from float64 NumPy's, when each step
+    applies a `(256, 32)` head to its row as the rowwise layout does: a multiply-reduce, vmapped."""
+    rng = np.random.default_rng(0)
+    head = jnp.asarray(rng.normal(size=(256, 32)), jnp.float32)
+    x0 = jnp.asarray(rng.normal(size=(n_rows, 32)), jnp.float32)
+    noise = jnp.asarray(rng.gumbel(size=(n_rows, 2, 256)), jnp.float32)
+
+    @jax.jit
+    def decode(x, noise):
+        def step(i, carry):
+            x, out = carry
+            token = jnp.argmax(jax.vmap(lambda row: jnp.sum(head * row, -1))(x) + noise[:, i], -1)
+            return x * 0.5 + head[token] * 0.1, out.at[:, i].set(token)
+        return jax.lax.fori_loop(0, 2, step, (x, jnp.zeros((n_rows, 2), jnp.int32)))[1]
+
+    x, want = np.asarray(x0, np.float64), np.zeros((n_rows, 2), int)
+    for i in range(2):
+        want[:, i] = np.argmax(x @ np.asarray(head, np.float64).T + np.asarray(noise)[:, i], -1)
+        x = x * 0.5 + np.asarray(head, np.float64)[want[:, i]] * 0.1
+    return int((np.asarray(decode(x0, noise)) != want).any(1).sum())
+
+
+def test_ynnpack_still_miscomputes_a_vmapped_multiply_reduce_past_128_rows():
+    assert _rows_sampled_wrongly(workarounds.ROWWISE_MAX_ROWS) == 0
+    assert _rows_sampled_wrongly(256) > 0, (
+        "XLA:CPU now computes the vmapped multiply-reduce of 256 rows right: "
+        "workarounds.rowwise_batch_computes_right can go")

@@ -6,7 +6,7 @@ so a few rows read the weights far slower than one row does. Stored `(out, in)` 
 multiply and a sum over `in`, the same product is one fused reduction that XLA:CPU runs faster
 for a few rows, and slower for a single row (`bench/bench_sample.py` prints both products;
 docs/benchmarks.md, "Design choices"). So the sampler converts a model with `rowwise_layout` only
-for batches of `MIN_ROWS` or more on CPU.
+for batches of `MIN_ROWS` or more on CPU (`rowwise_pays`), and no more than XLA computes right.
 """
 
 import equinox as eqx
@@ -17,8 +17,16 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from gptzoo.nn._typecheck import typecheck
 from gptzoo.nn.embedding import Embedding
 from gptzoo.nn.linear import Linear
+from gptzoo.workarounds import rowwise_batch_computes_right
 
 MIN_ROWS = 4  # fewest rows the reduction is used for: below, the matrix product is as fast
+
+
+def rowwise_pays(n_rows: int) -> bool:
+    """Whether a decode step of `n_rows` rows should read the rowwise layout: on CPU, from
+    `MIN_ROWS` rows, up to as many as XLA computes it right for."""
+    return (MIN_ROWS <= n_rows and rowwise_batch_computes_right(n_rows)
+            and jax.default_backend() == "cpu")
 
 
 @typecheck

@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 
 from gptzoo.nn import Stack, rowwise_layout, unstacked
-from gptzoo.nn.rowwise import MIN_ROWS
+from gptzoo.nn.rowwise import rowwise_pays
 from gptzoo.stored_jit import stored_jit
 
 MIN_EXTENT = 64  # fewest KV cache slots a decode chunk reads (see `extent`)
@@ -38,8 +38,8 @@ def reads_by_extent(model, cache) -> bool:
 @stored_jit
 def decoding_form(model, unstack: bool, rows_first: bool):
     """The model as the decode loop reads it, built in one program (slicing the layers out op by
-    op is slower at start-up): its blocks written out (`unstack`) and, for batches of `MIN_ROWS`
-    rows or more on CPU, its weights in `rowwise_layout` (`rows_first`)."""
+    op is slower at start-up): its blocks written out (`unstack`) and, for batches `rowwise_pays`
+    for, its weights in `rowwise_layout` (`rows_first`)."""
     model = unstacked(model) if unstack else model
     return rowwise_layout(model) if rows_first else model
 
@@ -64,7 +64,7 @@ def for_decoding(model, n_rows: int):
         return isinstance(x, Stack)
 
     unstack = any(map(is_stack, jax.tree.leaves(model, is_leaf=is_stack)))
-    rows_first = n_rows >= MIN_ROWS and jax.default_backend() == "cpu"
+    rows_first = rowwise_pays(n_rows)
     if not (unstack or rows_first):
         return model
     flags = (unstack, rows_first)

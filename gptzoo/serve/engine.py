@@ -17,7 +17,7 @@ from collections import deque
 import jax
 import numpy as np
 
-from gptzoo.nn.rowwise import MIN_ROWS
+from gptzoo.nn.rowwise import rowwise_pays
 from gptzoo.sample import BUCKET, CHUNK
 from gptzoo.serve.job import Job, Prefill, Row, Sampling
 from gptzoo.serve.programs import (
@@ -121,12 +121,13 @@ class Engine:
 
     def _forms_for(self, width: int) -> tuple:
         """The forms a decode chunk of `width` rows may read (the plain one first)."""
-        return (self.few,) if width < MIN_ROWS or self.many is self.few else (self.few, self.many)
+        return ((self.few,) if not rowwise_pays(width) or self.many is self.few
+                else (self.few, self.many))
 
     def _choose_forms(self) -> None:
-        """Decode each width of `MIN_ROWS` rows or more with the faster of the model's two
-        forms on this machine (`rowwise_layout` pays off for large weights only), timed over
-        interleaved short chunks."""
+        """Decode each width the rowwise layout may serve (`rowwise_pays`) with the faster of
+        the model's two forms on this machine (`rowwise_layout` pays off for large weights
+        only), timed over interleaved short chunks."""
         for width in (w for w in self.widths if len(self._forms_for(w)) > 1):
             times: list[list[float]] = [[], []]
             for _ in range(TIMING_ROUNDS):
