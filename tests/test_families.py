@@ -4,6 +4,9 @@ clashes; run directories written before families had modules still load."""
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
 import sys
 import types
 
@@ -11,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_ONE_EVAL
+from conftest import ROOT, TINY_ONE_EVAL
 from test_docs_examples import doc_recipes
 
 import gptzoo
@@ -71,6 +74,24 @@ def test_a_family_registered_outside_the_package_trains_exports_and_imports(
     for name in first:
         np.testing.assert_array_equal(np.asarray(first[name]), np.asarray(second[name]), name)
     assert not np.allclose(first["blocks.0.mlp_scale"], 0.5)  # trained away from its init
+
+
+def test_the_guides_module_loads_where_the_guide_puts_it(tmp_path):
+    """In a copy of the package, as `gptzoo/models/families/layerscale.py` with its import line
+    in the families' `__init__.py`: gptzoo still imports, and the family's keys are listed."""
+    shutil.copytree(ROOT / "gptzoo", tmp_path / "gptzoo",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    families = tmp_path / "gptzoo" / "models" / "families"
+    (families / "layerscale.py").write_text(doc_recipes()["layerscale.py"])
+    init = families / "__init__.py"
+    init.write_text(init.read_text() + "from gptzoo.models.families import layerscale\n")
+    recipe = tmp_path / "layerscale_recipe.py"
+    recipe.write_text("architecture = 'layerscale'\n")
+    result = subprocess.run([sys.executable, "-m", "gptzoo", "keys", str(recipe)], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "model.init_scale=" in result.stdout and "model.head_dim=None" in result.stdout
 
 
 def test_the_registry_refuses_a_second_family_of_a_name_or_class(layerscale):
