@@ -188,9 +188,11 @@ ROWWISE_MAX_ROWS = 128
 def rowwise_batch_computes_right(n_rows: int) -> bool:
     """Whether a batch of `n_rows` may decode in the rowwise weight layout (`gptzoo.nn.rowwise`):
     under `vmap`, XLA:CPU's YNNPACK fusions (jaxlib 0.10.2; `--xla_cpu_experimental_ynn_fusion_type`
-    `eltwise` or `reduce`) compute that layout's multiply-reduce of a batch of more than 128 rows
-    wrongly from row 128 on (each gets another row's result, so sampling drew those rows' tokens
-    from the wrong logits), while the matrix product and batches of up to 128 rows are right.
+    `eltwise` or `reduce`) compute a reduction over the vocabulary (argmax, max, logsumexp) of that
+    layout's multiply-reduce plus another array (the sampler's noise) wrongly from row 128 of a
+    batch of more than 128 rows (each takes another row's values, so sampling drew those rows'
+    tokens from the wrong logits), while the logits alone, the matrix product's and batches of up
+    to 128 rows are right.
 
     Upstream: no upstream issue found. Needed while
     `test_ynnpack_still_miscomputes_a_vmapped_multiply_reduce_past_128_rows` passes.
