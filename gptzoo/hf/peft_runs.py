@@ -21,6 +21,7 @@ from gptzoo.hf.convert import (
     write_tokenizer,
 )
 from gptzoo.hf.peft import (
+    PREFIX,
     adapter_arrays,
     adapter_config,
     peft_tensors,
@@ -28,7 +29,7 @@ from gptzoo.hf.peft import (
     target_modules,
     write_adapter,
 )
-from gptzoo.hf.weights import open_safetensors
+from gptzoo.hf.weights import open_safetensors, open_tensors
 from gptzoo.lora.adapters import adapter_of, projection_paths
 from gptzoo.lora.config import PROJECTIONS, LoRAConfig
 from gptzoo.lora.run import BASE_KEY, adapted, content_hash, recorded_base
@@ -93,7 +94,9 @@ def import_peft(hf_dir: str | Path, adapter_dir: str | Path, out: str | Path,
     plain = eqx.filter_eval_shape(build_architecture, hf.architecture, hf.config,
                                   hf.config.vocab_size, key=jax.random.PRNGKey(0))
     with open_safetensors(adapter_dir / "adapter_model.safetensors") as f:
-        tensors = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+        stored = _without_base_copies({k: f.get_tensor(k) for k in f.keys()}, hf_dir,
+                                      adapter_dir)
+    tensors = {k: np.asarray(v, np.float32) for k, v in stored.items()}
     arrays = adapter_arrays(hf.architecture, hf.config, shapes(per_layer_leaves(plain, is_shape)),
                             tensors, config["r"], adapter_dir)
     adapted_paths = {n[:-len(".lora_a")] for n in arrays if n.endswith(".lora_a")}
@@ -112,6 +115,23 @@ def import_peft(hf_dir: str | Path, adapter_dir: str | Path, out: str | Path,
             shutil.rmtree(out / BASE_FOLDER, ignore_errors=True)
         raise
     return out
+
+
+def _without_base_copies(tensors: dict[str, np.ndarray], hf_dir: Path,
+                         adapter_dir: Path) -> dict[str, np.ndarray]:
+    """`tensors` without the copies of base weights PEFT saves beside an adapted `lm_head`
+    (`...lm_head.base_layer.weight`, for a vocabulary resized in fine-tuning), each checked equal
+    to the model's own; the others are refused by `adapter_arrays`."""
+    copies = {key: key.removeprefix(PREFIX).replace(".base_layer.weight", ".weight")
+              for key in tensors if key.endswith(".base_layer.weight")}
+    with open_tensors(hf_dir) as stored:
+        copies = {key: name for key, name in copies.items() if name in stored}
+        for key, name in copies.items():
+            if not np.array_equal(tensors[key], stored[name].astype(tensors[key].dtype)):
+                raise GptzooError(f"{adapter_dir}: {key} differs from {hf_dir}'s {name} (a "
+                                  "vocabulary resized or trained in fine-tuning), which gptzoo "
+                                  "does not import; pass the model the adapter was trained on")
+    return {key: tensor for key, tensor in tensors.items() if key not in copies}
 
 
 def _save_adapter_run(out: Path, adapter_dir: Path, settings: LoRAConfig, scanned: bool,
