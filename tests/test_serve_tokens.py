@@ -5,6 +5,7 @@ offsets point at their character; a stop string ends the tokens as it ends the t
 import asyncio
 
 import numpy as np
+import pytest
 
 from gptzoo.data import ByteTokenizer, CharTokenizer
 from gptzoo.serve.answer import ChatAnswer, CompletionAnswer
@@ -15,12 +16,13 @@ TOP = np.array([0xE8, 0xAA, 0x9E, 0x80, 0x20])  # five alternatives, four not wh
 TOP_LOGPROBS = np.log(np.array([0.4, 0.2, 0.1, 0.05, 0.01]))
 
 
-def events_of(tokenizer, prompt: str, generated: str, stops=(), echo=False) -> list:
+def events_of(tokenizer, prompt: str, generated: str, stops=(), echo=False,
+              logprobs=True) -> list:
     """The events of a job fed `generated`'s tokens in one chunk, as the engine feeds them."""
     events, prompt_ids, tokens = [], tokenizer.encode(prompt), tokenizer.encode(generated)
-    job = Job(0, prompt_ids, len(tokens), Sampling(), list(stops), echo, True, tokenizer,
+    job = Job(0, prompt_ids, len(tokens), Sampling(), list(stops), echo, logprobs, tokenizer,
               events.append)
-    infos = [(-0.5, TOP, TOP_LOGPROBS)] * len(tokens)
+    infos = [(-0.5, TOP, TOP_LOGPROBS)] * len(tokens) if logprobs else None
     prompt_infos = [(-1.0, TOP, TOP_LOGPROBS)] * (len(prompt_ids) - 1) if echo else None
     job.deliver(list(tokens), infos, prompt_infos)
     return events
@@ -66,9 +68,10 @@ def test_chat_logprobs_carry_each_tokens_own_bytes():
     assert [t["bytes"] for t in content[0]["top_logprobs"]] == [[0xE8], [0xAA]]
 
 
-def test_a_stop_string_ends_the_tokens_and_their_count_where_it_ends_the_text():
+@pytest.mark.parametrize("logprobs", [True, False])  # token by token; the chunk at once
+def test_a_stop_string_ends_the_tokens_and_their_count_where_it_ends_the_text(logprobs):
     tokenizer = CharTokenizer.from_text("abcdefgh")
-    (event,) = events_of(tokenizer, "a", "bcdefgh", stops=["de"])
-    assert (event.text, event.finish_reason) == ("bc", "stop")
-    assert tokenizer.decode(event.tokens) == "bcde" and len(event.logprobs) == 4
-    assert event.n_generated == 4 and event.offsets == [0, 1, 2, 3]
+    (event,) = events_of(tokenizer, "a", "bcdefgh", stops=["de"], logprobs=logprobs)
+    assert (event.text, event.finish_reason, event.n_generated) == ("bc", "stop", 4)
+    assert tokenizer.decode(event.tokens) == "bcde"
+    assert (event.offsets, len(event.logprobs)) == (([0, 1, 2, 3], 4) if logprobs else ([], 0))

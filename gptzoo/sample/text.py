@@ -35,7 +35,7 @@ class TextStream:
     def push(self, tokens) -> str:
         """The text that `tokens` and those held back add, or '' while a character is cut
         short."""
-        self.tokens += [int(t) for t in tokens]
+        self.tokens = self.tokens + [int(t) for t in tokens]  # a copy of the stream keeps its own
         return self._advance(whole=False)
 
     def flush(self) -> str:

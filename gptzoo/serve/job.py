@@ -2,6 +2,7 @@
 (cut at a stop string or the end-of-text token) posted to the request as they arrive, and what
 the engine tracks of its generation (`Row`) and of each prefill it needs (`Prefill`)."""
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class Job:
         self.end_of_text = tokenizer.end_of_text
         self.decoder, self.stop_text = TextStream(tokenizer, context=prompt), StopText(stops)
         self.n_generated = 0
-        self.n_decoded = 0  # characters of generated text decoded so far, held back or not
+        self.n_decoded = 0  # characters decoded so far, counted where offsets are wanted
         self.finished = False  # its last event is posted
         self.cancelled = False  # set by the request's handler; the engine drops the job
         self.created = time.perf_counter()
@@ -114,22 +115,15 @@ class Job:
         """Take newly sampled tokens (with their `TokenInfo` rows when the job wants
         log-probabilities) and post what they add, up to the token that ends the choice (the
         end-of-text token, or the one that completes a stop string); True once it is finished."""
-        event, text, stopped = Event(self.index, prompt_logprobs=prompt_infos), "", False
-        for i, token in enumerate(tokens):
-            self.n_generated += 1
-            if token == self.end_of_text:
-                event.finish_reason = "stop"
-                break
-            event.tokens.append(int(token))
-            event.offsets.append(self.n_decoded)
-            if infos is not None:
-                event.logprobs.append(infos[i])
-            piece = self.decoder.push([token])
-            self.n_decoded += len(piece)
-            shown, stopped = self.stop_text.push(piece)
-            text += shown
-            if stopped or self.n_generated >= self.max_tokens:
-                break
+        event = Event(self.index, prompt_logprobs=prompt_infos)
+        tokens = [int(t) for t in tokens[:self.max_tokens - self.n_generated]]
+        ends_text = self.end_of_text in tokens
+        if ends_text:
+            tokens = tokens[:tokens.index(self.end_of_text)]
+        text, stopped = self._read(tokens, infos, event)
+        if ends_text and not stopped:
+            self.n_generated += 1  # the end-of-text token: sampled, never shown
+            event.finish_reason = "stop"
         ended = event.finish_reason is not None or self.n_generated >= self.max_tokens
         if ended and not stopped:  # the text held back, and a character cut short
             rest, stopped = self.stop_text.push(self.decoder.flush())
@@ -144,6 +138,35 @@ class Job:
         self.finished = event.finish_reason is not None
         self.post(event)
         return self.finished
+
+    def _read(self, tokens: list[int], infos: list[tuple] | None,
+              event: Event) -> tuple[str, bool]:
+        """Decode `tokens` into `event` up to the one that completes a stop string: (the text
+        shown, whether a stop string ended it). Without log-probabilities the tokens decode at
+        once, token by token only where a stop string ends them; with them, token by token, for
+        each token's offset."""
+        if infos is None:
+            decoder, stop_text = copy.copy(self.decoder), copy.copy(self.stop_text)
+            text, stopped = self.stop_text.push(self.decoder.push(tokens))
+            if not stopped:
+                self.n_generated += len(tokens)
+                event.tokens = tokens
+                return text, False
+            self.decoder, self.stop_text = decoder, stop_text  # as before the chunk
+        text = ""
+        for i, token in enumerate(tokens):
+            self.n_generated += 1
+            event.tokens.append(token)
+            if infos is not None:
+                event.offsets.append(self.n_decoded)
+                event.logprobs.append(infos[i])
+            piece = self.decoder.push([token])
+            self.n_decoded += len(piece)
+            shown, stopped = self.stop_text.push(piece)
+            text += shown
+            if stopped:
+                return text, True
+        return text, False
 
     def fail(self, message: str) -> None:
         self.finished = True
