@@ -162,8 +162,6 @@ def read_adapter_config(adapter_dir: Path) -> dict:
 
 
 _KEY = re.compile(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight$")
-_EMBEDDING_LAYERS = ("an embedding layer's adapter, or the copy of an adapted embedding or "
-                     "lm_head's own weights PEFT saves for a resized vocabulary")
 
 
 def adapter_arrays(architecture: str, config, base_shapes: Mapping[str, tuple[int, ...]],
@@ -178,9 +176,10 @@ def adapter_arrays(architecture: str, config, base_shapes: Mapping[str, tuple[in
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         if key.endswith(".base_layer.weight") or ".lora_embedding_" in key:
-            raise GptzooError(f"{where}: tensor {key} is {_EMBEDDING_LAYERS}, which gptzoo does "
-                              "not import; adapt other modules, or save the adapter with "
-                              "save_pretrained(save_embedding_layers=False) if it adapts lm_head")
+            raise GptzooError(f"{where}: tensor {key} is an embedding layer's adapter, or PEFT's "
+                              "copy of an adapted embedding's or tied head's weights, which "
+                              "gptzoo does not import; adapt other modules, or save the adapter "
+                              "with save_pretrained(save_embedding_layers=False)")
         if match is None or match.group(1) not in owner:
             raise GptzooError(f"{where}: tensor {key} names no module of the base model that "
                               "gptzoo can adapt; the adapter was made for another model")

@@ -55,6 +55,10 @@ class TrainerConfig:
     # [(step, batch size), ...]: the global batch from each listed step on; None: batch_size
     batch_schedule: list | None = None
 
+    def due(self, step: int, interval: int) -> bool:
+        """Whether `step` is one of an `interval`'s: its multiples, and the last step."""
+        return step % interval == 0 or step == self.max_steps
+
 
 @dataclasses.dataclass
 class MeshConfig:

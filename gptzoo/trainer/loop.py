@@ -76,7 +76,7 @@ def _run_steps(recipe: Recipe, p: Prepared, run: OpenedRun, reporter: Reporter):
     loader = Prefetcher(p.train_batches, _plan(run.start, cfg), chunk_sharded(p.mesh))
 
     def due(interval: int) -> bool:
-        return step % interval == 0 or step == cfg.max_steps
+        return cfg.due(step, interval)
 
     step, interrupted = run.start, False
     with _catch_sigint() as sigint, closing(loader), run.status.recording():

@@ -122,8 +122,7 @@ def _open_sinks(recipe: Recipe, run_dir: Path, p: Prepared, best: BestCheckpoint
         p.tokenizer.save(best.run_dir)
     cfg = recipe.trainer
     metrics = MetricsLog(run_dir / METRICS_FILE, resume_step=resume_step,
-                         logged=lambda step: step % cfg.log_interval == 0
-                         or step == cfg.max_steps)
+                         logged=lambda step: cfg.due(step, cfg.log_interval))
     return open_sinks(recipe, run_dir, metrics, resume_step=resume_step)
 
 
