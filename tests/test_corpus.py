@@ -261,11 +261,14 @@ def test_resuming_with_another_tokenizer_or_changed_text_is_refused(tmp_path, sm
 
 def test_a_corpus_tokenized_for_another_run_does_not_replace_the_fitted_one(tmp_path,
                                                                           small_text):
-    """`--init-from` tokenizes the corpus with the run's tokenizer; a later run that fits its
-    own still gets the BPE fitted to this text."""
+    """`--init-from` tokenizes the corpus with another run's tokenizer; a later run that fits
+    its own still gets the BPE fitted to this text."""
     cfg = DataConfig(path=str(small_text), tokenizer="bpe", vocab_size=300,
                      cache_dir=str(tmp_path / "cache"))
-    fitted = prepare_corpus(cfg, log=lambda _: None).tokenizer
+    first = prepare_corpus(cfg, log=lambda _: None)
+    fitted = first.tokenizer
+    # The run's own tokenizer forced again (its eval, its resume) reads the same shards.
+    assert prepare_corpus(cfg, fitted, log=lambda _: None).folder == first.folder
     other = train_bpe(iter(["a different text, " * 500]), 280)
     assert prepare_corpus(cfg, other, log=lambda _: None).tokenizer.to_dict() == other.to_dict()
     again = prepare_corpus(cfg, log=lambda _: None).tokenizer

@@ -69,13 +69,19 @@ def prepare_corpus(cfg, tokenizer: Tokenizer | None = None,
                    log: Callable[[str], None] = print) -> Corpus:
     """The token shards of the corpus `cfg` (a `DataConfig`) describes: reused from the cache
     while its sources and tokenizer are unchanged, else built. `tokenizer` (a checkpoint's)
-    forces that tokenizer rather than fitting one."""
+    forces that tokenizer rather than fitting one: the corpus the recipe's own cache holds when
+    that is the tokenizer it has (a run's eval or resume), else one cached apart."""
     sources = find_sources(cfg)
-    folder = cache_folder(cfg, tokenizer)
+    folder = cache_folder(cfg)
     wanted = tokenizer or _given_tokenizer(cfg)
     corpus = _open_cached(folder, cfg, sources, wanted)
     if corpus is not None:
         return corpus
+    if tokenizer is not None:
+        folder = cache_folder(cfg, tokenizer)
+        corpus = _open_cached(folder, cfg, sources, wanted)
+        if corpus is not None:
+            return corpus
     _build(folder, cfg, sources, wanted, log)
     return _open_cached(folder, cfg, sources, wanted)
 
